@@ -1,0 +1,16 @@
+"""stn-diffusers: align images in the latent space of a diffusers VAE with a spatial transformer."""
+
+from . import geometry
+from .models import STN_PRESETS, SpatialTransformer, SpatialTransformerOutput
+from .pipelines import STNAlignmentPipeline, STNAlignmentPipelineOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STN_PRESETS",
+    "STNAlignmentPipeline",
+    "STNAlignmentPipelineOutput",
+    "SpatialTransformer",
+    "SpatialTransformerOutput",
+    "geometry",
+]

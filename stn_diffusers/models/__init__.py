@@ -1,0 +1,3 @@
+from .spatial_transformer import STN_PRESETS, SpatialTransformer, SpatialTransformerOutput
+
+__all__ = ["STN_PRESETS", "SpatialTransformer", "SpatialTransformerOutput"]

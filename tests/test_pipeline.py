@@ -1,0 +1,173 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline
+
+from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNAlignmentPipelineOutput, geometry
+
+from .conftest import TINY_REGISTRATION, make_tiny_vae
+
+
+def odd_photo(coffee: PIL.Image.Image, mode: str) -> PIL.Image.Image:
+    """A 1000×750 photo in the given PIL mode."""
+    return coffee.resize((1000, 750), PIL.Image.BICUBIC).convert(mode)
+
+
+class TestOutputs:
+    def test_seed_pipeline_on_a_photo_returns_all_four_outputs(self, seed_pipeline, astronaut):
+        out = seed_pipeline(astronaut)
+        assert isinstance(out, STNAlignmentPipelineOutput)
+        assert len(out.images) == 1 and out.images[0].size == (512, 512)
+        assert out.warped_images[0].size == astronaut.size
+        assert out.theta.shape == (1, 2, 3)
+        assert out.latents.shape == (1, 4, 64, 64)
+        # An untrained seed STN is the identity: the pixel warp gives the photo back.
+        difference = np.abs(np.asarray(out.warped_images[0], dtype=np.int16) - np.asarray(astronaut, dtype=np.int16))
+        assert difference.max() <= 1
+
+    @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+    def test_odd_sizes_and_modes(self, registration_pipeline, coffee, mode):
+        image = odd_photo(coffee, mode)
+        reference = coffee.convert(mode)  # 600×400
+        out = registration_pipeline(image, reference=reference, output_type="np")
+        # Working size follows the reference's aspect with the longer side 512: 512×336 (rounded to 8).
+        assert out.images.shape == (1, 336, 512, 3)
+        assert out.warped_images.shape == (1, 750, 1000, 3)
+        assert out.latents.shape == (1, 4, 42, 64)
+        assert 0 <= out.images.min() and out.images.max() <= 1
+
+    def test_working_size_override_and_rounding(self, registration_pipeline, coffee):
+        out = registration_pipeline(coffee, reference=coffee, height=128, width=192, output_type="pt")
+        assert out.images.shape == (1, 3, 128, 192)
+        assert out.warped_images.shape == (1, 3, 400, 600)
+        with pytest.raises(ValueError, match="multiples of 8"):
+            registration_pipeline(coffee, reference=coffee, height=130, width=192)
+
+    def test_batches_lists_and_mixed_sizes(self, registration_pipeline, astronaut, coffee):
+        out = registration_pipeline([astronaut, coffee, np.asarray(astronaut)], reference=astronaut, batch_size=2)
+        assert out.theta.shape == (3, 2, 3)
+        assert [im.size for im in out.warped_images] == [(512, 512), (600, 400), (512, 512)]
+        out = registration_pipeline([astronaut, coffee], reference=astronaut, output_type="pt")
+        assert isinstance(out.warped_images, list) and out.warped_images[1].shape == (3, 400, 600)
+
+    def test_latents_skip_the_encoder(self, registration_pipeline, astronaut):
+        first = registration_pipeline(astronaut, reference=astronaut, output_type="latent")
+        assert first.images is None
+        encoded = registration_pipeline.encode(
+            registration_pipeline.image_processor.preprocess(astronaut, height=512, width=512)
+        )
+        second = registration_pipeline(latents=encoded, reference_latents=encoded, output_type="pt")
+        torch.testing.assert_close(second.theta, first.theta)
+        assert second.images.shape == (1, 3, 512, 512) and second.warped_images is None
+
+    def test_pixel_warp_uses_theta_at_full_resolution(self, seed_pipeline, astronaut):
+        # Force a known transform through the seed head's bias: θ is a 32-px shift at 512 px.
+        with torch.no_grad():
+            seed_pipeline.stn.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 2 * 32 / 512, 0, 1.0, 0]))
+        big = astronaut.resize((1024, 1024), PIL.Image.BICUBIC)
+        out = seed_pipeline(big, output_type="np")
+        expected = geometry.warp(
+            torch.from_numpy(np.asarray(big, dtype=np.float32) / 255).permute(2, 0, 1)[None], out.theta, mode="bicubic"
+        )[0].permute(1, 2, 0).numpy().clip(0, 1)
+        assert np.abs(out.warped_images[0] - expected).max() < 1e-4
+        # 32 px at 512 is 64 px at 1024: column 100 of the output shows column 164 of the input.
+        assert np.abs(out.warped_images[0][:, 100] - np.asarray(big)[:, 164] / 255).mean() < 0.01
+        assert out.displacement[0].item() == pytest.approx(64.0, abs=1e-3)
+
+    def test_min_displacement_returns_input_unwarped(self, seed_pipeline, astronaut):
+        with torch.no_grad():
+            seed_pipeline.stn.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 2 * 0.5 / 512, 0, 1.0, 0]))
+        out = seed_pipeline(astronaut, min_displacement=1.0, output_type="np")
+        assert out.unwarped.tolist() == [True]
+        torch.testing.assert_close(out.theta, geometry.identity_theta(1))
+        assert np.abs(out.warped_images[0] - np.asarray(astronaut) / 255).max() < 1e-6
+        assert seed_pipeline(astronaut, min_displacement=0.1).unwarped.tolist() == [False]
+
+    def test_tuple_output(self, seed_pipeline, astronaut):
+        images, warped_images, theta, latents = seed_pipeline(astronaut, return_dict=False)
+        assert len(images) == 1 and theta.shape == (1, 2, 3) and latents.shape == (1, 4, 64, 64)
+
+    def test_autoencoder_tiny(self, astronaut):
+        torch.manual_seed(0)
+        vae = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+        )  # fmt: skip
+        pipe = STNAlignmentPipeline(vae=vae, stn=SpatialTransformer(**TINY_REGISTRATION))
+        out = pipe(astronaut, reference=astronaut, output_type="pt")
+        assert out.latents.shape == (1, 4, 64, 64) and out.images.shape == (1, 3, 512, 512)
+
+    def test_sd_sized_vae_once(self, coffee):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.18215,
+        ).eval()  # fmt: skip
+        pipe = STNAlignmentPipeline(vae=vae, stn=SpatialTransformer(**TINY_REGISTRATION))
+        out = pipe(coffee, reference=coffee, height=128, width=192, output_type="pt")
+        assert out.images.shape == (1, 3, 128, 192) and out.latents.shape == (1, 4, 16, 24)
+
+
+class TestValidation:
+    def test_missing_reference(self, registration_pipeline, astronaut):
+        with pytest.raises(ValueError, match="expected a reference"):
+            registration_pipeline(astronaut)
+
+    def test_mismatched_batch_sizes(self, registration_pipeline, astronaut):
+        with pytest.raises(ValueError, match="expected 1 or 2 references"):
+            registration_pipeline([astronaut, astronaut], reference=[astronaut] * 3)
+        latents = torch.zeros(2, 4, 64, 64)
+        with pytest.raises(ValueError, match=r"reference_latents of shape \(2, 4, 64, 64\)"):
+            registration_pipeline(latents=latents, reference_latents=torch.zeros(3, 4, 64, 64))
+
+    def test_bad_image_inputs(self, registration_pipeline, astronaut):
+        with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+            registration_pipeline(np.zeros((64, 64, 2), dtype=np.uint8), reference=astronaut)
+        with pytest.raises(TypeError, match="PIL.Image, numpy array or torch.Tensor"):
+            registration_pipeline("not-an-image", reference=astronaut)
+        with pytest.raises(ValueError, match="got neither"):
+            registration_pipeline(reference=astronaut)
+        with pytest.raises(ValueError, match="output_type in"):
+            registration_pipeline(astronaut, reference=astronaut, output_type="jpeg")
+
+    def test_stn_must_match_the_vae_channels(self, tiny_vae):
+        with pytest.raises(ValueError, match="in_channels=4"):
+            STNAlignmentPipeline(vae=tiny_vae, stn=SpatialTransformer(in_channels=8))
+
+
+class TestSaveLoad:
+    def test_round_trip_offline(self, tmp_path, registration_pipeline, astronaut, coffee):
+        registration_pipeline.save_pretrained(tmp_path)
+        for name in ("model_index.json", "vae/config.json", "stn/config.json", "stn/diffusion_pytorch_model.safetensors"):
+            assert (tmp_path / name).exists()
+        loaded = STNAlignmentPipeline.from_pretrained(tmp_path)
+        before = registration_pipeline(coffee, reference=astronaut, output_type="pt")
+        after = loaded(coffee, reference=astronaut, output_type="pt")
+        torch.testing.assert_close(after.theta, before.theta)
+        torch.testing.assert_close(after.images, before.images)
+
+    def test_custom_pipeline_entry_point(self, tmp_path, seed_pipeline):
+        seed_pipeline.save_pretrained(tmp_path)
+        from pathlib import Path
+
+        entry = Path(__file__).resolve().parents[1] / "pipelines" / "stn_alignment.py"
+        pipe = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(entry), trust_remote_code=True)
+        assert type(pipe).__name__ == "STNAlignmentPipeline" and isinstance(pipe.stn, SpatialTransformer)
+
+    def test_warns_when_stn_was_trained_for_another_vae(self, caplog):
+        from stn_diffusers.pipelines.pipeline_stn_alignment import vae_fingerprint
+
+        trained_for = vae_fingerprint(make_tiny_vae(seed=1))
+        stn = SpatialTransformer(vae_fingerprint=trained_for)
+        import diffusers.utils.logging as diffusers_logging
+
+        diffusers_logging.enable_propagation()
+        try:
+            with caplog.at_level("WARNING"):
+                STNAlignmentPipeline(vae=make_tiny_vae(seed=1), stn=stn)
+                assert "another VAE" not in caplog.text
+                STNAlignmentPipeline(vae=make_tiny_vae(seed=2), stn=stn)
+            assert caplog.text.count("another VAE") == 1
+        finally:
+            diffusers_logging.disable_propagation()
