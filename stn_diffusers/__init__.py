@@ -1,6 +1,7 @@
 """stn-diffusers: align images in the latent space of a diffusers VAE with a spatial transformer."""
 
 from . import geometry
+from .default import load_default
 from .models import STN_PRESETS, SpatialTransformer, SpatialTransformerOutput
 from .pipelines import STNAlignmentPipeline, STNAlignmentPipelineOutput
 
@@ -13,4 +14,5 @@ __all__ = [
     "SpatialTransformer",
     "SpatialTransformerOutput",
     "geometry",
+    "load_default",
 ]

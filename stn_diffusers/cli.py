@@ -17,13 +17,14 @@ from .images import load_image
 
 
 def load_pipeline(name_or_path: str | None, device: str = "cpu"):
-    """An ``STNAlignmentPipeline`` from a folder or hub id."""
+    """An ``STNAlignmentPipeline`` from a folder or hub id; the embedded default when ``None``."""
+    from .default import load_default
     from .pipelines import STNAlignmentPipeline
 
     if name_or_path is None:
-        raise SystemExit("error: --pipeline is required (a folder saved with STNAlignmentPipeline.save_pretrained)")
-    if not Path(name_or_path).exists() and "/" not in name_or_path:
-        raise SystemExit(f"error: expected --pipeline to be a saved pipeline folder or a hub id, got {name_or_path!r}")
+        return load_default(device)
+    if not Path(name_or_path).exists() and name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"expected --pipeline to be a saved pipeline folder or a hub id, got {name_or_path!r}")
     return STNAlignmentPipeline.from_pretrained(name_or_path).to(device)
 
 
@@ -63,7 +64,7 @@ def run_align(args: argparse.Namespace) -> dict:
 
 def _add_align(subparsers) -> None:
     parser = subparsers.add_parser("align", help="align an image onto a reference and write it")
-    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id")
+    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)")
     parser.add_argument("--image", required=True, help="the moving image")
     parser.add_argument("--reference", default=None, help="the reference image")
     parser.add_argument("--output", required=True, help="where to write the aligned image")
