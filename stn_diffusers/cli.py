@@ -75,10 +75,30 @@ def _add_align(subparsers) -> None:
     parser.set_defaults(func=run_align)
 
 
+def run_demo(args: argparse.Namespace) -> dict:
+    from .demo import run_demo as demo
+
+    pipe = load_pipeline(args.pipeline, args.device)
+    summary = demo(args.output, pipe)
+    output = Path(args.output)
+    print((output / "results.md").read_text())
+    print(f"wrote {output / 'grid.png'}, {output / 'results.md'}, {output / 'results.json'} and {output / 'aligned'}/")
+    return summary
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="align bundled photo pairs and write a grid and a table")
+    parser.add_argument("--output", default="stn-diffusers-demo", help="folder for the results")
+    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stn-diffusers", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_align(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
