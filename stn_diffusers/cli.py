@@ -94,11 +94,42 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=run_demo)
 
 
+def run_analyze(args: argparse.Namespace) -> dict:
+    from .analysis import analyze, folder_photos
+
+    pipe = load_pipeline(args.pipeline, args.device)
+    sources, names = folder_photos(args.data) if args.data else (None, None)
+    report = analyze(
+        pipe, args.output, sources, names, num_pairs=args.num_pairs, warp=args.warp, seed=args.seed,
+        num_visual=args.num_visual, pipeline_dir=args.pipeline,
+    )  # fmt: skip
+    output = Path(args.output)
+    print((output / "report.md").read_text())
+    print(f"wrote {output / 'report.md'}, {output / 'report.json'} and {len(report['figures'])} figures to {output}/")
+    return report
+
+
+def _add_analyze(subparsers) -> None:
+    from .analysis import DEFAULT_NUM_PAIRS, DEFAULT_NUM_VISUAL
+
+    parser = subparsers.add_parser("analyze", help="layer shapes, identity check, gradient flow, θ statistics, figures")
+    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)")
+    parser.add_argument("--data", default=None, help="folder of photos to cut seeded pairs from (default: the bundled photos)")
+    parser.add_argument("--num-pairs", type=int, default=DEFAULT_NUM_PAIRS, help="seeded pairs to measure on")
+    parser.add_argument("--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment of the pairs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
+    parser.add_argument("--num-visual", type=int, default=DEFAULT_NUM_VISUAL, help="pairs shown in the grid")
+    parser.add_argument("--output", required=True, help="folder for report.md, report.json and the figures")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_analyze)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stn-diffusers", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_align(subparsers)
     _add_demo(subparsers)
+    _add_analyze(subparsers)
     return parser
 
 
