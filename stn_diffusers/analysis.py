@@ -210,7 +210,8 @@ def gradient_flow(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta
     """Gradient norm of every parameter for one batch of :func:`corner_error_loss`.
 
     Latents ``(B, C, h, w)``, ``true_theta`` ``(B, 2, 3)``, pixel size ``height × width``. The
-    model's ``.grad`` fields are left as they were. Returns ``{"loss", "parameters": [{"name",
+    model's ``.grad`` fields are left as they were. Returns ``{"loss", "mean_grad_norm" (over
+    parameter tensors), "parameters": [{"name",
     "module", "shape", "grad_norm"}], "modules_with_gradient", "modules_without_gradient"}``.
     """
     parameters = dict(stn.named_parameters())
@@ -240,6 +241,7 @@ def gradient_flow(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta
     alive = {row["module"] for row in rows if row["grad_norm"] > 0}
     return {
         "loss": float(loss.detach()),
+        "mean_grad_norm": float(np.mean([row["grad_norm"] for row in rows])),
         "parameters": rows,
         "modules_with_gradient": [m for m in modules if m in alive],
         "modules_without_gradient": [m for m in modules if m not in alive],
@@ -564,7 +566,8 @@ def format_markdown(report: dict) -> str:
         "",
         "## Gradient flow",
         "",
-        f"One batch of the corner-error loss ({flow['loss']:.3f} px). Modules with gradient: "
+        f"One batch of the corner-error loss ({flow['loss']:.3f} px), mean gradient norm {flow['mean_grad_norm']:.3e}. "
+        "Modules with gradient: "
         + (", ".join(f"`{m}`" for m in flow["modules_with_gradient"]) or "none")
         + "; without: "
         + (", ".join(f"`{m}`" for m in flow["modules_without_gradient"]) or "none")

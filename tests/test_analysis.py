@@ -53,6 +53,8 @@ class TestAnalyzeSeed:
         assert flow["modules_with_gradient"] == ["fc_loc.2"]
         assert flow["modules_without_gradient"] == ["localization.0", "localization.3", "fc_loc.0"]
         assert flow["loss"] > 0
+        last = [row["grad_norm"] for row in flow["parameters"] if row["module"] == "fc_loc.2"]
+        assert flow["mean_grad_norm"] == pytest.approx(sum(last) / len(flow["parameters"]))
 
     def test_theta_statistics_equal_the_identity_baseline(self, seed_report):
         _, report = seed_report
