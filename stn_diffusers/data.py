@@ -182,3 +182,244 @@ def seeded_pairs(
         name = names[source_index] if names is not None else f"image{source_index}"
         pairs.append(Pair(reference=reference, moving=moving, theta=theta[0], name=name))
     return pairs
+
+
+# ------------------------------------------------------------------------------- latent pair pools
+WARP_SPACES = ("latent", "pixel")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What a pool of training views depends on; part of every cache key.
+
+    Attributes:
+        resolution: side of the square crops in pixels.
+        warp: the full warp range (a :class:`geometry.WarpRange`).
+        warp_space: ``"pixel"`` (warp the photo, then encode: one encoded view per pool entry) or
+            ``"latent"`` (encode the reference crop only; moving latents are warped latents).
+        pairs_per_image: pixel-warped views encoded per photo (ignored in latent space).
+        photometric: ``"none"`` or ``"realistic"`` (jitter every moving view, see :func:`photometric_jitter`).
+        seed: seeds the crops and the warps.
+        min_amount: the smallest view's warp range, as a fraction of ``warp``; views ramp up to 1.
+    """
+
+    resolution: int = 512
+    warp: geometry.WarpRange = geometry.WARP_PRESETS["standard"]
+    warp_space: str = "pixel"
+    pairs_per_image: int = 8
+    photometric: str = "none"
+    seed: int = 0
+    min_amount: float = 0.1
+
+    def __post_init__(self):
+        if self.warp_space not in WARP_SPACES:
+            raise ValueError(f"expected warp_space in {WARP_SPACES}, got {self.warp_space!r}")
+        if self.photometric not in ("none", "realistic"):
+            raise ValueError(f"expected photometric in ('none', 'realistic'), got {self.photometric!r}")
+        if self.pairs_per_image < 1:
+            raise ValueError(f"expected pairs_per_image >= 1, got {self.pairs_per_image}")
+
+    @property
+    def num_views(self) -> int:
+        """Views per photo: the reference crop, plus ``pairs_per_image`` warped views in pixel space."""
+        return 1 + (self.pairs_per_image if self.warp_space == "pixel" else 0)
+
+    def view_amounts(self) -> torch.Tensor:
+        """``(num_views,)`` warp amount of each view: 0 for the reference, then evenly up to 1."""
+        count = self.num_views - 1
+        ramp = torch.linspace(self.min_amount, 1.0, count) if count > 1 else torch.ones(count)
+        return torch.cat([torch.zeros(1), ramp])
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "warp": self.warp.__dict__}
+
+
+def _view_generator(settings: PoolSettings, image_index: int, view_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(settings.seed * 1_000_003 + image_index * 1_009 + view_index)
+
+
+def view_thetas(settings: PoolSettings, image_index: int) -> torch.Tensor:
+    """``(num_views, 2, 3)``: θ that aligns each view of photo ``image_index`` onto its reference
+    crop (view 0, the identity). Cheap and deterministic: no pixels are touched."""
+    amounts = settings.view_amounts()
+    thetas = [geometry.identity_theta(1)]
+    for view in range(1, settings.num_views):
+        generator = _view_generator(settings, image_index, view)
+        warp_range = settings.warp.scaled(float(amounts[view]))
+        thetas.append(geometry.random_theta(1, warp_range, settings.resolution, settings.resolution, generator))
+    return torch.cat(thetas)
+
+
+def render_views(source: torch.Tensor, settings: PoolSettings, image_index: int, views: list[int] | None = None) -> torch.Tensor:
+    """The pixel views of one photo ``(3, H, W)`` in ``[0, 1]``: ``(len(views), 3, S, S)``.
+
+    Every view shares one crop (seeded by the photo's index); view ``k > 0`` is sampled from the
+    whole photo through ``view_thetas(...)[k]``, so it has real content where a warped crop would
+    have padding, and is photometrically jittered when ``settings.photometric == "realistic"``.
+    """
+    views = list(range(settings.num_views)) if views is None else views
+    source = fit_shorter_side(source, settings.resolution, 2 * settings.resolution)
+    thetas = view_thetas(settings, image_index)
+    crop_seed = settings.seed * 1_000_003 + image_index * 1_009 + 1_008  # never a view's seed
+    rendered = []
+    for view in views:
+        reference, moving = make_pair(source, settings.resolution, thetas[view : view + 1], torch.Generator().manual_seed(crop_seed))
+        if view == 0:
+            rendered.append(reference)
+            continue
+        if settings.photometric == "realistic":
+            moving = photometric_jitter(moving, _view_generator(settings, image_index, settings.num_views + view))
+        rendered.append(moving)
+    return torch.stack(rendered)
+
+
+def cache_key(path: str | os.PathLike, settings: PoolSettings, encoder_id: str) -> str:
+    """A file name for the encoded views of ``path``: changes with the file (path, size, mtime),
+    the pool settings and the encoder (e.g. a VAE fingerprint)."""
+    import hashlib
+    import json
+
+    stat = Path(path).stat()
+    identity = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, settings.to_json(), encoder_id]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24] + ".pt"
+
+
+class LatentPairPool:
+    """Encoded views of every training photo and the seeded sampler of training pairs over them.
+
+    ``latents[i]`` is ``(num_views, C, h, w)`` for photo ``i`` (view 0 is the reference crop) and
+    ``thetas[i]`` ``(num_views, 2, 3)`` aligns each view onto view 0. With ``encode_view`` set instead
+    of cached latents, every requested view is rendered and encoded on demand (the slow path, kept
+    to measure what the cache saves).
+
+    A training pair is two distinct views ``(moving j, reference r)`` of one photo; the θ that aligns
+    view ``j`` onto view ``r`` is ``T_j · T_r⁻¹`` (``compose_theta(T_j, invert_theta(T_r))``), so a
+    pool of ``P`` warped views yields ``(P + 1) · P`` pairs. In latent space the moving latents are
+    the reference latents warped by a fresh random θ instead.
+    """
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        thetas: list[torch.Tensor],
+        latents: list[torch.Tensor] | None = None,
+        encode_view=None,
+    ):
+        if (latents is None) == (encode_view is None):
+            raise ValueError("expected exactly one of latents (cached views) or encode_view (encode on demand)")
+        self.settings = settings
+        self.thetas = thetas
+        self.latents = latents
+        self.encode_view = encode_view
+        self.amounts = settings.view_amounts()
+
+    def __len__(self) -> int:
+        return len(self.thetas)
+
+    def _view(self, image_index: int, view: int) -> torch.Tensor:
+        if self.latents is not None:
+            return self.latents[image_index][view]
+        return self.encode_view(image_index, view)
+
+    def _eligible_views(self, amount: float) -> list[int]:
+        """Warped views whose warp amount the curriculum allows (always at least the smallest)."""
+        views = [v for v in range(1, self.settings.num_views) if self.amounts[v] <= amount + 1e-6]
+        return views or [1]
+
+    def sample(self, batch_size: int, generator: torch.Generator, amount: float = 1.0, reference_rate: float = 0.5) -> dict:
+        """A batch of training pairs, deterministic for a given ``generator`` state.
+
+        Args:
+            amount: the curriculum's warp amount in ``[0, 1]`` (fraction of the full range).
+            reference_rate: in pixel space, how often the reference is the clean crop (view 0);
+                otherwise it is another warped view (a compound, usually larger, misalignment).
+
+        Returns:
+            ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3), "image_index": (B,)}``
+        """
+
+        def randint(high: int) -> int:
+            return int(torch.randint(high, (1,), generator=generator))
+
+        moving, reference, theta, indices = [], [], [], []
+        size = self.settings.resolution
+        for _ in range(batch_size):
+            image = randint(len(self))
+            indices.append(image)
+            if self.settings.warp_space == "latent":
+                ref = self._view(image, 0)
+                true = geometry.random_theta(1, self.settings.warp.scaled(amount), size, size, generator)
+                moving.append(geometry.warp(ref.unsqueeze(0), geometry.invert_theta(true))[0])
+                reference.append(ref)
+                theta.append(true[0])
+                continue
+            views = self._eligible_views(amount)
+            mov = views[randint(len(views))]
+            ref_view = 0
+            if torch.rand(1, generator=generator).item() >= reference_rate:
+                others = [0, *(v for v in views if v != mov)]
+                ref_view = others[randint(len(others))]
+                if ref_view != 0 and torch.rand(1, generator=generator).item() < 0.5:
+                    mov, ref_view = ref_view, mov  # either order: the inverse problem is as real
+            thetas = self.thetas[image]
+            true = geometry.compose_theta(thetas[mov : mov + 1], geometry.invert_theta(thetas[ref_view : ref_view + 1]))
+            moving.append(self._view(image, mov))
+            reference.append(self._view(image, ref_view))
+            theta.append(true[0])
+        return {
+            "moving": torch.stack(moving),
+            "reference": torch.stack(reference),
+            "theta": torch.stack(theta),
+            "image_index": torch.tensor(indices),
+        }
+
+
+def build_latent_pool(
+    views_of,
+    keys: list[str],
+    settings: PoolSettings,
+    encode,
+    cache_dir: str | os.PathLike | None = None,
+    shard: tuple[int, int] = (0, 1),
+    barrier=None,
+    progress=None,
+) -> LatentPairPool:
+    """Encode every photo's views once and return the pool over them.
+
+    Args:
+        views_of: ``views_of(i)`` → ``(num_views, 3, S, S)`` pixels in ``[0, 1]`` of photo ``i``
+            (e.g. :func:`render_views`); called only for photos not cached yet.
+        keys: one cache file name per photo (:func:`cache_key`).
+        encode: ``(N, 3, S, S)`` in ``[0, 1]`` → latents ``(N, C, h, w)``; called without gradients.
+        cache_dir: where encoded views are kept across runs (written atomically); ``None`` keeps
+            them in memory only.
+        shard: ``(index, count)``: this process encodes photos ``index, index + count, …`` and,
+            after ``barrier()``, loads everyone's from ``cache_dir`` (distributed runs).
+        progress: called once per photo this process handles.
+    """
+    index, count = shard
+    if count > 1 and cache_dir is None:
+        raise ValueError("expected a cache_dir when the pool is built by several processes (they share it on disk)")
+    latents: dict[int, torch.Tensor] = {}
+    directory = Path(cache_dir) if cache_dir is not None else None
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    for i in range(index, len(keys), count):
+        path = directory / keys[i] if directory is not None else None
+        if path is None or not path.exists():
+            with torch.no_grad():
+                encoded = encode(views_of(i)).float().cpu()
+            latents[i] = encoded
+            if path is not None:
+                partial = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(encoded, partial)
+                os.replace(partial, path)  # a reader never sees a half-written file
+        if progress is not None:
+            progress()
+    if barrier is not None:
+        barrier()
+    for i in range(len(keys)):
+        if i not in latents:
+            latents[i] = torch.load(directory / keys[i], weights_only=True)
+    thetas = [view_thetas(settings, i) for i in range(len(keys))]
+    return LatentPairPool(settings, thetas, latents=[latents[i] for i in range(len(keys))])

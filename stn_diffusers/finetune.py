@@ -1,0 +1,667 @@
+"""Fine-tune a `SpatialTransformer` in the latent space of a frozen VAE.
+
+Turns a folder of photos into a saved :class:`~stn_diffusers.STNAlignmentPipeline`::
+
+    accelerate launch -m stn_diffusers.finetune \\
+        --pretrained_vae_name_or_path stabilityai/sd-vae-ft-mse \\
+        --train_data_dir photos/train --validation_data_dir photos/heldout \\
+        --resolution 512 --train_batch_size 16 --max_train_steps 3000 --output_dir my-aligner
+
+``python -m stn_diffusers.finetune ...`` runs the same on one process, and
+``torchrun --nproc_per_node 2 -m stn_diffusers.finetune ...`` on several (CPU workers use gloo).
+
+The VAE is frozen, so every photo is encoded once: a pool of views per photo (the reference crop
+and ``--pairs_per_image`` pixel-warped views, or only the crop with ``--warp_space latent``) is cached
+under the output folder, keyed by file and settings, and every training pair is drawn from it.
+Batches are drawn from a generator seeded by ``(--seed, step)``, so a run resumed with
+``--resume_from_checkpoint latest`` retraces the uninterrupted run.
+
+The output folder ends as a saved pipeline (``model_index.json``, ``vae/``, ``stn/``) with
+``checkpoints/checkpoint-N``, ``metrics.jsonl`` (step, loss, validation corner error) and a model
+card ``README.md``. See ``docs/finetune.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from . import data, geometry
+from .images import to_rgb_tensor
+from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
+from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_PREFIX = ".partial-"
+METRICS_FILE = "metrics.jsonl"
+CACHE_DIR = "latent_cache"
+# Step seeds are spread far apart so that (step, micro-batch, process) never collide.
+STEP_SEED_STRIDE = 1_000_003
+
+
+# ------------------------------------------------------------------------------------------- args
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (diffusers' training-example names wherever one exists)."""
+    parser = argparse.ArgumentParser(description="Fine-tune a SpatialTransformer on a frozen VAE.")
+    add = parser.add_argument
+    # Models
+    add("--pretrained_vae_name_or_path", required=True, help="VAE hub id or local folder (AutoencoderKL or any diffusers VAE).")
+    add("--vae_subfolder", default=None, help="Subfolder of the VAE, e.g. `vae` of a full Stable Diffusion checkpoint.")
+    add("--revision", default=None, help="Hub revision of the VAE.")
+    add("--stn_config", default="registration", help="`registration` (default), `seed`, or a path to a config.json.")
+    add("--pretrained_stn", default=None, help="Start from these STN weights (a saved stn folder or pipeline folder).")
+    # Data
+    add("--train_data_dir", required=True, help="Folder of training images (searched recursively).")
+    add("--validation_data_dir", default=None, help="Folder of held-out images; default: training images, other seeds.")
+    add("--resolution", type=int, default=512, help="Side of the square training crops in pixels.")
+    add("--strict", action="store_true", help="Fail on an unreadable image instead of skipping it with a warning.")
+    add("--warp_space", choices=data.WARP_SPACES, default="pixel", help="Warp photos then encode (`pixel`) or warp latents.")
+    add("--pairs_per_image", type=int, default=8, help="Pixel-warped views encoded once per photo and reused.")
+    add("--photometric", choices=("none", "realistic"), default="realistic", help="Jitter moving views like a second shot.")
+    add("--warp_preset", choices=tuple(geometry.WARP_PRESETS), default="standard", help="Base warp range.")
+    add("--max_rotation", type=float, default=None, help="Degrees; overrides the preset.")
+    add("--scale_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="Per-axis scale; overrides.")
+    add("--anisotropy_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="Aspect change; overrides.")
+    add("--max_shear", type=float, default=None, help="Shear factor; overrides the preset.")
+    add("--max_translation", type=float, default=None, help="Fraction of the image; overrides the preset.")
+    add("--curriculum_start", type=float, default=0.25, help="Warp amount (fraction of the range) at step 0.")
+    add("--curriculum_steps", type=int, default=None, help="Steps over which the amount ramps to 1 (default: 40%% of training; 0 = off).")
+    add("--reference_rate", type=float, default=0.5, help="How often a pixel-space pair's reference is the clean crop.")
+    add("--cache_latents", action=argparse.BooleanOptionalAction, default=True, help="Encode once (default) or every step.")
+    add("--dataloader_num_workers", type=int, default=0, help="Workers that load and warp photos while the cache is built.")
+    # Losses
+    add("--corner_loss_weight", type=float, default=1.0, help="Mean corner error (pixels) against the known transform.")
+    add("--latent_loss_weight", type=float, default=0.0, help="Masked MSE between aligned and reference latents.")
+    add("--theta_loss_weight", type=float, default=0.0, help="MSE between predicted and true θ entries.")
+    add("--pixel_loss_weight", type=float, default=0.0, help="MSE between decoded aligned and decoded reference latents.")
+    # Optimisation
+    add("--train_batch_size", type=int, default=16)
+    add("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_train_epochs.")
+    add("--num_train_epochs", type=int, default=10, help="An epoch is one pass over photos × views.")
+    add("--learning_rate", type=float, default=1e-3)
+    add("--head_lr_multiplier", type=float, default=10.0, help="Learning-rate factor for stn.head_parameters().")
+    add("--lr_scheduler", default="cosine", help="Any diffusers.optimization.get_scheduler name.")
+    add("--lr_warmup_steps", type=int, default=100)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=0.0)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
+    add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's configuration.")
+    add("--seed", type=int, default=0)
+    # Output, checkpoints, validation
+    add("--output_dir", required=True)
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, default=None)
+    add("--resume_from_checkpoint", default=None, help="A checkpoint folder, or `latest` in --output_dir.")
+    add("--validation_steps", type=int, default=100)
+    add("--num_validation_pairs", type=int, default=24)
+    add("--validation_seed", type=int, default=1234)
+    add("--logging_steps", type=int, default=10, help="Steps between loss records in metrics.jsonl.")
+    add("--report_to", default="tensorboard", help="`tensorboard`, `wandb`, `all` or `none`.")
+    add("--logging_dir", default="logs", help="Inside --output_dir.")
+    args = parser.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "pairs_per_image", "checkpointing_steps", "validation_steps", "logging_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"expected --{name} >= 1, got {getattr(args, name)}")
+    if args.resolution % 8:
+        raise ValueError(f"expected --resolution to be a multiple of 8, got {args.resolution}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"expected --max_train_steps >= 1, got {args.max_train_steps}")
+    if not 0.0 <= args.curriculum_start <= 1.0:
+        raise ValueError(f"expected --curriculum_start in [0, 1], got {args.curriculum_start}")
+    weights = [args.corner_loss_weight, args.latent_loss_weight, args.theta_loss_weight, args.pixel_loss_weight]
+    if min(weights) < 0 or sum(weights) == 0:
+        raise ValueError(f"expected non-negative loss weights with at least one above 0, got {weights}")
+
+
+def warp_range_from_args(args: argparse.Namespace) -> geometry.WarpRange:
+    """The full warp range: the preset, with any range flag replacing its entry."""
+    base = geometry.WARP_PRESETS[args.warp_preset]
+    return geometry.WarpRange(
+        rotation=base.rotation if args.max_rotation is None else args.max_rotation,
+        scale=base.scale if args.scale_range is None else tuple(args.scale_range),
+        anisotropy=base.anisotropy if args.anisotropy_range is None else tuple(args.anisotropy_range),
+        shear=base.shear if args.max_shear is None else args.max_shear,
+        translation=base.translation if args.max_translation is None else args.max_translation,
+    )
+
+
+def curriculum_amount(step: int, args: argparse.Namespace, max_train_steps: int) -> float:
+    """Warp amount in ``[curriculum_start, 1]`` at ``step``: a linear ramp, then the full range."""
+    ramp = args.curriculum_steps if args.curriculum_steps is not None else int(0.4 * max_train_steps)
+    if ramp <= 0:
+        return 1.0
+    return min(1.0, args.curriculum_start + (1.0 - args.curriculum_start) * step / ramp)
+
+
+# ----------------------------------------------------------------------------------------- models
+def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | None = None):
+    """The VAE class named in its ``config.json`` (``AutoencoderKL`` when unnamed), loaded frozen."""
+    import diffusers
+
+    root = Path(name_or_path) / (subfolder or "")
+    class_name = "AutoencoderKL"
+    if (root / "config.json").is_file():
+        class_name = json.loads((root / "config.json").read_text()).get("_class_name", class_name)
+    vae_class = getattr(diffusers, class_name, None)
+    if vae_class is None:
+        raise ValueError(f"expected a diffusers VAE class in {str(root / 'config.json')!r}, got {class_name!r}")
+    vae = vae_class.from_pretrained(name_or_path, subfolder=subfolder, revision=revision)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
+    """The STN to train, checked against the VAE before any encoding starts."""
+    latent_channels = vae.config.latent_channels
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if hasattr(vae.config, "block_out_channels") else 8
+    if args.pretrained_stn is not None:
+        folder = Path(args.pretrained_stn)
+        subfolder = "stn" if (folder / "stn" / "config.json").is_file() else None
+        stn = SpatialTransformer.from_pretrained(args.pretrained_stn, subfolder=subfolder)
+    else:
+        if args.stn_config in STN_PRESETS:
+            config = dict(STN_PRESETS[args.stn_config])
+        elif Path(args.stn_config).is_file():
+            config = {k: v for k, v in json.loads(Path(args.stn_config).read_text()).items() if not k.startswith("_")}
+        else:
+            raise ValueError(f"expected --stn_config in {tuple(STN_PRESETS)} or a config.json path, got {args.stn_config!r}")
+        config.pop("vae_fingerprint", None)
+        if config.get("architecture", "seed") == "seed":
+            if latent_channels != 4:
+                raise ValueError(
+                    f"expected a VAE with 4 latent channels for the seed STN design (fixed 4×64×64 input), got latent_channels={latent_channels}"
+                )
+        else:
+            config["in_channels"] = latent_channels
+            config["sample_size"] = args.resolution // factor
+        stn = SpatialTransformer(**config)
+    if stn.config.in_channels != latent_channels:
+        raise ValueError(f"expected an STN with in_channels={latent_channels} (the VAE's latent_channels), got {stn.config.in_channels}")
+    if stn.config.architecture == "seed" and args.resolution != stn.config.sample_size * factor:
+        raise ValueError(
+            f"expected --resolution {stn.config.sample_size * factor} for the seed STN design (it takes only "
+            f"{stn.config.sample_size}×{stn.config.sample_size} latents), got {args.resolution}"
+        )
+    stn.register_to_config(vae_fingerprint=vae_fingerprint(vae))
+    return stn
+
+
+class ThetaCascade(nn.Module):
+    """Wraps the STN so that one ``forward`` returns every cascade iteration's θ.
+
+    Distributed data parallel synchronises gradients through ``forward`` only, so training calls
+    this instead of ``stn.predict_theta``. ``(B, C, h, w)`` × 2 → list of ``(B, 2, 3)``.
+    """
+
+    def __init__(self, stn: SpatialTransformer):
+        super().__init__()
+        self.stn = stn
+
+    def forward(self, moving: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
+        return self.stn.predict_theta(moving, reference, return_intermediate=True)
+
+
+def _unwrap_stn(model: nn.Module) -> SpatialTransformer:
+    while not isinstance(model, SpatialTransformer):
+        model = model.module if hasattr(model, "module") else model.stn
+    return model
+
+
+# ------------------------------------------------------------------------------------------- loss
+def training_loss(
+    stn: nn.Module,
+    batch: dict,
+    resolution: int,
+    corner_weight: float = 1.0,
+    latent_weight: float = 0.0,
+    theta_weight: float = 0.0,
+    pixel_weight: float = 0.0,
+    decode=None,
+) -> tuple[torch.Tensor, dict]:
+    """The fine-tuning loss of one batch, and its parts as floats.
+
+    Args:
+        stn: a :class:`SpatialTransformer` or a :class:`ThetaCascade` around one.
+        batch: ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3)}`` on the
+            STN's device; ``theta`` aligns moving onto reference.
+        resolution: pixels per side the corner error is measured in.
+        corner_weight: mean corner error in pixels of every cascade iteration's θ (iteration ``k``
+            of ``K`` weighted ``k / Σk``: later ones count more); independent of parameterisation.
+        latent_weight: MSE between the aligned and the reference latents, only where the warp
+            sampled inside the moving latents (the padded border is masked out).
+        theta_weight: MSE between the predicted and true θ entries (the seed recipe's target).
+        pixel_weight: MSE between ``decode(aligned)`` and ``decode(reference)``; needs ``decode``.
+
+    Returns:
+        ``(loss, {"loss": …, "corner_error": …, …})``; ``corner_error`` is the final θ's, in pixels.
+    """
+    moving, reference, true = batch["moving"], batch["reference"], batch["theta"]
+    config = _unwrap_stn(stn).config
+    condition = reference if config.conditioning == "reference" else None
+    if isinstance(stn, SpatialTransformer):
+        thetas = stn.predict_theta(moving, condition, return_intermediate=True)
+    else:
+        thetas = stn(moving, condition)
+    thetas = [theta.float() for theta in thetas]
+    true = true.float()
+    final = thetas[-1]
+    parts = {"corner_error": geometry.corner_error(final.detach(), true, resolution, resolution).mean()}
+    loss = final.new_zeros(())
+    if corner_weight > 0:
+        weights = [k + 1 for k in range(len(thetas))]
+        corner = sum(w * geometry.corner_error(t, true, resolution, resolution).mean() for w, t in zip(weights, thetas)) / sum(weights)
+        parts["corner_loss"] = corner
+        loss = loss + corner_weight * corner
+    if theta_weight > 0:
+        parts["theta_loss"] = F.mse_loss(final, true)
+        loss = loss + theta_weight * parts["theta_loss"]
+    if latent_weight > 0 or pixel_weight > 0:
+        aligned = geometry.warp(moving.float(), final, padding_mode=config.padding_mode)
+        if latent_weight > 0:
+            mask = geometry.valid_mask(final.detach(), *moving.shape[-2:])  # (B, 1, h, w)
+            squared = (aligned - reference.float()) ** 2 * mask
+            parts["latent_loss"] = squared.sum() / (mask.sum() * moving.shape[1]).clamp_min(1.0)
+            loss = loss + latent_weight * parts["latent_loss"]
+        if pixel_weight > 0:
+            if decode is None:
+                raise ValueError("expected a decode function for pixel_weight > 0, got None")
+            with torch.no_grad():
+                target = decode(reference)
+            parts["pixel_loss"] = F.mse_loss(decode(aligned).float(), target.float())
+            loss = loss + pixel_weight * parts["pixel_loss"]
+    parts["loss"] = loss
+    return loss, {name: float(value.detach()) for name, value in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------- data
+def _load_folder(folder: str, strict: bool) -> tuple[list[torch.Tensor], list[Path]]:
+    images, paths = data.load_images(data.list_images(folder), strict=strict)
+    return [to_rgb_tensor(image) for image in images], paths
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    """Pixel views of photo ``i`` (rendered in data-loader workers while the cache is built)."""
+
+    def __init__(self, sources: list[torch.Tensor], settings: data.PoolSettings, indices: list[int]):
+        self.sources, self.settings, self.indices = sources, settings, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
+        index = self.indices[position]
+        return index, data.render_views(self.sources[index], self.settings, index)
+
+
+def _encoder(pipe: STNAlignmentPipeline, batch_size: int = 8):
+    """``(N, 3, S, S)`` in ``[0, 1]`` → scaled latents ``(N, C, h, w)`` float32 on the CPU."""
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        chunks = [pipe.encode(images[s : s + batch_size] * 2 - 1).float().cpu() for s in range(0, len(images), batch_size)]
+        return torch.cat(chunks)
+
+    return encode
+
+
+def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> data.LatentPairPool:
+    """The pool every batch is drawn from: cached encodings, or encode-on-demand without cache."""
+    encode = _encoder(pipe)
+    thetas = [data.view_thetas(settings, i) for i in range(len(sources))]
+    if not args.cache_latents:
+
+        def encode_view(image_index: int, view: int) -> torch.Tensor:
+            return encode(data.render_views(sources[image_index], settings, image_index, [view]))[0]
+
+        return data.LatentPairPool(settings, thetas, encode_view=encode_view)
+
+    encoder_id = json.dumps([vae_fingerprint(pipe.vae), str(pipe.vae.dtype)])
+    keys = [data.cache_key(path, settings, encoder_id) for path in paths]
+    cache_dir = Path(args.output_dir) / CACHE_DIR
+    shard = (accelerator.process_index, accelerator.num_processes)
+    mine = [i for i in range(shard[0], len(keys), shard[1]) if not (cache_dir / keys[i]).exists()]
+    # Render views in loader workers ahead of the encoder; the pool builder takes them in order.
+    loader = torch.utils.data.DataLoader(
+        _ViewDataset(sources, settings, mine), batch_size=None, num_workers=args.dataloader_num_workers
+    )
+    rendered = iter(loader)
+
+    def views_of(index: int) -> torch.Tensor:
+        got, views = next(rendered)
+        if got != index:
+            raise RuntimeError(f"expected views of photo {index} from the loader, got {got}")
+        return views
+
+    bar = tqdm(total=len(range(shard[0], len(keys), shard[1])), desc="Encoding views", disable=not accelerator.is_local_main_process)
+    pool = data.build_latent_pool(
+        views_of, keys, settings, encode, cache_dir, shard=shard, barrier=accelerator.wait_for_everyone, progress=bar.update
+    )
+    bar.close()
+    return pool
+
+
+def validation_set(args, pipe, accelerator) -> dict:
+    """Fixed, seeded held-out pairs, encoded once: ``{"moving", "reference", "theta"}``."""
+    folder = args.validation_data_dir or args.train_data_dir
+    sources, paths = _load_folder(folder, args.strict)
+    pairs = data.seeded_pairs(
+        sources, args.num_validation_pairs, args.resolution, warp="standard", seed=args.validation_seed,
+        names=[p.name for p in paths],
+    )
+    encode = _encoder(pipe)
+    return {
+        "moving": encode(torch.stack([p.moving for p in pairs])),
+        "reference": encode(torch.stack([p.reference for p in pairs])),
+        "theta": torch.stack([p.theta for p in pairs]),
+    }
+
+
+@torch.no_grad()
+def validation_corner_error(stn: SpatialTransformer, pairs: dict, resolution: int, batch_size: int = 16) -> torch.Tensor:
+    """Corner error in pixels at ``resolution`` of every validation pair, ``(N,)``."""
+    errors = []
+    device = stn.device
+    for start in range(0, len(pairs["theta"]), batch_size):
+        moving = pairs["moving"][start : start + batch_size].to(device)
+        reference = pairs["reference"][start : start + batch_size].to(device)
+        condition = reference if stn.config.conditioning == "reference" else None
+        theta = stn.predict_theta(moving, condition).float().cpu()
+        errors.append(geometry.corner_error(theta, pairs["theta"][start : start + batch_size], resolution, resolution))
+    return torch.cat(errors)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first (partial writes ignored)."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """``accelerator.save_state`` into a partial folder, then an atomic rename to ``checkpoint-<step>``,
+    so an interrupted write never leaves a folder that ``latest`` would pick up."""
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{step}"
+    partial = folder / f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if total_limit is not None:
+            existing = [p for p in list_checkpoints(output_dir) if p != final]
+            for old in existing[: max(0, len(existing) - total_limit + 1)]:
+                shutil.rmtree(old)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """The checkpoint folder to resume from: a path, or ``latest`` (``None`` if there is none yet)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from)
+    if not path.is_dir() or not path.name.startswith(CHECKPOINT_PREFIX):
+        raise FileNotFoundError(f"expected --resume_from_checkpoint to be `latest` or a {CHECKPOINT_PREFIX}N folder, got {resume_from!r}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a resumed run rewrites them)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict) -> str:
+    """The ``README.md`` of the output folder: what was trained, on what, and how well."""
+    settings = {k: v for k, v in sorted(vars(args).items())}
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [stn-diffusers, spatial-transformer, image-registration]",
+        "---",
+        "",
+        "# STN alignment pipeline",
+        "",
+        f"A `SpatialTransformer` ({stn.config.architecture} design, {sum(p.numel() for p in stn.parameters()):,} parameters) "
+        f"fine-tuned with `stn_diffusers.finetune` in the latent space of the frozen VAE `{args.pretrained_vae_name_or_path}`"
+        + (f" (subfolder `{args.vae_subfolder}`)" if args.vae_subfolder else "")
+        + ".",
+        "",
+        "```python",
+        "from stn_diffusers import STNAlignmentPipeline",
+        "pipe = STNAlignmentPipeline.from_pretrained(\"path/to/this/folder\")",
+        "out = pipe(moving_image, reference=reference_image)",
+        "```",
+        "",
+        "## Validation",
+        "",
+        f"Mean corner error in pixels at {args.resolution}×{args.resolution} on {summary.get('num_validation_pairs')} seeded "
+        f"pairs (`standard` warp) from `{args.validation_data_dir or args.train_data_dir}`:",
+        "",
+        "| | mean | median | < 5 px |",
+        "|---|---|---|---|",
+    ]
+    for label, key in (("identity (no alignment)", "identity"), ("this STN", "final")):
+        stats = summary.get(key)
+        if stats:
+            lines.append(f"| {label} | {stats['mean']:.2f} | {stats['median']:.2f} | {100 * stats['under_5px']:.0f} % |")
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"{summary.get('num_train_images')} training photos, {summary.get('global_step')} steps, "
+        f"{summary.get('train_seconds', 0):.0f} s of training. Settings:",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _error_stats(errors: torch.Tensor) -> dict:
+    return {"mean": float(errors.mean()), "median": float(errors.median()), "under_5px": float((errors < 5).float().mean())}
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> Path:
+    """Train, checkpoint, validate and save the pipeline to ``args.output_dir``; returns that folder."""
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to = None
+    accelerator = Accelerator(
+        # Launched workers (torchrun, accelerate launch) on a machine without a GPU join with gloo on the CPU.
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. Models: a frozen VAE in the weight dtype, a trainable STN in float32 master weights.
+    vae = load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
+    stn = build_stn(args, vae)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if vae.dtype != weight_dtype:
+        vae.to(dtype=weight_dtype)
+    vae.to(accelerator.device)
+    stn.to(accelerator.device).train()
+    pipe = STNAlignmentPipeline(vae=vae, stn=stn)
+
+    # 2. Data: every photo encoded once (or on demand), validation pairs encoded once.
+    sources, paths = _load_folder(args.train_data_dir, args.strict)
+    settings = data.PoolSettings(
+        resolution=args.resolution, warp=warp_range_from_args(args), warp_space=args.warp_space,
+        pairs_per_image=args.pairs_per_image, photometric=args.photometric, seed=args.seed,
+    )
+    pool = build_training_pool(args, pipe, sources, paths, settings, accelerator)
+    validation = validation_set(args, pipe, accelerator) if accelerator.is_main_process else None
+    identity_errors = None
+    if validation is not None:
+        identity_errors = geometry.corner_error(geometry.identity_theta(len(validation["theta"])), validation["theta"], args.resolution, args.resolution)
+
+    # 3. Optimiser: the small head that turns matches into θ learns faster than the trunk.
+    pairs_per_epoch = len(pool) * max(1, settings.num_views - 1)
+    steps_per_epoch = math.ceil(pairs_per_epoch / (args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    head = {id(p) for p in stn.head_parameters()}
+    groups = [
+        {"params": [p for p in stn.parameters() if id(p) not in head], "lr": args.learning_rate},
+        {"params": [p for p in stn.parameters() if id(p) in head], "lr": args.learning_rate * args.head_lr_multiplier},
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    from diffusers.optimization import get_scheduler
+
+    # The prepared scheduler steps once per process per optimiser step, hence the factor.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(ThetaCascade(stn), optimizer, lr_scheduler)
+
+    # 4. Resume.
+    global_step = 0
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint is not None and checkpoint is None:
+        logger.info("No checkpoint to resume from in %s; starting a new run.", output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    metrics_path = output_dir / METRICS_FILE
+    if accelerator.is_main_process:
+        if checkpoint is None and metrics_path.exists():
+            metrics_path.unlink()
+        _truncate_metrics(metrics_path, global_step)
+        accelerator.init_trackers("stn-finetune", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # 5. Train.
+    logger.info(
+        f"{len(pool)} photos, {settings.num_views} views each, {max_train_steps} steps of "
+        f"{args.train_batch_size} × {accelerator.num_processes} process(es) × {args.gradient_accumulation_steps} accumulation"
+    )
+    decode = pipe.decode if args.pixel_loss_weight > 0 else None
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    running: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    while global_step < max_train_steps:
+        amount = curriculum_amount(global_step, args, max_train_steps)
+        for micro in range(args.gradient_accumulation_steps):
+            seed = ((args.seed * STEP_SEED_STRIDE + global_step) * args.gradient_accumulation_steps + micro) * 1_009 + accelerator.process_index
+            batch = pool.sample(args.train_batch_size, torch.Generator().manual_seed(seed), amount, args.reference_rate)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss, parts = training_loss(
+                    model, batch, args.resolution, args.corner_loss_weight, args.latent_loss_weight,
+                    args.theta_loss_weight, args.pixel_loss_weight, decode,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in parts.items():
+                running.setdefault(name, []).append(value)
+        global_step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{parts['loss']:.3f}", mace=f"{parts['corner_error']:.1f}")
+
+        if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+            record = {"step": global_step, **{name: sum(v) / len(v) for name, v in running.items()}}
+            record["train_corner_error"] = record.pop("corner_error")
+            record.update(lr=lr_scheduler.get_last_lr()[0], warp_amount=amount)
+            running.clear()
+            accelerator.log(record, step=global_step)
+            if accelerator.is_main_process:
+                _append_metrics(metrics_path, record)
+        if global_step % args.validation_steps == 0 or global_step == max_train_steps:
+            if accelerator.is_main_process:
+                errors = validation_corner_error(_unwrap_stn(accelerator.unwrap_model(model)), validation, args.resolution)
+                stats = _error_stats(errors)
+                record = {"step": global_step, "val_corner_error": stats["mean"], "val_corner_error_median": stats["median"], "val_under_5px": stats["under_5px"]}
+                accelerator.log(record, step=global_step)
+                _append_metrics(metrics_path, record)
+                logger.info(f"step {global_step}: validation corner error {stats['mean']:.2f} px (median {stats['median']:.2f})")
+        if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    # 6. Save the pipeline, with the VAE exactly as it was given (it was only ever read).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = _unwrap_stn(accelerator.unwrap_model(model)).to("cpu")
+        final_errors = validation_corner_error(trained, validation, args.resolution)
+        original_vae = vae if weight_dtype == torch.float32 else load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
+        STNAlignmentPipeline(vae=original_vae.to("cpu"), stn=trained).save_pretrained(output_dir)
+        summary = {
+            "num_validation_pairs": len(validation["theta"]), "num_train_images": len(pool), "global_step": global_step,
+            "train_seconds": train_seconds, "identity": _error_stats(identity_errors), "final": _error_stats(final_errors),
+        }
+        (output_dir / "README.md").write_text(model_card(args, trained, summary))
+        logger.info(f"Saved the pipeline to {output_dir}: validation corner error {summary['final']['mean']:.2f} px")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    main(parse_args())

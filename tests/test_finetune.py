@@ -1,0 +1,277 @@
+"""Fine-tuning: real photos from scikit-image, a tiny local VAE, a few steps at 128×128."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import skimage.data
+import torch
+from diffusers import AutoencoderKL
+
+from stn_diffusers import STNAlignmentPipeline, SpatialTransformer, data, finetune, geometry
+
+from .conftest import TINY_REGISTRATION, make_tiny_vae
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 128
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Photos (RGB of three sizes), a tiny VAE saved to disk and a tiny registration config."""
+    root = tmp_path_factory.mktemp("finetune")
+    photos = root / "photos"
+    (photos / "nested").mkdir(parents=True)
+    PIL.Image.fromarray(skimage.data.astronaut()).save(photos / "astronaut.jpg")
+    PIL.Image.fromarray(skimage.data.coffee()).save(photos / "coffee.png")
+    PIL.Image.fromarray(skimage.data.chelsea()).save(photos / "nested" / "chelsea.jpg")
+    make_tiny_vae().save_pretrained(root / "vae")
+    (root / "stn.json").write_text(json.dumps(TINY_REGISTRATION))
+    return root
+
+
+def train_argv(workspace: Path, output_dir: Path, *extra: str, data_dir: Path | None = None) -> list[str]:
+    return [
+        "--pretrained_vae_name_or_path", str(workspace / "vae"),
+        "--train_data_dir", str(data_dir or workspace / "photos"),
+        "--output_dir", str(output_dir),
+        "--stn_config", str(workspace / "stn.json"),
+        "--resolution", str(RESOLUTION),
+        "--train_batch_size", "4",
+        "--max_train_steps", "4",
+        "--pairs_per_image", "2",
+        "--lr_warmup_steps", "1",
+        "--checkpointing_steps", "2",
+        "--validation_steps", "2",
+        "--num_validation_pairs", "4",
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv: list[str]) -> Path:
+    return finetune.main(finetune.parse_args(argv))
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+class TestFinetune:
+    def test_output_loads_as_a_pipeline_and_the_vae_is_untouched(self, workspace, tmp_path):
+        output = run(train_argv(workspace, tmp_path / "out"))
+
+        pipe = STNAlignmentPipeline.from_pretrained(output)
+        given = AutoencoderKL.from_pretrained(workspace / "vae")
+        saved, original = pipe.vae.state_dict(), given.state_dict()
+        assert saved.keys() == original.keys()
+        assert all(torch.equal(saved[name], original[name]) for name in original)
+        assert isinstance(pipe.stn, SpatialTransformer) and pipe.stn.config.architecture == "correlation"
+        assert pipe.stn.config.vae_fingerprint is not None
+        # The residual gates start at 0 (identity); training must have moved them.
+        assert pipe.stn.residual_gate.abs().sum() > 0
+
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "val_corner_error" in r] == [2, 4]
+        assert all(r["loss"] >= 0 for r in records if "loss" in r)
+        assert [p.name for p in finetune.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+        card = (output / "README.md").read_text()
+        assert "validation" in card.lower() and "--resolution" not in card and '"resolution": 128' in card
+
+    def test_resume_from_latest_reproduces_the_uninterrupted_run(self, workspace, tmp_path):
+        uninterrupted = run(train_argv(workspace, tmp_path / "full"))
+
+        # A run killed after checkpoint-2: its folder holds that checkpoint, a half-written later
+        # one (which `latest` must ignore), and the metrics it had logged.
+        interrupted = tmp_path / "interrupted"
+        shutil.copytree(uninterrupted / "checkpoints" / "checkpoint-2", interrupted / "checkpoints" / "checkpoint-2")
+        (interrupted / "checkpoints" / ".partial-checkpoint-4").mkdir()
+        shutil.copytree(uninterrupted / "latent_cache", interrupted / "latent_cache")
+        lines = (uninterrupted / "metrics.jsonl").read_text().splitlines()
+        (interrupted / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 2) + "\n")
+        assert finetune.resolve_checkpoint(interrupted, "latest").name == "checkpoint-2"
+
+        resumed = run(train_argv(workspace, interrupted, "--resume_from_checkpoint", "latest"))
+
+        full_stn = STNAlignmentPipeline.from_pretrained(uninterrupted).stn.state_dict()
+        resumed_stn = STNAlignmentPipeline.from_pretrained(resumed).stn.state_dict()
+        assert all(torch.allclose(full_stn[k], resumed_stn[k], atol=1e-6) for k in full_stn)
+        steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+        assert max(steps) == 4 and steps == sorted(steps)
+        assert [p.name for p in finetune.list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-4"]
+
+    def test_two_processes_with_torchrun_on_cpu(self, workspace, tmp_path):
+        output = tmp_path / "ddp"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+        command += ["-m", "stn_diffusers.finetune", *train_argv(workspace, output, "--train_batch_size", "2")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Num processes: 2" in result.stderr
+        pipe = STNAlignmentPipeline.from_pretrained(output)
+        assert pipe.stn.residual_gate.abs().sum() > 0
+        # Every process saved its own random state in the checkpoint.
+        assert sorted(p.name for p in (output / "checkpoints" / "checkpoint-4").glob("random_states_*")) == [
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        ]
+
+    def test_unreadable_files_are_skipped_and_named_in_one_warning(self, workspace, tmp_path, caplog):
+        folder = tmp_path / "mixed"
+        folder.mkdir()
+        PIL.Image.fromarray(skimage.data.astronaut()).save(folder / "astronaut.jpg")
+        PIL.Image.fromarray(skimage.data.camera()).save(folder / "gray.png")  # mode L
+        PIL.Image.fromarray(skimage.data.astronaut()).convert("RGBA").save(folder / "alpha.png")
+        jpeg = (folder / "astronaut.jpg").read_bytes()
+        (folder / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+        (folder / "notes.png").write_text("not an image")
+
+        with caplog.at_level(logging.WARNING, logger="stn_diffusers.data"):
+            output = run(train_argv(workspace, tmp_path / "out", "--max_train_steps", "2", data_dir=folder))
+        warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+        # One warning per folder read (training images, then validation images drawn from the same folder).
+        assert warnings and all("corrupt.jpg" in w and "notes.png" in w and "2 unreadable" in w for w in warnings)
+        assert "3 training photos" in (output / "README.md").read_text()
+
+        with pytest.raises(ValueError, match="corrupt.jpg|notes.png"):
+            run(train_argv(workspace, tmp_path / "strict", "--strict", data_dir=folder))
+
+    def test_missing_and_empty_folders_fail_before_training(self, workspace, tmp_path):
+        with pytest.raises(FileNotFoundError, match="expected a folder of images"):
+            run(train_argv(workspace, tmp_path / "out", data_dir=tmp_path / "missing"))
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ValueError, match="expected image files"):
+            run(train_argv(workspace, tmp_path / "out", data_dir=tmp_path / "empty"))
+
+    def test_seed_design_needs_a_vae_with_4_latent_channels(self, workspace, tmp_path):
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=8,
+        )  # fmt: skip
+        vae.save_pretrained(tmp_path / "vae8")
+        argv = train_argv(workspace, tmp_path / "out", "--stn_config", "seed", "--resolution", "512")
+        argv[argv.index("--pretrained_vae_name_or_path") + 1] = str(tmp_path / "vae8")
+        with pytest.raises(ValueError, match="4 latent channels"):
+            run(argv)
+        assert not (tmp_path / "out" / "latent_cache").exists()  # failed before encoding anything
+
+    def test_bad_flags(self, workspace, tmp_path):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            finetune.parse_args(train_argv(workspace, tmp_path, "--resolution", "100"))
+        with pytest.raises(ValueError, match="loss weights"):
+            finetune.parse_args(train_argv(workspace, tmp_path, "--corner_loss_weight", "0"))
+        with pytest.raises(ValueError, match="stn_config"):
+            run(train_argv(workspace, tmp_path / "out", "--stn_config", "no-such-preset"))
+
+
+class TestTrainingLoss:
+    def batch(self, theta: torch.Tensor) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        reference = torch.randn(theta.shape[0], 4, 16, 16, generator=generator)
+        moving = geometry.warp(reference, geometry.invert_theta(theta))
+        return {"moving": moving, "reference": reference, "theta": theta}
+
+    def test_identity_start_has_zero_loss_only_for_zero_motion(self):
+        torch.manual_seed(0)
+        stn = SpatialTransformer(**TINY_REGISTRATION)
+        still, _ = finetune.training_loss(stn, self.batch(geometry.identity_theta(2)), RESOLUTION)
+        moved = geometry.random_theta(2, "standard", RESOLUTION, RESOLUTION, torch.Generator().manual_seed(1))
+        loss, parts = finetune.training_loss(stn, self.batch(moved), RESOLUTION, latent_weight=1.0, theta_weight=1.0)
+        assert float(still.detach()) == pytest.approx(0.0, abs=1e-5)
+        assert parts["corner_error"] > 1.0 and parts["latent_loss"] > 0 and parts["theta_loss"] > 0
+        assert parts["loss"] == pytest.approx(parts["corner_loss"] + parts["latent_loss"] + parts["theta_loss"], rel=1e-5)
+
+    def test_gradient_reaches_the_gates_that_start_at_zero(self):
+        torch.manual_seed(0)
+        stn = SpatialTransformer(**TINY_REGISTRATION)
+        moved = geometry.random_theta(2, "standard", RESOLUTION, RESOLUTION, torch.Generator().manual_seed(1))
+        loss, _ = finetune.training_loss(stn, self.batch(moved), RESOLUTION)
+        loss.backward()
+        assert stn.residual_gate.grad.abs().sum() > 0
+
+    def test_seed_recipe_trains_the_seed_design_without_a_reference(self):
+        stn = SpatialTransformer()
+        moved = geometry.random_theta(2, "standard", 512, 512, torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(0)
+        reference = torch.randn(2, 4, 64, 64, generator=generator)
+        batch = {"moving": geometry.warp(reference, geometry.invert_theta(moved)), "reference": reference, "theta": moved}
+        loss, parts = finetune.training_loss(stn, batch, 512, corner_weight=0.0, latent_weight=1.0, theta_weight=1.0)
+        loss.backward()
+        assert "corner_loss" not in parts and stn.fc_loc[2].bias.grad.abs().sum() > 0
+
+
+class TestCurriculum:
+    def test_ramps_from_the_start_amount_to_the_full_range(self):
+        args = finetune.parse_args(["--pretrained_vae_name_or_path", "v", "--train_data_dir", "d", "--output_dir", "o"])
+        args.curriculum_start, args.curriculum_steps = 0.2, 100
+        amounts = [finetune.curriculum_amount(step, args, 1000) for step in (0, 50, 100, 900)]
+        assert amounts == pytest.approx([0.2, 0.6, 1.0, 1.0])
+        args.curriculum_steps = 0
+        assert finetune.curriculum_amount(0, args, 1000) == 1.0
+
+
+class TestLatentPairPool:
+    @pytest.fixture
+    def sources(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float() / 255]
+
+    def settings(self, **overrides) -> data.PoolSettings:
+        return data.PoolSettings(**{"resolution": RESOLUTION, "pairs_per_image": 3, "min_amount": 0.5, **overrides})
+
+    def test_sampled_theta_aligns_moving_onto_reference(self, sources):
+        # With the identity as "encoder" the pool holds pixels, so θ can be checked on the image.
+        settings = self.settings()
+        keys = ["a.pt"]
+        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), keys, settings, lambda x: x)
+        batch = pool.sample(6, torch.Generator().manual_seed(0), reference_rate=0.3)
+        aligned = geometry.warp(batch["moving"], batch["theta"])
+        mask = geometry.valid_mask(batch["theta"], RESOLUTION, RESOLUTION)
+        residual = ((aligned - batch["reference"]).abs() * mask).sum() / (mask.sum() * 3)
+        motion = ((batch["moving"] - batch["reference"]).abs()).mean()
+        assert residual < 0.3 * motion
+        moved = geometry.corner_error(batch["theta"], geometry.identity_theta(6), RESOLUTION, RESOLUTION)
+        assert (moved > 0.5).all()
+
+    def test_same_generator_same_batch_and_curriculum_limits_warps(self, sources):
+        settings = self.settings()
+        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), ["a.pt"], settings, lambda x: x)
+        first = pool.sample(4, torch.Generator().manual_seed(3))
+        second = pool.sample(4, torch.Generator().manual_seed(3))
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        small = pool.sample(16, torch.Generator().manual_seed(3), amount=0.5, reference_rate=1.0)
+        full = data.view_thetas(settings, 0)
+        assert torch.allclose(small["theta"], full[1].expand(16, -1, -1))  # only the smallest view is allowed
+
+    def test_cache_is_reused_and_keyed_by_settings(self, sources, tmp_path):
+        photo = tmp_path / "astronaut.png"
+        PIL.Image.fromarray(skimage.data.astronaut()).save(photo)
+        calls = []
+
+        def views_of(i, settings):
+            calls.append(i)
+            return data.render_views(sources[i], settings, i)
+
+        settings = self.settings()
+        keys = [data.cache_key(photo, settings, "vae-a")]
+        first = data.build_latent_pool(lambda i: views_of(i, settings), keys, settings, lambda x: x[:, :, ::8, ::8], tmp_path / "cache")
+        again = data.build_latent_pool(lambda i: views_of(i, settings), keys, settings, lambda x: x, tmp_path / "cache")
+        assert calls == [0] and torch.equal(first.latents[0], again.latents[0])
+        assert data.cache_key(photo, self.settings(seed=1), "vae-a") != keys[0]
+        assert data.cache_key(photo, settings, "vae-b") != keys[0]
+        assert not list((tmp_path / "cache").glob("*.tmp*"))
+
+    def test_latent_space_pool_warps_the_reference_latents(self, sources):
+        settings = self.settings(warp_space="latent")
+        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), ["a.pt"], settings, lambda x: x)
+        assert pool.latents[0].shape[0] == 1  # only the reference crop is encoded
+        batch = pool.sample(2, torch.Generator().manual_seed(0))
+        expected = geometry.warp(batch["reference"], geometry.invert_theta(batch["theta"]))
+        assert torch.allclose(batch["moving"], expected, atol=1e-6)
