@@ -43,12 +43,16 @@ def run_align(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args.pipeline, args.device)
     image = load_image(args.image)
     reference = load_image(args.reference) if args.reference else None
-    output = pipe(image, reference=reference, min_displacement=args.min_displacement)
+    output = pipe(image, reference=reference, min_displacement=args.min_displacement, refine=args.refine)
     aligned = output.images[0] if args.decoded else output.warped_images[0]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     aligned.save(args.output)
     report = _theta_report(output.theta, image.height, image.width)
     report["unwarped"] = bool(output.unwarped[0])
+    if output.refined is not None:
+        report["refined"] = bool(output.refined[0])
+        if not report["refined"]:
+            print(f"{args.refine} refinement did not converge: kept the STN's θ")
     print("theta (normalised, (2, 3)):")
     for row in report["theta"]:
         print("  " + "  ".join(f"{v:+.6f}" for v in row))
@@ -71,6 +75,7 @@ def _add_align(subparsers) -> None:
     parser.add_argument("--json", default=None, help="also write θ and its pixel matrix as JSON here")
     parser.add_argument("--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp")
     parser.add_argument("--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped")
+    parser.add_argument("--refine", default=None, choices=("ecc",), help="refine θ with OpenCV ECC from the STN's estimate")
     parser.add_argument("--device", default="cpu")
     parser.set_defaults(func=run_align)
 
@@ -124,12 +129,73 @@ def _add_analyze(subparsers) -> None:
     parser.set_defaults(func=run_analyze)
 
 
+def _named_pipelines(specs: list[str] | None, device: str) -> dict:
+    """``["tuned=DIR", "DIR"]`` → ``{name: pipeline}``; the embedded default as ``"stn"`` when none is given."""
+    if not specs:
+        return {"stn": load_pipeline(None, device)}
+    pipelines = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or ("stn" if len(specs) == 1 else Path(path).name)
+        if name in pipelines:
+            raise ValueError(f"expected distinct pipeline names, got {name!r} twice (use --pipeline NAME=DIR)")
+        pipelines[name] = load_pipeline(path, device)
+    return pipelines
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    from .evaluation import evaluate, load_photos, markdown_table, parse_methods
+
+    methods = parse_methods(args.methods)
+    uses_stn = any(m in ("stn", "stn+ecc") for m in methods)
+    pipelines = _named_pipelines(args.pipeline, args.device) if uses_stn else {}
+    sources, names = load_photos(args.data)
+    report = evaluate(
+        pipelines, sources, names=names, num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed,
+        warp=args.warp, photometric=args.photometric, methods=methods, kornia_budget=args.kornia_budget,
+    )  # fmt: skip
+    table = markdown_table(report)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table + "\n")
+        print(f"wrote {args.markdown}")
+    return report
+
+
+def _add_evaluate(subparsers) -> None:
+    from .evaluation import DEFAULT_METHODS
+
+    parser = subparsers.add_parser("evaluate", help="benchmark STN pipelines against ECC, SIFT, ORB, phase correlation, kornia")
+    parser.add_argument(
+        "--pipeline", action="append", default=None, metavar="[NAME=]DIR",
+        help="saved STNAlignmentPipeline folder, repeatable as NAME=DIR (default: the embedded one)",
+    )  # fmt: skip
+    parser.add_argument("--data", required=True, help="folder of photos the pipelines never trained on")
+    parser.add_argument("--num-pairs", type=int, default=24, help="seeded pairs (cycling over the photos)")
+    parser.add_argument("--resolution", type=int, default=512, help="pixel side of the square pairs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
+    parser.add_argument("--warp", default="standard", choices=("small", "standard", "large"), help="misalignment of the pairs")
+    parser.add_argument("--photometric", default="none", choices=("none", "realistic"), help="photometric change of the moving image")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to run")
+    parser.add_argument("--kornia-budget", type=float, default=600.0, help="seconds kornia may take over all pairs")
+    parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the table as markdown here")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stn-diffusers", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_align(subparsers)
     _add_demo(subparsers)
     _add_analyze(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 

@@ -26,6 +26,8 @@ class STNAlignmentPipelineOutput(BaseOutput):
         displacement (`torch.Tensor` of shape `(B,)`): estimated mean corner motion in pixels of each input.
         unwarped (`torch.Tensor` of shape `(B,)`, bool): True where the motion was below
             ``min_displacement`` and the input was returned unwarped.
+        refined (`torch.Tensor` of shape `(B,)`, bool): with ``refine="ecc"``, True where ECC converged
+            and refined θ, False where it failed and the STN's θ was kept; ``None`` without refinement.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
@@ -34,3 +36,4 @@ class STNAlignmentPipelineOutput(BaseOutput):
     latents: torch.Tensor
     displacement: torch.Tensor | None = None
     unwarped: torch.Tensor | None = None
+    refined: torch.Tensor | None = None

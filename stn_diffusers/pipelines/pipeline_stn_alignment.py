@@ -15,6 +15,7 @@ from diffusers.utils import logging
 from .. import geometry
 from ..images import ImageInput, tensor_to_pil, to_rgb_list
 from ..models.spatial_transformer import SpatialTransformer
+from ..refine import REFINE_METHODS, import_cv2, refine_theta_ecc
 from .pipeline_output import STNAlignmentPipelineOutput
 
 logger = logging.get_logger(__name__)
@@ -182,6 +183,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
         sample_posterior: bool = False,
         min_displacement: float = 0.0,
         batch_size: int = 8,
+        refine: str | None = None,
+        refine_kwargs: dict | None = None,
     ) -> STNAlignmentPipelineOutput | tuple:
         r"""Align ``image`` onto ``reference``.
 
@@ -200,6 +203,11 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 it, the input is returned unwarped (θ = identity) and flagged in ``unwarped``, so
                 aligned images are never resampled for nothing.
             batch_size: images encoded, aligned and decoded at once; a progress bar shows above one batch.
+            refine: ``None`` or ``"ecc"``: refine each θ with OpenCV's ECC on the original images,
+                started from the STN's θ (needs ``pip install "stn-diffusers[opencv]"`` and the images,
+                not only latents). Where ECC fails, the STN's θ is kept and ``refined`` is False.
+            refine_kwargs: keyword arguments of :func:`stn_diffusers.refine.refine_theta_ecc`
+                (``levels``, ``iterations``, ``epsilon``, ``max_side``, ``max_correction``).
 
         Returns:
             :class:`STNAlignmentPipelineOutput` or the tuple ``(images, warped_images, theta, latents)``.
@@ -207,6 +215,12 @@ class STNAlignmentPipeline(DiffusionPipeline):
         # 1. Check inputs
         self.check_inputs(image, reference, latents, reference_latents, output_type, min_displacement, batch_size)
         uses_reference = self.stn.config.conditioning == "reference"
+        if refine is not None and refine not in REFINE_METHODS:
+            raise ValueError(f"expected refine in {(None, *REFINE_METHODS)}, got {refine!r}")
+        if refine is not None and (image is None or reference is None):
+            raise ValueError(f"expected both image and reference with refine={refine!r}: it refines on their pixels")
+        if refine == "ecc":
+            import_cv2()  # fail before the encode, naming the extra to install
         if reference is not None and not uses_reference:
             logger.warning("This stn has conditioning='none': it ignores the reference.")
 
@@ -258,6 +272,14 @@ class STNAlignmentPipeline(DiffusionPipeline):
         if progress is not None:
             progress.close()
         theta = torch.cat(thetas)  # (B, 2, 3)
+        refined = None
+        if refine == "ecc":
+            targets = references if references is not None else to_rgb_list(reference, "reference")
+            targets = targets * num_images if len(targets) == 1 else targets
+            result = refine_theta_ecc(targets, originals, theta.cpu(), **(refine_kwargs or {}))
+            theta, refined = result.theta.to(theta.device), result.converged
+            if not refined.all():
+                logger.warning("ECC refinement failed on %d of %d image(s); kept the STN's θ there.", int((~refined).sum()), num_images)
         pixel_sizes = [tuple(o.shape[-2:]) for o in originals] if originals is not None else [
             (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
         ] * num_images
@@ -297,5 +319,6 @@ class STNAlignmentPipeline(DiffusionPipeline):
             latents=aligned_latents,
             displacement=displacement,
             unwarped=unwarped,
+            refined=refined,
         )
 

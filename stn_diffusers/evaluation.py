@@ -1,0 +1,414 @@
+"""The alignment benchmark: learned aligners against OpenCV ECC, SIFT/ORB, phase correlation and kornia.
+
+Every method sees the same seeded pairs (:func:`stn_diffusers.data.seeded_pairs`) and is scored with
+the metric of the registration literature, the mean corner error (MACE, :func:`geometry.corner_error`)
+in pixels at the pair resolution. A method that raises or does not converge counts as a failure and
+is scored as the identity.
+
+    stn-diffusers evaluate --pipeline tuned=data/default_stn_run --data data/photos/heldout --json out.json
+
+Convention: every estimator returns θ ``(1, 2, 3)`` aligning the moving image onto the reference
+(see :mod:`stn_diffusers.geometry`); its pixel matrix maps a reference pixel to the moving-image
+position that shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import geometry
+from .data import Pair, list_images, load_images, seeded_pairs
+from .images import to_rgb_tensor
+from .refine import import_cv2, refine_theta_ecc
+
+logger = logging.getLogger(__name__)
+
+CLASSICAL_METHODS = ("identity", "ecc", "sift", "orb", "phase", "kornia")
+DEFAULT_METHODS = ("identity", "stn", "stn+ecc", "ecc", "sift", "orb", "phase", "kornia")
+SUCCESS_THRESHOLDS = (1, 2, 5)
+# kornia's gradient-descent registration runs a few seconds per 512×512 pair on a CPU: cap its
+# iterations per pyramid level so the benchmark finishes, and say so in the table.
+KORNIA_ITERATIONS = 50
+KORNIA_PYRAMID_LEVELS = 3
+# Feature matching: Lowe's ratio test and the RANSAC reprojection threshold (pixels).
+RATIO_TEST = 0.75
+RANSAC_THRESHOLD = 3.0
+
+
+class EstimationError(RuntimeError):
+    """A method could not produce an estimate for a pair (scored as identity, counted as a failure)."""
+
+
+# ------------------------------------------------------------------------------------ estimators
+def _gray_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in ``[0, 1]`` → ``(H, W)`` uint8 gray (what OpenCV's feature detectors take)."""
+    gray = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    return (gray.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _gray_float(image: torch.Tensor) -> np.ndarray:
+    return (_gray_uint8(image).astype(np.float32)) / 255.0
+
+
+def _matrix_to_theta(matrix: np.ndarray, height: int, width: int) -> torch.Tensor:
+    return geometry.pixel_matrix_to_theta(torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None], height, width).float()
+
+
+def estimate_identity(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """No alignment: the baseline every method must beat."""
+    return geometry.identity_theta(1)
+
+
+def estimate_ecc(reference: torch.Tensor, moving: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """OpenCV ECC (``MOTION_AFFINE``, ``levels``-level pyramid) from the identity."""
+    result = refine_theta_ecc(reference, moving, None, levels=levels)
+    if not bool(result.converged[0]):
+        raise EstimationError("ECC did not converge")
+    return result.theta
+
+
+def estimate_features(reference: torch.Tensor, moving: torch.Tensor, detector: str = "sift") -> torch.Tensor:
+    """Keypoints (SIFT or ORB), ratio-tested matches, ``cv2.estimateAffine2D`` with RANSAC.
+
+    The affine is fitted from reference to moving keypoints, so it maps a reference pixel to the
+    moving position that shows it: the pixel matrix of θ.
+    """
+    cv2 = import_cv2()
+    if detector == "sift":
+        extractor, norm = cv2.SIFT_create(), cv2.NORM_L2
+    elif detector == "orb":
+        extractor, norm = cv2.ORB_create(nfeatures=2000), cv2.NORM_HAMMING
+    else:
+        raise ValueError(f"expected detector 'sift' or 'orb', got {detector!r}")
+    ref_points, ref_descriptors = extractor.detectAndCompute(_gray_uint8(reference), None)
+    mov_points, mov_descriptors = extractor.detectAndCompute(_gray_uint8(moving), None)
+    if ref_descriptors is None or mov_descriptors is None or len(ref_points) < 3 or len(mov_points) < 3:
+        raise EstimationError(f"{detector}: too few keypoints")
+    matches = cv2.BFMatcher(norm).knnMatch(ref_descriptors, mov_descriptors, k=2)
+    good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO_TEST * m[1].distance]
+    if len(good) < 3:
+        raise EstimationError(f"{detector}: {len(good)} matches after the ratio test, need 3")
+    source = np.float32([ref_points[m.queryIdx].pt for m in good])
+    target = np.float32([mov_points[m.trainIdx].pt for m in good])
+    matrix, _ = cv2.estimateAffine2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD)
+    if matrix is None:
+        raise EstimationError(f"{detector}: RANSAC found no affine")
+    return _matrix_to_theta(matrix, *reference.shape[-2:])
+
+
+def estimate_phase(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Hann-windowed phase correlation (``cv2.phaseCorrelate``): a translation only.
+
+    ``phaseCorrelate(R, M)`` returns the shift ``d`` of ``M``'s content relative to ``R``'s
+    (``M(x + d) = R(x)``), so a reference pixel ``x`` is shown at ``x + d`` in the moving image.
+    """
+    cv2 = import_cv2()
+    ref, mov = _gray_float(reference), _gray_float(moving)
+    window = cv2.createHanningWindow(ref.shape[::-1], cv2.CV_32F)
+    (shift_x, shift_y), _ = cv2.phaseCorrelate(ref, mov, window)
+    matrix = np.array([[1.0, 0.0, shift_x], [0.0, 1.0, shift_y]])
+    return _matrix_to_theta(matrix, *reference.shape[-2:])
+
+
+def estimate_kornia(
+    reference: torch.Tensor, moving: torch.Tensor, num_iterations: int = KORNIA_ITERATIONS
+) -> torch.Tensor:
+    """kornia's ``ImageRegistrator`` (homography, gradient descent on a pyramid), affine part kept.
+
+    ``register(src, dst)`` returns the map from ``dst`` to ``src`` normalised coordinates
+    (``align_corners=False``), our θ with ``src = moving`` and ``dst = reference``.
+    """
+    from kornia.geometry import ImageRegistrator
+
+    registrator = ImageRegistrator(
+        "homography", num_iterations=num_iterations, pyramid_levels=KORNIA_PYRAMID_LEVELS, lr=1e-3, tolerance=1e-5
+    )
+    with torch.enable_grad():
+        homography = registrator.register(moving[None].float(), reference[None].float()).detach()  # (1, 3, 3)
+    homography = homography / homography[:, 2:, 2:]
+    if not torch.isfinite(homography).all():
+        raise EstimationError("kornia: non-finite homography")
+    return homography[:, :2, :].float()
+
+
+CLASSICAL_ESTIMATORS = {
+    "identity": estimate_identity,
+    "ecc": estimate_ecc,
+    "sift": lambda r, m: estimate_features(r, m, "sift"),
+    "orb": lambda r, m: estimate_features(r, m, "orb"),
+    "phase": estimate_phase,
+    "kornia": estimate_kornia,
+}
+
+
+def method_unavailable(method: str) -> str | None:
+    """Why ``method`` cannot run here (a missing optional dependency), or ``None``."""
+    modules = {"ecc": "cv2", "sift": "cv2", "orb": "cv2", "phase": "cv2", "kornia": "kornia"}
+    extras = {"cv2": 'pip install "stn-diffusers[opencv]"', "kornia": "pip install kornia"}
+    module = "cv2" if method.endswith("+ecc") else modules.get(method)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{module} is not installed ({extras[module]})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@dataclass
+class MethodResult:
+    """Per-pair errors and timings of one method."""
+
+    errors: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    seconds_with_encode: list[float] = field(default_factory=list)
+    failures: int = 0
+    note: str = ""
+
+    def summary(self) -> dict:
+        errors = np.asarray(self.errors, dtype=np.float64)
+        summary = {
+            "mace_mean": float(errors.mean()),
+            "mace_median": float(np.median(errors)),
+            "mace_p90": float(np.percentile(errors, 90)),
+            **{f"success_{t}px": float((errors < t).mean()) for t in SUCCESS_THRESHOLDS},
+            "seconds_per_pair": float(np.mean(self.seconds)) if self.seconds else None,
+            "failures": int(self.failures),
+        }
+        if self.seconds_with_encode:
+            summary["seconds_per_pair_with_encode"] = float(np.mean(self.seconds_with_encode))
+        if self.note:
+            summary["note"] = self.note
+        return summary
+
+
+def pair_error(theta: torch.Tensor, pair: Pair) -> float:
+    """MACE in pixels of the estimate ``theta`` ``(1, 2, 3)`` on ``pair``."""
+    height, width = pair.reference.shape[-2:]
+    return float(geometry.corner_error(theta.double(), pair.theta[None].double(), height, width)[0])
+
+
+def _timed(function, *args) -> tuple[torch.Tensor | None, float, str]:
+    """``(theta or None, seconds, failure reason)``; expected failures of an estimator are caught."""
+    cv2_error = _cv2_error()
+    start = time.perf_counter()
+    try:
+        theta = function(*args)
+        reason = ""
+    except (EstimationError, cv2_error, np.linalg.LinAlgError, torch.linalg.LinAlgError) as error:
+        theta, reason = None, str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return theta, time.perf_counter() - start, reason
+
+
+def _cv2_error() -> type:
+    try:
+        import cv2
+
+        return cv2.error
+    except ImportError:
+        return EstimationError
+
+
+def _score(result: MethodResult, theta: torch.Tensor | None, pair: Pair) -> None:
+    if theta is None:
+        result.failures += 1
+        theta = geometry.identity_theta(1)
+    result.errors.append(pair_error(theta, pair))
+
+
+def evaluate_classical(method: str, pairs: list[Pair], time_budget: float | None = None) -> MethodResult:
+    """Run one classical method on every pair. ``time_budget`` (seconds, whole run) applies to kornia:
+    pairs past it are not run and the method is reported as skipped."""
+    estimator = CLASSICAL_ESTIMATORS[method]
+    result = MethodResult()
+    elapsed = 0.0
+    for pair in pairs:
+        theta, seconds, reason = _timed(estimator, pair.reference, pair.moving)
+        if reason:
+            logger.debug("%s failed on %s: %s", method, pair.name, reason)
+        result.seconds.append(seconds)
+        _score(result, theta, pair)
+        elapsed += seconds
+        if time_budget is not None and elapsed > time_budget and len(result.errors) < len(pairs):
+            raise TimeoutError(
+                f"{method} needed {elapsed:.0f} s for {len(result.errors)} of {len(pairs)} pairs, over its budget of {time_budget:.0f} s"
+            )
+    return result
+
+
+def _encode_pair(pipe, pair: Pair) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Scaled latents of the pair's moving and reference images at the pipeline's working size, and the seconds taken."""
+    from .pipelines.pipeline_stn_alignment import _resize
+
+    height, width = pipe.working_size(tuple(pair.reference.shape[-2:]))
+    start = time.perf_counter()
+    batch = _resize(torch.stack([pair.moving, pair.reference]), height, width)
+    latents = pipe.encode(pipe.image_processor.preprocess(batch, height=height, width=width))
+    return latents[:1], latents[1:], time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate_stn(
+    pipe, pairs: list[Pair], refine: bool = True, refine_kwargs: dict | None = None
+) -> tuple[MethodResult, MethodResult | None]:
+    """The STN alone and, with ``refine``, followed by ECC from its θ. Returns ``(stn, stn_ecc)``.
+
+    ``seconds`` is estimation with the latents given; ``seconds_with_encode`` adds the VAE encode of both images.
+    """
+    stn_result, ecc_result = MethodResult(), (MethodResult() if refine else None)
+    uses_reference = pipe.stn.config.conditioning == "reference"
+    for pair in pairs:
+        latents, reference_latents, encode_seconds = _encode_pair(pipe, pair)
+        start = time.perf_counter()
+        theta = pipe.stn.predict_theta(latents.to(pipe.stn.dtype), reference_latents.to(pipe.stn.dtype) if uses_reference else None)
+        theta = theta.float().cpu()
+        seconds = time.perf_counter() - start
+        stn_result.seconds.append(seconds)
+        stn_result.seconds_with_encode.append(seconds + encode_seconds)
+        finite = bool(torch.isfinite(theta).all())
+        _score(stn_result, theta if finite else None, pair)
+        if ecc_result is None:
+            continue
+        start = time.perf_counter()
+        refined = refine_theta_ecc(pair.reference, pair.moving, theta if finite else None, **(refine_kwargs or {}))
+        refine_seconds = time.perf_counter() - start
+        ecc_result.seconds.append(seconds + refine_seconds)
+        ecc_result.seconds_with_encode.append(seconds + encode_seconds + refine_seconds)
+        if not bool(refined.converged[0]):
+            ecc_result.failures += 1  # scored with the STN's θ, which the refinement kept
+        ecc_result.errors.append(pair_error(refined.theta if finite else geometry.identity_theta(1), pair))
+    return stn_result, ecc_result
+
+
+def load_photos(folder) -> tuple[list[torch.Tensor], list[str]]:
+    """Every readable photo under ``folder`` as ``(3, H, W)`` tensors in ``[0, 1]``, and their file names."""
+    images, paths = load_images(list_images(folder))
+    return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
+
+
+def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"identity,stn,ecc"`` → a validated list."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in names if m not in DEFAULT_METHODS]
+    if unknown or not names:
+        raise ValueError(f"expected methods from {', '.join(DEFAULT_METHODS)}, got {', '.join(unknown) or 'none'}")
+    return names
+
+
+def evaluate(
+    pipelines: dict[str, object],
+    sources: list[torch.Tensor],
+    *,
+    names: list[str] | None = None,
+    num_pairs: int = 24,
+    resolution: int = 512,
+    seed: int = 0,
+    warp: str = "standard",
+    photometric: str = "none",
+    methods: str | list[str] = DEFAULT_METHODS,
+    kornia_budget: float | None = 600.0,
+    single_thread: bool = True,
+) -> dict:
+    r"""Score every method on the same seeded pairs and return the report (the ``--json`` layout).
+
+    Args:
+        pipelines: ``{name: STNAlignmentPipeline}``; each gives the methods ``name`` and ``name+ecc``
+            when ``"stn"`` / ``"stn+ecc"`` are in ``methods``.
+        sources: photos ``(3, H, W)`` in ``[0, 1]``; pairs cycle over them (see :func:`seeded_pairs`).
+        names: a name per source, for logs.
+        num_pairs, resolution, seed, warp, photometric: the pairs (identical across methods and runs).
+        methods: which methods to run (``DEFAULT_METHODS``).
+        kornia_budget: seconds kornia may take over all pairs before it is reported as skipped.
+        single_thread: one thread for OpenCV and torch, so timings compare like with like.
+
+    Returns:
+        ``{"pairs", "resolution", "warp", "photometric", "methods": {name: summary}, "skipped": {name: reason}}``.
+    """
+    methods = parse_methods(methods)
+    pairs = seeded_pairs(sources, num_pairs, resolution, warp, seed, photometric, names)
+    threads = torch.get_num_threads()
+    if single_thread:
+        torch.set_num_threads(1)
+        if method_unavailable("ecc") is None:
+            import_cv2().setNumThreads(1)
+    results: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for method in methods:
+            if method in ("stn", "stn+ecc"):
+                if method == "stn+ecc" and "stn" in methods:
+                    continue  # measured together with "stn"
+                refine = "stn+ecc" in methods
+                reason = method_unavailable("stn+ecc") if refine else None
+                if reason:
+                    skipped["stn+ecc"] = reason
+                    refine = False
+                for name, pipe in pipelines.items():
+                    stn_result, ecc_result = evaluate_stn(pipe, pairs, refine=refine)
+                    if "stn" in methods:
+                        results[name] = stn_result.summary()
+                    if ecc_result is not None:
+                        results[f"{name}+ecc"] = ecc_result.summary()
+                if not pipelines:
+                    skipped[method] = "no --pipeline given"
+                continue
+            reason = method_unavailable(method)
+            if reason:
+                skipped[method] = reason
+                continue
+            try:
+                budget = kornia_budget if method == "kornia" else None
+                result = evaluate_classical(method, pairs, budget)
+            except TimeoutError as error:
+                skipped[method] = str(error)
+                continue
+            if method == "kornia":
+                result.note = f"homography, {KORNIA_ITERATIONS} iterations per level, {KORNIA_PYRAMID_LEVELS} levels"
+            results[method] = result.summary()
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "pairs": len(pairs),
+        "resolution": resolution,
+        "warp": warp,
+        "photometric": photometric,
+        "seed": seed,
+        "methods": results,
+        "skipped": skipped,
+    }
+
+
+def _format_seconds(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value * 1000:.1f} ms"
+
+
+def markdown_table(report: dict) -> str:
+    """The report as a markdown table, one row per method, and a line per skipped method."""
+    lines = [
+        f"{report['pairs']} pairs, {report['resolution']}×{report['resolution']}, warp `{report['warp']}`, "
+        f"photometric `{report['photometric']}`, seed {report.get('seed', 0)}. MACE in pixels.",
+        "",
+        "| method | mean | median | p90 | < 1 px | < 2 px | < 5 px | failures | time / pair | with VAE encode |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in report["methods"].items():
+        lines.append(
+            f"| {name} | {s['mace_mean']:.2f} | {s['mace_median']:.2f} | {s['mace_p90']:.2f} | "
+            f"{s['success_1px']:.0%} | {s['success_2px']:.0%} | {s['success_5px']:.0%} | {s['failures']} | "
+            f"{_format_seconds(s['seconds_per_pair'])} | {_format_seconds(s.get('seconds_per_pair_with_encode'))} |"
+        )
+    for name, s in report["methods"].items():
+        if s.get("note"):
+            lines.append(f"\n`{name}`: {s['note']}.")
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"\nSkipped `{name}`: {reason}.")
+    return "\n".join(lines)

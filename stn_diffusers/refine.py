@@ -1,0 +1,213 @@
+"""Classical refinement of θ: OpenCV's ECC (``cv2.findTransformECC``) started from an estimate.
+
+A learned aligner is robust but coarse; ECC is precise but converges only from close enough
+(about 10–40 px at 512×512). Started from the STN's θ, ECC turns a coarse, robust estimate into a
+precise one. OpenCV is an optional extra (``pip install "stn-diffusers[opencv]"``), imported lazily.
+
+Convention:
+    θ as in :mod:`stn_diffusers.geometry`. Its pixel matrix ``P`` (pixel centres at integers) maps a
+    reference pixel ``x`` to the moving-image position ``P x`` it shows, which is exactly the warp
+    ``W`` that ``cv2.findTransformECC(template=reference, input=moving, W)`` estimates
+    (``reference(x) ≈ moving(W x)``). Swapping the two images would estimate ``W⁻¹``.
+    θ is normalised, so the pyramid only changes the pixel matrix: each level converts θ with its
+    own size, and the moving image may have any size (it is resized to the reference's size; the
+    normalised θ does not change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+
+OPENCV_INSTALL_HINT = 'pip install "stn-diffusers[opencv]"'
+REFINE_METHODS = ("ecc",)
+
+# ECC's Gaussian pre-filter (pixels) on the coarse levels: widens the basin of convergence. The
+# finest level runs unfiltered: blurring both images biases a scaled or sheared fit by 0.1–0.2 px.
+ECC_GAUSSIAN_SIZE = 5
+# A refinement that moves the corners further than this fraction of the image from its start is
+# a divergence (ECC slid onto another structure), not a correction.
+MAX_CORRECTION_FRACTION = 0.25
+
+
+def import_cv2():
+    """``cv2``, or an ``ImportError`` that names the extra to install."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise ImportError(
+            f"ECC refinement needs OpenCV, which is not installed; install it with `{OPENCV_INSTALL_HINT}`"
+        ) from error
+    return cv2
+
+
+@dataclass
+class RefinementResult:
+    """Result of :func:`refine_theta_ecc`.
+
+    Args:
+        theta (`torch.Tensor` of shape `(B, 2, 3)`): the refined θ where ``converged``, else the initial θ.
+        converged (`torch.Tensor` of shape `(B,)`, bool): True where ECC converged to an accepted result.
+        correlation (`torch.Tensor` of shape `(B,)`): ECC's correlation coefficient of the returned θ
+            at full resolution (1 = perfect up to brightness and contrast); NaN where it could not be computed.
+    """
+
+    theta: torch.Tensor
+    converged: torch.Tensor
+    correlation: torch.Tensor
+
+
+def _to_gray(image: torch.Tensor | np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """``(3, H, W)`` / ``(1, H, W)`` tensor in ``[0, 1]`` or an ``(H, W[, 3])`` array → float32 gray ``(H, W)``,
+    resized to ``height × width`` when given (antialiased)."""
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32)
+        if array.max() > 1.0:
+            array = array / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
+    elif isinstance(image, torch.Tensor) and image.ndim == 3:
+        tensor = image.detach().float().cpu()
+    else:
+        shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
+        raise ValueError(f"expected an image of shape (3, H, W) or (H, W, 3), got {shape}")
+    if tensor.shape[0] == 3:
+        tensor = (0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2])[None]
+    if height is not None and tuple(tensor.shape[-2:]) != (height, width):
+        tensor = F.interpolate(tensor[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    return np.ascontiguousarray(tensor[0].numpy(), dtype=np.float32)
+
+
+def _pyramid(gray: np.ndarray, levels: int) -> list[np.ndarray]:
+    """``levels`` images, finest first, each half the size of the previous (area-averaged)."""
+    cv2 = import_cv2()
+    images = [gray]
+    for _ in range(levels - 1):
+        height, width = images[-1].shape
+        if min(height, width) < 32:  # ECC needs some pixels to work with
+            break
+        images.append(cv2.resize(images[-1], (width // 2, height // 2), interpolation=cv2.INTER_AREA))
+    return images
+
+
+def correlation(reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor) -> float:
+    """ECC's correlation coefficient between ``reference`` and ``moving`` warped by ``theta`` ``(1, 2, 3)``,
+    over the pixels the warped moving image covers. Gray float32 images of one size."""
+    cv2 = import_cv2()
+    height, width = reference.shape
+    matrix = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0, :2].numpy().astype(np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(moving, matrix, (width, height), flags=flags)
+    mask = cv2.warpAffine(np.ones_like(moving, dtype=np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    if mask.sum() < 16:
+        return float("nan")
+    return float(cv2.computeECC(reference, warped, mask))
+
+
+def _ecc_one(
+    reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor, levels: int, iterations: int, epsilon: float
+) -> torch.Tensor:
+    """Coarse-to-fine ECC from ``theta`` ``(1, 2, 3)``; raises ``cv2.error`` where OpenCV gives up."""
+    cv2 = import_cv2()
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, epsilon)
+    theta = theta.double()
+    ref_pyramid, mov_pyramid = _pyramid(reference, levels)[::-1], _pyramid(moving, levels)[::-1]
+    for index, (ref_level, mov_level) in enumerate(zip(ref_pyramid, mov_pyramid)):
+        height, width = ref_level.shape
+        gaussian_size = 1 if index == len(ref_pyramid) - 1 else ECC_GAUSSIAN_SIZE
+        # θ is normalised: the same θ has this level's own pixel matrix.
+        warp_matrix = geometry.theta_to_pixel_matrix(theta, height, width)[0, :2].numpy().astype(np.float32)
+        _, warp_matrix = cv2.findTransformECC(
+            ref_level, mov_level, warp_matrix, cv2.MOTION_AFFINE, criteria, None, gaussian_size
+        )
+        theta = geometry.pixel_matrix_to_theta(torch.from_numpy(warp_matrix).double()[None], height, width)
+    return theta.float()
+
+
+def refine_theta_ecc(
+    reference: torch.Tensor | np.ndarray | list,
+    moving: torch.Tensor | np.ndarray | list,
+    theta: torch.Tensor | None = None,
+    *,
+    levels: int = 3,
+    iterations: int = 100,
+    epsilon: float = 1e-5,
+    max_side: int | None = 1024,
+    max_correction: float | None = None,
+) -> RefinementResult:
+    r"""Refine θ with OpenCV's ECC (``MOTION_AFFINE``), coarse to fine, and keep it only when it helps.
+
+    Args:
+        reference: ``(B, 3, H, W)`` / ``(3, H, W)`` tensors in ``[0, 1]`` (or a list of them, or
+            ``(H, W, 3)`` arrays): the image(s) the moving ones are aligned onto.
+        moving: the moving image(s), same count; any size (resized to the reference's, see the module docs).
+        theta (`torch.Tensor` of shape `(B, 2, 3)`): the initial estimate; identity when ``None``.
+        levels: pyramid levels (1 = full resolution only); each halves the size.
+        iterations, epsilon: ECC's stopping criteria per level.
+        max_side: pixels; larger images are downscaled to this longer side first (θ is normalised,
+            so the result still applies at full resolution). ``None`` keeps the full size.
+        max_correction: pixels at the working size; a result whose corners moved further than
+            this from ``theta`` is rejected as a divergence. Default: a quarter of the longer side.
+
+    Returns:
+        :class:`RefinementResult`. Where ECC raises (``cv2.error``), returns a non-finite matrix,
+        moves implausibly far, or lowers the correlation below the initial θ's, the initial θ is kept
+        and ``converged`` is False: a batch never stops on one bad image.
+    """
+    cv2 = import_cv2()
+    references = _as_list(reference, "reference")
+    movings = _as_list(moving, "moving")
+    if len(references) != len(movings):
+        raise ValueError(f"expected as many moving images as references ({len(references)}), got {len(movings)}")
+    batch = len(references)
+    if theta is None:
+        theta = geometry.identity_theta(batch)
+    if not isinstance(theta, torch.Tensor) or tuple(theta.shape) != (batch, 2, 3):
+        shape = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ValueError(f"expected theta of shape ({batch}, 2, 3), got {shape}")
+    if int(levels) < 1:
+        raise ValueError(f"expected levels >= 1, got {levels}")
+    theta = theta.detach().float().cpu()
+
+    refined, converged, scores = [], [], []
+    for ref_image, mov_image, init in zip(references, movings, theta.split(1)):
+        height, width = (ref_image.shape[-2:] if isinstance(ref_image, torch.Tensor) else ref_image.shape[:2])
+        scale = min(1.0, max_side / max(height, width)) if max_side else 1.0
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+        ref_gray = _to_gray(ref_image, height, width)
+        mov_gray = _to_gray(mov_image, height, width)
+        limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
+        initial_score = correlation(ref_gray, mov_gray, init)
+        try:
+            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon)
+        except cv2.error:
+            candidate = None
+        accepted = False
+        if candidate is not None and torch.isfinite(candidate).all():
+            moved = geometry.corner_error(candidate, init, height, width).item()
+            score = correlation(ref_gray, mov_gray, candidate)
+            # A NaN initial score (no overlap at all) cannot veto a finite refined one.
+            accepted = moved <= limit and np.isfinite(score) and not (score < initial_score)
+        refined.append(candidate if accepted else init)
+        converged.append(accepted)
+        scores.append(score if accepted else initial_score)
+    return RefinementResult(
+        theta=torch.cat(refined),
+        converged=torch.tensor(converged, dtype=torch.bool),
+        correlation=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def _as_list(images, name: str) -> list:
+    """A batch tensor ``(B, 3, H, W)``, one image or a list → a list of single images."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        return [images]
+    if isinstance(images, (list, tuple)) and images:
+        return list(images)
+    raise ValueError(f"expected {name} as a (B, 3, H, W) tensor, one image or a non-empty list, got {type(images).__name__}")
