@@ -5,7 +5,7 @@ For any :class:`STNAlignmentPipeline` this measures, on seeded synthetic pairs f
 * **architecture**: each leaf layer's output shape for the configured latent size, and parameters;
 * **identity check**: θ predicted for zero-misalignment pairs (reference against itself), the share
   that is identity within :data:`IDENTITY_TOLERANCE`, and how much the latents move;
-* **gradient flow**: per-parameter gradient norms of the corner-error loss for one batch, so a dead
+* **gradient flow**: per-parameter gradient norms of the fine-tuning loss for one batch, so a dead
   localisation net (only the last layer learning) shows at a glance;
 * **θ statistics**: predicted against true θ per entry, and the corner-error distribution;
 * **visual grid**: reference | moving | aligned (pixel warp) | aligned (decoded) | differences, and
@@ -200,10 +200,18 @@ def identity_check(stn, latents: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------------------------- gradient flow
 def corner_error_loss(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Mean corner error in pixels of the predicted θ against ``true_theta`` ``(B, 2, 3)``: the
-    core of the fine-tuning loss."""
-    theta = stn.predict_theta(*_stn_inputs(stn, moving, reference))
-    return geometry.corner_error(theta.float(), true_theta.to(theta.device), height, width).mean()
+    """The fine-tuning loss (``finetune.training_loss``, corner error only) of one batch of latents
+    ``(B, C, h, w)`` against ``true_theta`` ``(B, 2, 3)``, for ``height × width`` square pixel pairs."""
+    from .finetune import training_loss  # imported here: it pulls in accelerate
+
+    if height != width:
+        raise ValueError(f"expected square pairs (the fine-tuning loss measures resolution × resolution), got {height}×{width}")
+    moving, reference = _stn_inputs(stn, moving, reference)
+    if reference is None:  # conditioning="none": the loss ignores it, but the batch names it
+        reference = moving
+    batch = {"moving": moving, "reference": reference, "theta": true_theta.to(moving.device)}
+    loss, _ = training_loss(stn, batch, height)
+    return loss
 
 
 def gradient_flow(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int) -> dict:
