@@ -103,6 +103,47 @@ ANALYZE = [
     ),
 ]
 
+FINETUNE = [
+    new_markdown_cell(
+        "# Fine-tune a spatial transformer\n\n"
+        "A few fine-tuning steps through the same code path as `python -m stn_diffusers.finetune`, then the training "
+        "curves from the `metrics.jsonl` it writes. Set the variables below for a real run (a Stable Diffusion VAE, "
+        "a folder of photos, thousands of steps)."
+    ),
+    new_code_cell(
+        "import os\n\n"
+        "from IPython.display import Image, display\n\n"
+        "VAE = os.environ.get(\"STN_DIFFUSERS_VAE\", \"stabilityai/sd-vae-ft-mse\")  # hub id or local folder\n"
+        "DATA = os.environ.get(\"STN_DIFFUSERS_DATA\", \"photos/train\")\n"
+        "STN_CONFIG = os.environ.get(\"STN_DIFFUSERS_STN_CONFIG\", \"registration\")  # or `seed`, or a config.json\n"
+        "RESOLUTION = os.environ.get(\"STN_DIFFUSERS_RESOLUTION\", \"512\")\n"
+        "STEPS = os.environ.get(\"STN_DIFFUSERS_STEPS\", \"200\")\n"
+        "OUTPUT = \"finetune-run\""
+    ),
+    new_code_cell(
+        "from stn_diffusers.finetune import main, parse_args\n\n"
+        "argv = [\n"
+        "    \"--pretrained_vae_name_or_path\", VAE, \"--train_data_dir\", DATA, \"--stn_config\", STN_CONFIG,\n"
+        "    \"--resolution\", RESOLUTION, \"--max_train_steps\", STEPS, \"--train_batch_size\", \"4\",\n"
+        "    \"--pairs_per_image\", \"2\", \"--lr_warmup_steps\", \"1\", \"--validation_steps\", \"2\",\n"
+        "    \"--num_validation_pairs\", \"4\", \"--logging_steps\", \"1\", \"--report_to\", \"none\", \"--output_dir\", OUTPUT,\n"
+        "]\n"
+        "pipeline_dir = main(parse_args(argv))\n"
+        "print('saved pipeline:', pipeline_dir)"
+    ),
+    new_code_cell(
+        "from stn_diffusers.analysis import METRICS_FILE, plot_training_curves, read_metrics\n\n"
+        "records = read_metrics(os.path.join(pipeline_dir, METRICS_FILE))\n"
+        "figure, last = plot_training_curves(records, os.path.join(OUTPUT, \"training_curves.png\"))\n"
+        "print('last values:', {name: round(value, 3) for name, value in last.items()})\n"
+        "display(Image(filename=str(figure)))"
+    ),
+    new_markdown_cell(
+        "The fine-tuned folder loads like any pipeline: `stn-diffusers analyze --pipeline finetune-run --output report` "
+        "(or the `02_analyze_stn` notebook with `STN_DIFFUSERS_PIPELINE=finetune-run`) adds these curves to its report."
+    ),
+]
+
 
 def build(cells: list) -> nbformat.NotebookNode:
     notebook = new_notebook(cells=cells)
@@ -116,6 +157,7 @@ def build(cells: list) -> nbformat.NotebookNode:
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_analyze_stn.ipynb": ANALYZE,
+    "03_finetune.ipynb": FINETUNE,
 }
 
 
