@@ -21,8 +21,8 @@ BATCH=${BATCH:-16}
 PAIRS=${PAIRS:-24}
 SEED=${SEED:-0}
 OUT=${OUT:-benchmarks/results}
-SEED_RUN=${SEED_RUN:-$OUT/runs/seed_recipe}
-TUNED=${TUNED:-$OUT/runs/registration}
+SEED_RUN=${SEED_RUN:-data/benchmark_runs/seed_recipe}  # data/ is git-ignored
+TUNED=${TUNED:-data/benchmark_runs/registration}
 SKIP_TRAINING=${SKIP_TRAINING:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

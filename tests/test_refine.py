@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -125,3 +126,22 @@ class TestPipelineRefine:
         monkeypatch.setitem(sys.modules, "cv2", None)
         with pytest.raises(ImportError, match=r"stn-diffusers\[opencv\]"):
             registration_pipeline(astronaut, reference=astronaut, refine="ecc")
+
+
+def test_align_cli_refine_ecc_reports_the_flag(registration_pipeline, photo_tensor, tmp_path):
+    from stn_diffusers.cli import main
+    from stn_diffusers.images import tensor_to_pil
+
+    pair = _pairs(photo_tensor, warp="small", num_pairs=1)[0]
+    registration_pipeline.save_pretrained(tmp_path / "pipe")
+    tensor_to_pil(pair.moving).save(tmp_path / "moving.png")
+    tensor_to_pil(pair.reference).save(tmp_path / "reference.png")
+    code = main([
+        "align", "--pipeline", str(tmp_path / "pipe"), "--image", str(tmp_path / "moving.png"),
+        "--reference", str(tmp_path / "reference.png"), "--output", str(tmp_path / "aligned.png"),
+        "--json", str(tmp_path / "theta.json"), "--refine", "ecc",
+    ])  # fmt: skip
+    report = json.loads((tmp_path / "theta.json").read_text())
+    theta = torch.tensor(report["theta"])[None]
+    assert code == 0 and report["refined"] is True
+    assert geometry.corner_error(theta, pair.theta[None], 256, 256).item() < 0.5
