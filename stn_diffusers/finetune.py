@@ -50,6 +50,7 @@ logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_PREFIX = ".partial-"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "training_summary.json"
 CACHE_DIR = "latent_cache"
 # Step seeds are spread far apart so that (step, micro-batch, process) never collide.
 STEP_SEED_STRIDE = 1_000_003
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--curriculum_steps", type=int, default=None, help="Steps over which the amount ramps to 1 (default: 40%% of training; 0 = off).")
     add("--reference_rate", type=float, default=0.5, help="How often a pixel-space pair's reference is the clean crop.")
     add("--cache_latents", action=argparse.BooleanOptionalAction, default=True, help="Encode once (default) or every step.")
+    add("--cache_dir", default=None, help="Where encoded views are kept (default: <output_dir>/latent_cache); runs may share one.")
     add("--dataloader_num_workers", type=int, default=0, help="Workers that load and warp photos while the cache is built.")
     # Losses
     add("--corner_loss_weight", type=float, default=1.0, help="Mean corner error (pixels) against the known transform.")
@@ -342,7 +344,7 @@ def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> da
 
     encoder_id = json.dumps([vae_fingerprint(pipe.vae), str(pipe.vae.dtype)])
     keys = [data.cache_key(path, settings, encoder_id) for path in paths]
-    cache_dir = Path(args.output_dir) / CACHE_DIR
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / CACHE_DIR
     shard = (accelerator.process_index, accelerator.num_processes)
     mine = [i for i in range(shard[0], len(keys), shard[1]) if not (cache_dir / keys[i]).exists()]
     # Render views in loader workers ahead of the encoder; the pool builder takes them in order.
@@ -547,7 +549,9 @@ def main(args: argparse.Namespace) -> Path:
         resolution=args.resolution, warp=warp_range_from_args(args), warp_space=args.warp_space,
         pairs_per_image=args.pairs_per_image, photometric=args.photometric, seed=args.seed,
     )
+    cache_started = time.perf_counter()
     pool = build_training_pool(args, pipe, sources, paths, settings, accelerator)
+    cache_seconds = time.perf_counter() - cache_started
     validation = validation_set(args, pipe, accelerator) if accelerator.is_main_process else None
     identity_errors = None
     if validation is not None:
@@ -655,6 +659,8 @@ def main(args: argparse.Namespace) -> Path:
             "num_validation_pairs": len(validation["theta"]), "num_train_images": len(pool), "global_step": global_step,
             "train_seconds": train_seconds, "identity": _error_stats(identity_errors), "final": _error_stats(final_errors),
         }
+        summary.update(cache_seconds=cache_seconds, resumed_from_step=int(checkpoint.name[len(CHECKPOINT_PREFIX) :]) if checkpoint else 0)
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         (output_dir / "README.md").write_text(model_card(args, trained, summary))
         logger.info(f"Saved the pipeline to {output_dir}: validation corner error {summary['final']['mean']:.2f} px")
     accelerator.wait_for_everyone()
