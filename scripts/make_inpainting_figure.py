@@ -24,7 +24,6 @@ matplotlib.use("Agg")
 import cv2  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
 import skimage.data  # noqa: E402
 import torch  # noqa: E402
 
@@ -51,7 +50,8 @@ def misalignment_theta() -> torch.Tensor:
     cos, sin = math.cos(angle), math.sin(angle)
     rotation = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     to_centre = torch.tensor([[1.0, 0.0, -centre], [0.0, 1.0, -centre], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    shift = torch.tensor([[1.0, 0.0, MISALIGNMENT["shift_x"]], [0.0, 1.0, MISALIGNMENT["shift_y"]], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    shift_x, shift_y = MISALIGNMENT["shift_x"], MISALIGNMENT["shift_y"]
+    shift = torch.tensor([[1.0, 0.0, shift_x], [0.0, 1.0, shift_y], [0.0, 0.0, 1.0]], dtype=torch.float64)
     pixel = shift @ torch.linalg.inv(to_centre) @ rotation @ to_centre
     return geometry.pixel_matrix_to_theta(pixel[None], SIZE, SIZE).float()
 
@@ -119,7 +119,8 @@ def main(args: argparse.Namespace) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=80)
     print(f"θ from {source}: corner error {error:.3f} px against the true misalignment")
-    print(f"mask: {inputs.mask_image.mean().item():.1%} of the frame, of which exposed border {inputs.exposed_mask.mean().item():.1%}")
+    masked, exposed = inputs.mask_image.mean().item(), inputs.exposed_mask.mean().item()
+    print(f"mask: {masked:.1%} of the frame, of which exposed border {exposed:.1%}")
     print(f"wrote {output}")
 
 

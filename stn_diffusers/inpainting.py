@@ -44,14 +44,20 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AsymmetricAutoencoderKL, AutoencoderKL, DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import (
+    AsymmetricAutoencoderKL,
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import geometry
-from .images import ImageInput, tensor_to_pil, to_rgb_list
+from .images import ImageInput, to_rgb_list
 from .models.spatial_transformer import SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
@@ -61,7 +67,9 @@ MASK_FRAMES = ("reference", "image")
 MASK_THRESHOLD = 0.5  # fraction of full scale; StableDiffusionInpaintPipeline binarises at the same value
 OUTPUT_TYPES = ("pil", "np", "pt")
 # The components StableDiffusionInpaintPipeline is built from, in its constructor's order.
-INPAINT_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+INPAINT_COMPONENTS = (
+    "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor", "image_encoder",
+)  # fmt: skip
 
 
 @dataclass
@@ -269,18 +277,6 @@ def prepare_inpainting_inputs(
 
 
 # ---------------------------------------------------------------------------------------- pipeline
-def _to_output_type(images: list[torch.Tensor], output_type: str):
-    """``(3, H, W)`` tensors in ``[0, 1]`` → PIL list, numpy ``(B, H, W, 3)`` or tensor ``(B, 3, H, W)``
-    (lists of arrays or tensors where sizes differ)."""
-    if output_type == "pil":
-        return [tensor_to_pil(image) for image in images]
-    same_size = len({tuple(image.shape) for image in images}) == 1
-    if output_type == "pt":
-        return torch.stack(images) if same_size else images
-    arrays = [image.permute(1, 2, 0).numpy() for image in images]
-    return np.stack(arrays) if same_size else arrays
-
-
 class STNInpaintPipeline(DiffusionPipeline):
     r"""Align an image and its mask to a reference, then inpaint with ``StableDiffusionInpaintPipeline``.
 
@@ -360,7 +356,9 @@ class STNInpaintPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(warp_back, bool) or not isinstance(overlay_unmasked, bool):
-            raise TypeError(f"expected warp_back and overlay_unmasked as bools, got {warp_back!r} and {overlay_unmasked!r}")
+            raise TypeError(
+                f"expected warp_back and overlay_unmasked as bools, got {warp_back!r} and {overlay_unmasked!r}"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -438,9 +436,9 @@ class STNInpaintPipeline(DiffusionPipeline):
                 keep = 1.0 - inputs.mask_image[i]
                 result_j = keep * inputs.image[i] + (1.0 - keep) * result_j
             if warp_back:
-                result_j = self.warp_back(result_j, inputs.theta[i : i + 1], originals[i])
+                result_j = self.warp_to_image_frame(result_j, inputs.theta[i : i + 1], originals[i])
             outputs.append(result_j)
-        images = _to_output_type(outputs, output_type)
+        images = self.aligner._postprocess_originals(outputs, output_type)  # PIL, (N, H, W, 3) or (N, 3, H, W)
 
         self.maybe_free_model_hooks()
         nsfw = result.nsfw_content_detected
@@ -452,7 +450,7 @@ class STNInpaintPipeline(DiffusionPipeline):
         )  # fmt: skip
 
     @staticmethod
-    def warp_back(aligned: torch.Tensor, theta: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    def warp_to_image_frame(aligned: torch.Tensor, theta: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
         """Warp ``aligned`` ``(3, H_ref, W_ref)`` from the reference frame back into the frame of
         ``original`` ``(3, H, W)`` by ``invert_theta(theta)`` (``theta``: ``(1, 2, 3)``), keeping
         ``original``'s pixels where the reference frame does not reach. Returns ``(3, H, W)``."""

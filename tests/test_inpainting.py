@@ -74,7 +74,9 @@ class TestPrepareInpaintingInputs:
         painted[disk(SIZE, centre, radius)] = (255, 0, 255)  # the object: a magenta disk
         mask = PIL.Image.fromarray(disk(SIZE, centre, radius).astype(np.uint8) * 255)
 
-        inputs = prepare_inpainting_inputs(known_aligner(theta), PIL.Image.fromarray(painted), mask, photo, mask_frame="image", fill_exposed=False)
+        inputs = prepare_inpainting_inputs(
+            known_aligner(theta), PIL.Image.fromarray(painted), mask, photo, mask_frame="image", fill_exposed=False
+        )
 
         warped_mask = inputs.mask_image[0, 0].numpy()
         assert set(np.unique(warped_mask)) <= {0.0, 1.0}
@@ -173,8 +175,9 @@ def inpaint_pipe() -> StableDiffusionInpaintPipeline:
                        num_attention_heads=4, num_hidden_layers=2, vocab_size=1000)
     )  # fmt: skip
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
     return StableDiffusionInpaintPipeline(
         vae=make_tiny_vae(), text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
