@@ -47,7 +47,7 @@ STN_PRESETS: dict[str, dict] = {
         "conditioning": "reference",
         "architecture": "correlation",
         "transform": "affine",
-        "num_iterations": 3,
+        "num_iterations": 4,
         "feature_channels": (32, 48, 64, 96),
         "feature_dim": 64,
         "iteration_strides": (8, 4, 2),
