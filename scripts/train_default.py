@@ -34,12 +34,35 @@ from stn_diffusers import STNAlignmentPipeline  # noqa: E402
 from stn_diffusers.default import DEFAULT_PIPELINE_DIR  # noqa: E402
 
 # The settings the shipped weights were trained with.
-VAE_FLAGS: list[str] = []
+VAE_FLAGS: list[str] = [
+    "--block_out_channels", "32", "64", "64", "96",
+    "--layers_per_block", "1",
+    "--norm_num_groups", "16",
+    "--initial_posterior_logvar", "-6",
+    "--resolution", "64",
+    "--train_scales", "512", "768", "1024",
+    "--train_batch_size", "8",
+    "--max_train_steps", "900",
+    "--learning_rate", "2e-3",
+    "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "50",
+    "--kl_weight", "1e-6",
+    "--mixed_precision", "bf16",
+    "--num_threads", "1",
+    "--seed", "0",
+]  # fmt: skip
 STN_FLAGS: list[str] = [
     "--stn_config", "registration",
     "--resolution", "512",
+    "--train_batch_size", "16",
+    "--max_train_steps", "900",
     "--warp_space", "pixel",
+    "--pairs_per_image", "4",
     "--photometric", "realistic",
+    "--validation_steps", "100",
+    "--num_validation_pairs", "24",
+    "--checkpointing_steps", "100",
+    "--checkpoints_total_limit", "2",
     "--seed", "0",
 ]  # fmt: skip
 
@@ -65,10 +88,10 @@ def run(command: list[str]) -> float:
 
 def export(stn_dir: Path, export_dir: Path) -> int:
     """Store the trained pipeline in fp16 safetensors; returns the size in bytes."""
-    pipe = STNAlignmentPipeline.from_pretrained(stn_dir, torch_dtype=torch.float32)
+    pipe = STNAlignmentPipeline.from_pretrained(stn_dir, torch_dtype=torch.float16)
     if export_dir.exists():
         shutil.rmtree(export_dir)
-    pipe.to(torch.float16).save_pretrained(export_dir, safe_serialization=True)
+    pipe.save_pretrained(export_dir, safe_serialization=True)
     for card in ("README.md",):
         if (stn_dir / card).exists():
             shutil.copy(stn_dir / card, export_dir / card)

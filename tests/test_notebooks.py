@@ -45,6 +45,8 @@ def notebook_env(monkeypatch, tiny_pipeline_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("STN_DIFFUSERS_PIPELINE", str(tiny_pipeline_dir))
+    # A notebook shows figures through the kernel's inline backend; MPLBACKEND=Agg would hide them.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     return monkeypatch
 
 

@@ -1,0 +1,34 @@
+import json
+import statistics
+
+import PIL.Image
+
+from stn_diffusers import cli, load_default
+from stn_diffusers.default import DEFAULT_PIPELINE_DIR
+from stn_diffusers.pipelines.pipeline_stn_alignment import vae_fingerprint
+
+
+def test_embedded_default_loads_offline_in_fp16_files():
+    weights = sorted(DEFAULT_PIPELINE_DIR.rglob("*.safetensors"))
+    assert {path.parent.name for path in weights} == {"vae", "stn"}
+    assert sum(path.stat().st_size for path in weights) < 8 * 2**20  # a few MB: fp16
+    pipe = load_default()
+    assert pipe.stn.config.conditioning == "reference"
+    # The STN records the VAE it was trained for, and it is the VAE it ships with.
+    assert pipe.stn.config.vae_fingerprint == vae_fingerprint(pipe.vae)
+
+
+def test_demo_writes_grid_table_and_beats_identity(tmp_path, capsys):
+    output = tmp_path / "demo"
+    assert cli.main(["demo", "--output", str(output)]) == 0
+    for name in ("grid.png", "results.md", "results.json", "aligned/astronaut.png", "aligned/aloe.png"):
+        assert (output / name).is_file(), name
+    assert PIL.Image.open(output / "grid.png").size == (5 * 256, 4 * 256)
+    summary = json.loads((output / "results.json").read_text())
+    synthetic = [row for row in summary["rows"] if row["errors"]]
+    assert len(synthetic) == 3
+    identity = statistics.median(row["errors"]["identity"] for row in synthetic)
+    stn = statistics.median(row["errors"]["stn"] for row in synthetic)
+    assert stn * 5 <= identity, (stn, identity)
+    printed = capsys.readouterr().out
+    assert "grid.png" in printed and "| astronaut |" in printed
