@@ -1,0 +1,455 @@
+"""Train a small ``diffusers.AutoencoderKL`` with Stable Diffusion's latent layout, from scratch, on CPU.
+
+The latent layout is Stable Diffusion's: 8x downsampling (four resolution levels, three downsamples)
+and 4 latent channels, so latents of a 512x512 image are (4, 64, 64). The model is small enough that its
+fp16 safetensors weights take about 4 MB, and it trains in about 25 minutes on one CPU thread.
+
+Usage (after ``python scripts/fetch_photos.py --output data/photos``)::
+
+    OMP_NUM_THREADS=1 python scripts/train_vae.py \\
+        --train_data_dir data/photos/train --validation_data_dir data/photos/heldout \\
+        --output_dir data/default_vae
+
+Training: random square crops (``--resolution``) with random horizontal flips, taken from the training
+photos resized to several scales (``--train_scales``, shorter side in pixels) so that detail at the
+evaluation scale is seen. Loss = L1 on pixels in [-1, 1] + ``--gradient_loss_weight`` x L1 on the
+horizontal and vertical finite differences + ``--kl_weight`` x KL, where the KL is summed over the
+latent and divided by the number of pixel values, so that the weight has the meaning it had in Stable
+Diffusion (whose reconstruction loss was a sum over pixels). AdamW with linear warm-up and cosine decay;
+bfloat16 autocast (``--mixed_precision``) on CPUs that support it.
+
+After training, ``scaling_factor`` is set from the data as Stable Diffusion did: one over the standard
+deviation of the posterior-mode latents of training crops (``shift_factor`` stays None). The model is
+evaluated on the held-out photos: shorter side resized to 512, 512x512 centre crop, posterior mode,
+decode, PSNR on [0, 1]. Writes ``<output_dir>/config.json``, ``diffusion_pytorch_model.safetensors``
+(fp32) and ``train_log.json`` (settings, wall time, final losses, held-out PSNR per image).
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import diffusers
+from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import Attention
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.optimization import get_scheduler
+
+logger = get_logger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Stable Diffusion's latent layout: 8x downsampling needs four levels (three downsamples).
+NUM_LEVELS = 4
+LATENT_CHANNELS = 4
+DOWNSAMPLE_FACTOR = 2 ** (NUM_LEVELS - 1)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a small AutoencoderKL with Stable Diffusion's latent layout.")
+    parser.add_argument("--train_data_dir", type=str, default="data/photos/train", help="Folder of training photos.")
+    parser.add_argument(
+        "--validation_data_dir", type=str, default="data/photos/heldout", help="Folder of held-out photos."
+    )
+    parser.add_argument("--output_dir", type=str, default="data/default_vae", help="Where the model is saved.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation and crop sampling.")
+    # Model.
+    parser.add_argument(
+        "--block_out_channels", type=int, nargs=NUM_LEVELS, default=[32, 64, 64, 96], help="Channels per level."
+    )
+    parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet blocks per encoder level.")
+    parser.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; divides every width.")
+    parser.add_argument(
+        "--zero_init_residuals", type=int, default=1, choices=[0, 1], help="1: residual blocks start as identity."
+    )
+    parser.add_argument(
+        "--initial_posterior_logvar", type=float, default=-6.0, help="Initial posterior log-variance (None: default)."
+    )
+    # Data.
+    parser.add_argument("--resolution", type=int, default=64, help="Side of the square training crops.")
+    parser.add_argument(
+        "--train_scales", type=int, nargs="+", default=[512, 768, 1024],
+        help="Shorter sides (px) the training photos are resized to before cropping; never upsampled.",
+    )
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Crops per step.")
+    # Optimisation.
+    parser.add_argument("--max_train_steps", type=int, default=2600, help="Optimiser steps.")
+    parser.add_argument(
+        "--max_train_minutes", type=float, default=None, help="Stop early (with a warning) after this wall time."
+    )
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="Peak learning rate.")
+    parser.add_argument("--lr_scheduler", type=str, default="cosine", help="A diffusers.optimization schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warm-up steps.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.99)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the per-pixel KL term.")
+    parser.add_argument(
+        "--gradient_loss_weight", type=float, default=0.0, help="Weight of the L1 loss on image gradients."
+    )
+    parser.add_argument(
+        "--mixed_precision", type=str, default="bf16", choices=["no", "bf16"], help="Autocast precision for training."
+    )
+    parser.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
+    # Checkpoints, logging, evaluation.
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
+    parser.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in output_dir.'
+    )
+    parser.add_argument("--log_every", type=int, default=50, help="Record the mean losses every N steps.")
+    parser.add_argument("--validation_steps", type=int, default=250, help="Quick held-out PSNR every N steps.")
+    parser.add_argument("--scaling_crops", type=int, default=128, help="Training crops used to set scaling_factor.")
+    parser.add_argument("--eval_resolution", type=int, default=512, help="Side of the held-out centre crops.")
+    args = parser.parse_args(argv)
+
+    if any(width % args.norm_num_groups for width in args.block_out_channels):
+        raise ValueError(
+            f"expected norm_num_groups to divide every block width, got {args.norm_num_groups} "
+            f"and {args.block_out_channels}"
+        )
+    if args.resolution % DOWNSAMPLE_FACTOR or args.eval_resolution % DOWNSAMPLE_FACTOR:
+        raise ValueError(
+            f"expected resolutions divisible by {DOWNSAMPLE_FACTOR}, got {args.resolution} and {args.eval_resolution}"
+        )
+    if min(args.train_scales) < args.resolution:
+        raise ValueError(f"expected every train scale >= resolution {args.resolution}, got {args.train_scales}")
+    return args
+
+
+def build_vae(args) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL with Stable Diffusion's latent layout."""
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * NUM_LEVELS,
+        up_block_types=("UpDecoderBlock2D",) * NUM_LEVELS,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.eval_resolution,
+    )
+    if args.zero_init_residuals:
+        _init_residual_branches_to_zero(vae)
+    if args.initial_posterior_logvar is not None:
+        _init_posterior_logvar(vae, args.initial_posterior_logvar)
+    return vae
+
+
+def _init_residual_branches_to_zero(vae: AutoencoderKL) -> None:
+    """Zero the last layer of every residual branch, so that each ResNet and attention block starts as identity.
+
+    The same initialisation as the zero-initialised output layers of ADM-style diffusion models: the
+    network starts shallow and deepens as it learns, which trains faster from scratch.
+    """
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+            elif isinstance(module, Attention):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+
+
+def _init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
+    """Start every posterior log-variance at ``logvar``: zero weights and constant bias in ``quant_conv``.
+
+    With PyTorch's default initialisation the posterior starts with a standard deviation near 1, as large
+    as the latents themselves, and the decoder first learns from mostly noise; with a small tiny KL weight
+    the variance has to be unlearned slowly. Starting small spends the short training budget on detail.
+    """
+    with torch.no_grad():
+        vae.quant_conv.weight[LATENT_CHANNELS:].zero_()  # (8, 8, 1, 1): rows 4..7 give the log-variance
+        vae.quant_conv.bias[LATENT_CHANNELS:].fill_(logvar)
+
+
+def list_images(folder: str) -> list[Path]:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"expected images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}, found none")
+    return paths
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize (Lanczos, antialiased) so that the shorter side equals ``size``."""
+    width, height = image.size
+    scale = size / min(width, height)
+    return image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.LANCZOS)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def load_scaled_photos(paths: list[Path], scales: list[int]) -> list[torch.Tensor]:
+    """Every photo at every scale in ``scales`` not above its own shorter side, as uint8 (3, H, W)."""
+    pyramid = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        for scale in scales:
+            if scale <= min(image.size):
+                pyramid.append(to_tensor(resize_shorter_side(image, scale)))
+    return pyramid
+
+
+def load_center_crops(paths: list[Path], resolution: int) -> torch.Tensor:
+    """Shorter side resized to ``resolution``, then the centred square: uint8 (N, 3, resolution, resolution)."""
+    crops = []
+    for path in paths:
+        image = resize_shorter_side(Image.open(path).convert("RGB"), resolution)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        crops.append(to_tensor(image.crop((left, top, left + resolution, top + resolution))))
+    return torch.stack(crops)
+
+
+class CropSampler:
+    """Random square crops with random horizontal flips; its generator state is checkpointed."""
+
+    def __init__(self, photos: list[torch.Tensor], resolution: int, seed: int):
+        self.photos = photos
+        self.resolution = resolution
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        """A batch of crops in [-1, 1]: (batch_size, 3, resolution, resolution)."""
+        crops = []
+        for _ in range(batch_size):
+            photo = self.photos[self._randint(len(self.photos))]
+            top = self._randint(photo.shape[1] - self.resolution + 1)
+            left = self._randint(photo.shape[2] - self.resolution + 1)
+            crop = photo[:, top : top + self.resolution, left : left + self.resolution]
+            crops.append(crop.flip(-1) if self._randint(2) else crop)
+        return to_model_range(torch.stack(crops))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def gradient_l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical finite differences of two (B, C, H, W) images."""
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(prediction), dx(target)) + F.l1_loss(dy(prediction), dy(target))
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, 3, H, W) images in [-1, 1], measured on [0, 1]."""
+    mse = ((prediction.clamp(-1, 1) - target) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Encode to the posterior mode and decode, in fp32: (B, 3, H, W) in [-1, 1] -> same shape."""
+    outputs = []
+    for batch in images.split(batch_size):
+        outputs.append(vae.decode(vae.encode(batch).latent_dist.mode()).sample)
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKL, sampler: CropSampler, num_crops: int, batch_size: int) -> tuple[float, float]:
+    """Mean and standard deviation of the posterior-mode latents of ``num_crops`` training crops."""
+    latents = []
+    for start in range(0, num_crops, batch_size):
+        crops = sampler.sample(min(batch_size, num_crops - start))
+        latents.append(vae.encode(crops).latent_dist.mode())
+    latents = torch.cat(latents)
+    return latents.mean().item(), latents.std().item()
+
+
+def fp16_safetensors_bytes(vae: AutoencoderKL) -> int:
+    """Size on disk of the fp16 safetensors weights, measured by saving a copy."""
+    with tempfile.TemporaryDirectory() as folder:
+        state = {k: v.half() for k, v in vae.state_dict().items()}
+        save_file(state, os.path.join(folder, "model.safetensors"))
+        return os.path.getsize(os.path.join(folder, "model.safetensors"))
+
+
+def main(args):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    accelerator = Accelerator(cpu=True, mixed_precision=args.mixed_precision)
+    # Set after the Accelerator, which may choose its own thread count.
+    torch.set_num_threads(args.num_threads)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start_time = time.time()
+
+    # 1. Data.
+    train_paths = list_images(args.train_data_dir)
+    validation_paths = list_images(args.validation_data_dir)
+    photos = load_scaled_photos(train_paths, args.train_scales)
+    sampler = CropSampler(photos, args.resolution, seed=args.seed)
+    # A fixed, cheap probe for progress: the centre crops of up to 8 held-out photos at training resolution.
+    probe = to_model_range(load_center_crops(validation_paths[:: max(1, len(validation_paths) // 8)][:8], 256))
+    logger.info(f"{len(train_paths)} training photos ({len(photos)} scaled copies), {len(validation_paths)} held out")
+
+    # 2. Model and optimiser.
+    vae = build_vae(args)
+    num_parameters = sum(p.numel() for p in vae.parameters())
+    logger.info(f"AutoencoderKL {args.block_out_channels}: {num_parameters / 1e6:.2f} M parameters")
+    optimizer = torch.optim.AdamW(
+        vae.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    vae, optimizer, lr_scheduler = accelerator.prepare(vae, optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(sampler)
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = args.resume_from_checkpoint
+        if checkpoint == "latest":
+            candidates = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            checkpoint = str(candidates[-1]) if candidates else None
+        if checkpoint is None:
+            logger.info("no checkpoint found; starting from scratch")
+        else:
+            accelerator.load_state(checkpoint)
+            global_step = int(Path(checkpoint).name.split("-")[1])
+            logger.info(f"resumed from {checkpoint} at step {global_step}")
+
+    # 3. Train.
+    history, window = [], {"l1": 0.0, "gradient": 0.0, "kl": 0.0}
+    progress = tqdm(
+        range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
+        disable=not accelerator.is_local_main_process, desc="train",
+    )
+    train_start = time.time()
+    stopped_early = False
+    vae.train()
+    for step in progress:
+        images = sampler.sample(args.train_batch_size)  # (B, 3, R, R) in [-1, 1]
+        with accelerator.autocast():
+            moments = vae.encode(images).latent_dist.parameters  # (B, 8, R/8, R/8)
+            # KL and sampling in fp32: logvar is exponentiated.
+            posterior = DiagonalGaussianDistribution(moments.float())
+            reconstruction = vae.decode(posterior.sample(generator=sampler.generator)).sample.float()
+        l1 = F.l1_loss(reconstruction, images)
+        gradient = gradient_l1(reconstruction, images)
+        kl = posterior.kl().mean() / images[0].numel()
+        loss = l1 + args.gradient_loss_weight * gradient + args.kl_weight * kl
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step = step + 1
+
+        for name, value in (("l1", l1), ("gradient", gradient), ("kl", kl)):
+            window[name] += value.item() / args.log_every
+        if global_step % args.log_every == 0:
+            seconds = round(time.time() - train_start, 1)
+            record = {"step": global_step, "seconds": seconds, "lr": lr_scheduler.get_last_lr()[0]}
+            record.update({name: round(value, 6) for name, value in window.items()})
+            if global_step % args.validation_steps == 0 or global_step == args.max_train_steps:
+                vae.eval()
+                record["probe_psnr"] = round(psnr(reconstruct(vae, probe, batch_size=8), probe).mean().item(), 3)
+                vae.train()
+            history.append(record)
+            progress.set_postfix({k: v for k, v in record.items() if k in ("l1", "probe_psnr")})
+            window = dict.fromkeys(window, 0.0)
+        if global_step % args.checkpointing_steps == 0:
+            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+            for old in output_dir.glob("checkpoint-*"):
+                if old.name != f"checkpoint-{global_step}":
+                    shutil.rmtree(old)
+        if args.max_train_minutes is not None and time.time() - train_start > 60 * args.max_train_minutes:
+            logger.warning(f"stopping at step {global_step}: --max_train_minutes {args.max_train_minutes} reached")
+            stopped_early = True
+            break
+    train_seconds = time.time() - train_start
+
+    # 4. scaling_factor from the data, as Stable Diffusion: 1 / std of the posterior-mode latents.
+    vae = accelerator.unwrap_model(vae).eval()
+    latent_mean, latent_std = latent_statistics(vae, sampler, args.scaling_crops, args.train_batch_size)
+    vae.register_to_config(scaling_factor=1.0 / latent_std)
+    logger.info(f"latent mean {latent_mean:.4f}, std {latent_std:.4f} -> scaling_factor {1 / latent_std:.5f}")
+
+    # 5. Evaluate on the held-out photos.
+    targets = to_model_range(load_center_crops(validation_paths, args.eval_resolution))
+    scores = psnr(reconstruct(vae, targets), targets)
+    per_image = {path.name: round(score.item(), 3) for path, score in zip(validation_paths, scores)}
+    logger.info(f"held-out PSNR {scores.mean().item():.2f} dB (min {scores.min().item():.2f}, {len(scores)} photos)")
+
+    # 6. Save.
+    vae.save_pretrained(output_dir)
+    final = history[-1] if history else {}
+    log = {
+        "settings": vars(args),
+        "model": {
+            "class": "AutoencoderKL",
+            "block_out_channels": list(vae.config.block_out_channels),
+            "layers_per_block": vae.config.layers_per_block,
+            "latent_channels": vae.config.latent_channels,
+            "downsample_factor": DOWNSAMPLE_FACTOR,
+            "parameters": num_parameters,
+            "fp16_safetensors_bytes": fp16_safetensors_bytes(vae),
+            "scaling_factor": vae.config.scaling_factor,
+            "latent_mean": latent_mean,
+            "latent_std": latent_std,
+        },
+        "training": {
+            "steps": global_step,
+            "stopped_early": stopped_early,
+            "train_wall_seconds": round(train_seconds, 1),
+            "total_wall_seconds": round(time.time() - start_time, 1),
+            "seconds_per_step": round(train_seconds / max(1, global_step), 3),
+            "final_losses": {k: final.get(k) for k in ("l1", "gradient", "kl")},
+            "history": history,
+        },
+        "heldout": {
+            "protocol": f"shorter side resized to {args.eval_resolution} (Lanczos), centre crop "
+            f"{args.eval_resolution}x{args.eval_resolution}, posterior mode, fp32, PSNR on [0, 1]",
+            "psnr_mean": round(scores.mean().item(), 3),
+            "psnr_median": round(scores.median().item(), 3),
+            "psnr_per_image": per_image,
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+        },
+    }
+    (output_dir / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    logger.info(f"saved to {output_dir} ({log['training']['total_wall_seconds'] / 60:.1f} min in all)")
+
+
+if __name__ == "__main__":
+    main(parse_args())
