@@ -79,17 +79,22 @@ def to_rgb_tensor(image: ImageInput, where: str = "image") -> torch.Tensor:
     raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(image).__name__}")
 
 
-def to_rgb_list(images: ImageInput | list[ImageInput], where: str = "image") -> list[torch.Tensor]:
-    """A single image or a batch → list of ``(3, H, W)`` float32 tensors in ``[0, 1]``."""
+def split_batch(images, convert, where: str) -> list:
+    """A single input or a batch (list, ``(B, ...)`` array or tensor) → ``[convert(item, name), ...]``."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError(f"expected at least one {where}, got an empty list")
-        return [to_rgb_tensor(image, f"{where}[{i}]") for i, image in enumerate(images)]
+        return [convert(image, f"{where}[{i}]") for i, image in enumerate(images)]
     if isinstance(images, np.ndarray) and images.ndim == 4:
-        return [to_rgb_tensor(image, f"{where}[{i}]") for i, image in enumerate(images)]
+        return [convert(image, f"{where}[{i}]") for i, image in enumerate(images)]
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] > 1:
-        return [to_rgb_tensor(image, f"{where}[{i}]") for i, image in enumerate(images)]
-    return [to_rgb_tensor(images, where)]
+        return [convert(image, f"{where}[{i}]") for i, image in enumerate(images)]
+    return [convert(images, where)]
+
+
+def to_rgb_list(images: ImageInput | list[ImageInput], where: str = "image") -> list[torch.Tensor]:
+    """A single image or a batch → list of ``(3, H, W)`` float32 tensors in ``[0, 1]``."""
+    return split_batch(images, to_rgb_tensor, where)
 
 
 def tensor_to_pil(image: torch.Tensor) -> PIL.Image.Image:

@@ -57,7 +57,7 @@ from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import geometry
-from .images import ImageInput, to_rgb_list
+from .images import ImageInput, split_batch, to_rgb_list
 from .models.spatial_transformer import SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
@@ -165,15 +165,7 @@ def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
 
 def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image") -> list[torch.Tensor]:
     """A single mask or a batch → list of binary ``(1, H, W)`` float32 tensors."""
-    if isinstance(masks, (list, tuple)):
-        if not masks:
-            raise ValueError(f"expected at least one {where}, got an empty list")
-        return [to_mask_tensor(mask, f"{where}[{i}]") for i, mask in enumerate(masks)]
-    if isinstance(masks, np.ndarray) and masks.ndim == 4:
-        return [to_mask_tensor(mask, f"{where}[{i}]") for i, mask in enumerate(masks)]
-    if isinstance(masks, torch.Tensor) and masks.ndim == 4 and masks.shape[0] > 1:
-        return [to_mask_tensor(mask, f"{where}[{i}]") for i, mask in enumerate(masks)]
-    return [to_mask_tensor(masks, where)]
+    return split_batch(masks, to_mask_tensor, where)
 
 
 def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
