@@ -18,16 +18,22 @@ import torch
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file as RGB, with an error that names the file when it is missing or unreadable."""
+def open_image(path: str | os.PathLike, what: str = "image") -> PIL.Image.Image:
+    """Open an image file as stored (mode kept), with an error that names the file when it is
+    missing or unreadable (corrupt, truncated, not an image)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"expected an image file at {os.fspath(path)!r}, found none")
+        raise FileNotFoundError(f"expected the {what} file {os.fspath(path)!r}, found none")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return to_pil_rgb(image)
+            return image.copy()
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"expected a readable image at {os.fspath(path)!r}: {error}") from error
+        raise ValueError(f"expected a readable {what} at {os.fspath(path)!r}: {error}") from error
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image file as RGB (see :func:`open_image` for the errors)."""
+    return to_pil_rgb(open_image(path))
 
 
 def to_pil_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

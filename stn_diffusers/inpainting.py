@@ -57,7 +57,7 @@ from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import geometry
-from .images import ImageInput, split_batch, to_rgb_list
+from .images import ImageInput, open_image, split_batch, to_rgb_list
 from .models.spatial_transformer import SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
@@ -170,14 +170,7 @@ def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image"
 
 def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
     """Open a mask file as it is stored (its mode is kept, unlike :func:`stn_diffusers.images.load_image`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"expected a mask image file at {os.fspath(path)!r}, found none")
-    try:
-        with PIL.Image.open(path) as mask:
-            mask.load()
-            return mask.copy()
-    except (OSError, ValueError) as error:
-        raise ValueError(f"expected a readable mask image at {os.fspath(path)!r}: {error}") from error
+    return open_image(path, "mask image")
 
 
 def mask_to_pil(mask: torch.Tensor) -> PIL.Image.Image:
