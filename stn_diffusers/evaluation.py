@@ -245,12 +245,9 @@ def evaluate_classical(method: str, pairs: list[Pair], time_budget: float | None
 
 def _encode_pair(pipe, pair: Pair) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Scaled latents of the pair's moving and reference images at the pipeline's working size, and the seconds taken."""
-    from .pipelines.pipeline_stn_alignment import _resize
-
     height, width = pipe.working_size(tuple(pair.reference.shape[-2:]))
     start = time.perf_counter()
-    batch = _resize(torch.stack([pair.moving, pair.reference]), height, width)
-    latents = pipe.encode(pipe.image_processor.preprocess(batch, height=height, width=width))
+    latents = pipe.encode_images([pair.moving, pair.reference], height, width)
     return latents[:1], latents[1:], time.perf_counter() - start
 
 

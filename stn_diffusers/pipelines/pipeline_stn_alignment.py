@@ -133,6 +133,20 @@ class STNAlignmentPipeline(DiffusionPipeline):
         shift = getattr(config, "shift_factor", None) or 0.0
         return (latents - shift) * getattr(config, "scaling_factor", 1.0)
 
+    def encode_images(
+        self,
+        images: list[torch.Tensor] | torch.Tensor,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        sample_posterior: bool = False,
+    ) -> torch.Tensor:
+        """RGB images ``(3, H, W)`` in ``[0, 1]`` (a list, or a ``(B, 3, H, W)`` batch) → scaled latents
+        ``(B, C, height/f, width/f)``, each resized (antialiased) to the working size first."""
+        batch = torch.stack([_resize(image.unsqueeze(0), height, width)[0] for image in images])
+        batch = self.image_processor.preprocess(batch, height=height, width=width)  # (B, 3, height, width) in [-1, 1]
+        return self.encode(batch, generator, sample_posterior)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``(B, C, h, w)`` → images ``(B, 3, h·f, w·f)`` in ``[-1, 1]``."""
         config = self.vae.config
@@ -238,12 +252,12 @@ class STNAlignmentPipeline(DiffusionPipeline):
 
         # 3. Encode
         def encode_all(images: list[torch.Tensor]) -> torch.Tensor:
-            encoded = []
-            for start in range(0, len(images), batch_size):
-                chunk = torch.stack([_resize(im.unsqueeze(0), work_height, work_width)[0] for im in images[start : start + batch_size]])
-                chunk = self.image_processor.preprocess(chunk, height=work_height, width=work_width)  # (b, 3, H, W) in [-1, 1]
-                encoded.append(self.encode(chunk, generator, sample_posterior))
-            return torch.cat(encoded)
+            return torch.cat(
+                [
+                    self.encode_images(images[start : start + batch_size], work_height, work_width, generator, sample_posterior)
+                    for start in range(0, len(images), batch_size)
+                ]
+            )
 
         if latents is None:
             latents = encode_all(originals)  # (B, C, h, w)
