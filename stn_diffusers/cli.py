@@ -28,6 +28,13 @@ def load_pipeline(name_or_path: str | None, device: str = "cpu"):
     return STNAlignmentPipeline.from_pretrained(name_or_path).to(device)
 
 
+def _write_text(path: str, text: str) -> None:
+    """Write a report file, creating its folder, and say where it went."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(f"wrote {path}")
+
+
 def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
     pixel = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0]
     return {
@@ -63,8 +70,7 @@ def run_align(args: argparse.Namespace) -> dict:
         print("  " + "  ".join(f"{v:+.4f}" for v in row))
     print(f"wrote {args.output}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        _write_text(args.json, json.dumps(report, indent=2))
     return report
 
 
@@ -101,8 +107,7 @@ def _align_with_mask(args: argparse.Namespace, pipe, image, reference) -> dict:
     report["masked_fraction"] = float(inputs.mask_image[0].mean())
     print(f"wrote {args.output} and {args.output_mask} ({report['masked_fraction']:.1%} to repaint, reference frame)")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        _write_text(args.json, json.dumps(report, indent=2))
     return report
 
 
@@ -183,13 +188,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     table = markdown_table(report)
     print(table)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        _write_text(args.json, json.dumps(report, indent=2))
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
-        print(f"wrote {args.markdown}")
+        _write_text(args.markdown, table + "\n")
     return report
 
 

@@ -19,7 +19,8 @@ def test_align_writes_image_and_theta(tmp_path, saved_pipeline, coffee, astronau
     image, reference = tmp_path / "moving.png", tmp_path / "reference.jpg"
     coffee.save(image)
     astronaut.save(reference)
-    output, theta_json = tmp_path / "out" / "aligned.png", tmp_path / "theta.json"
+    # Both outputs go to folders that do not exist yet: the command makes them.
+    output, theta_json = tmp_path / "out" / "aligned.png", tmp_path / "reports" / "theta.json"
     code = cli.main(
         ["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(reference),
          "--output", str(output), "--json", str(theta_json)]
@@ -32,7 +33,7 @@ def test_align_writes_image_and_theta(tmp_path, saved_pipeline, coffee, astronau
     pixels = np.array(report["pixel_matrix"])
     assert pixels.shape == (3, 3) and report["image_size"] == [400, 600]
     printed = capsys.readouterr().out
-    assert "theta" in printed and "pixel matrix" in printed and str(output) in printed
+    assert "theta" in printed and "pixel matrix" in printed and str(output) in printed and str(theta_json) in printed
 
 
 def test_align_decoded_writes_working_size(tmp_path, saved_pipeline, astronaut):
