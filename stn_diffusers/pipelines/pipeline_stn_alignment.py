@@ -154,7 +154,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         latents = latents.to(self.vae.dtype) / getattr(config, "scaling_factor", 1.0) + shift
         return self.vae.decode(latents).sample
 
-    def check_inputs(self, image, reference, latents, reference_latents, output_type, min_displacement, batch_size):
+    def check_inputs(self, image, reference, latents, reference_latents, output_type, min_displacement, batch_size, refine=None):
         if image is None and latents is None:
             raise ValueError("expected an image (or latents) to align, got neither")
         if output_type not in OUTPUT_TYPES:
@@ -170,6 +170,12 @@ class STNAlignmentPipeline(DiffusionPipeline):
             if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.ndim != 4):
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise ValueError(f"expected {name} of shape (B, {self.stn.config.in_channels}, h, w), got {shape}")
+        if refine is not None and refine not in REFINE_METHODS:
+            raise ValueError(f"expected refine in {(None, *REFINE_METHODS)}, got {refine!r}")
+        if refine is not None and (image is None or reference is None):
+            raise ValueError(f"expected both image and reference with refine={refine!r}: it refines on their pixels")
+        if refine == "ecc":
+            import_cv2()  # fail before the encode, naming the extra to install
 
     def _postprocess_originals(self, images: list[torch.Tensor], output_type: str):
         if output_type == "pil":
@@ -227,14 +233,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
             :class:`STNAlignmentPipelineOutput` or the tuple ``(images, warped_images, theta, latents)``.
         """
         # 1. Check inputs
-        self.check_inputs(image, reference, latents, reference_latents, output_type, min_displacement, batch_size)
+        self.check_inputs(image, reference, latents, reference_latents, output_type, min_displacement, batch_size, refine)
         uses_reference = self.stn.config.conditioning == "reference"
-        if refine is not None and refine not in REFINE_METHODS:
-            raise ValueError(f"expected refine in {(None, *REFINE_METHODS)}, got {refine!r}")
-        if refine is not None and (image is None or reference is None):
-            raise ValueError(f"expected both image and reference with refine={refine!r}: it refines on their pixels")
-        if refine == "ecc":
-            import_cv2()  # fail before the encode, naming the extra to install
         if reference is not None and not uses_reference:
             logger.warning("This stn has conditioning='none': it ignores the reference.")
 
