@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
+# Photos bundled with the package (see the README for their sources and licences).
+ASSETS = Path(__file__).resolve().parent / "assets"
+SYNTHETIC_PHOTOS = ("astronaut.jpg", "coffee.jpg", "chelsea.jpg")
+REAL_PAIR = ("aloeL.jpg", "aloeR.jpg")  # (reference, moving): a stereo pair with no ground truth
+
+# Seed strides: pair/view generators are seeded ``seed * SEED_STRIDE + index * PHOTO_STRIDE + view``,
+# so that seeds of different runs, photos and views never collide.
+SEED_STRIDE = 1_000_003
+PHOTO_STRIDE = 1_009
+
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted), by extension.
@@ -62,6 +72,23 @@ def load_images(paths: list[Path], strict: bool = False) -> tuple[list[PIL.Image
     if not images:
         raise ValueError(f"expected at least one readable image, all {len(paths)} failed to load")
     return images, loaded
+
+
+def load_photo_folder(folder: str | os.PathLike, strict: bool = False) -> tuple[list[torch.Tensor], list[Path]]:
+    """Every readable photo under ``folder`` (recursive, sorted) as ``(3, H, W)`` tensors in ``[0, 1]``,
+    upright (EXIF orientation applied), and their paths. The one photo-folder loader of the project:
+    fine-tuning, evaluation, analysis and VAE training all read folders through it.
+
+    Unreadable files are skipped with one warning (``strict=True``: the first one raises).
+    """
+    images, paths = load_images(list_images(folder), strict=strict)
+    return [to_rgb_tensor(image) for image in images], paths
+
+
+def bundled_photos() -> tuple[list[torch.Tensor], list[str]]:
+    """The photos bundled with the package (:data:`SYNTHETIC_PHOTOS`) as ``(3, H, W)`` tensors, and names."""
+    images, paths = load_images([ASSETS / name for name in SYNTHETIC_PHOTOS], strict=True)
+    return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
 
 
 def fit_shorter_side(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -172,7 +199,7 @@ def seeded_pairs(
     warp_range = geometry.get_warp_range(warp)
     pairs = []
     for index in range(num_pairs):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
         source_index = index % len(sources)
         source = fit_shorter_side(sources[source_index], resolution, 2 * resolution)
         theta = geometry.random_theta(1, warp_range, resolution, resolution, generator)
@@ -235,7 +262,7 @@ class PoolSettings:
 
 
 def _view_generator(settings: PoolSettings, image_index: int, view_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(settings.seed * 1_000_003 + image_index * 1_009 + view_index)
+    return torch.Generator().manual_seed(settings.seed * SEED_STRIDE + image_index * PHOTO_STRIDE + view_index)
 
 
 def view_thetas(settings: PoolSettings, image_index: int) -> torch.Tensor:
@@ -260,7 +287,7 @@ def render_views(source: torch.Tensor, settings: PoolSettings, image_index: int,
     views = list(range(settings.num_views)) if views is None else views
     source = fit_shorter_side(source, settings.resolution, 2 * settings.resolution)
     thetas = view_thetas(settings, image_index)
-    crop_seed = settings.seed * 1_000_003 + image_index * 1_009 + 1_008  # never a view's seed
+    crop_seed = settings.seed * SEED_STRIDE + image_index * PHOTO_STRIDE + PHOTO_STRIDE - 1  # never a view's seed
     rendered = []
     for view in views:
         reference, moving = make_pair(source, settings.resolution, thetas[view : view + 1], torch.Generator().manual_seed(crop_seed))

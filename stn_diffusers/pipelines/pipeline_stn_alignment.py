@@ -140,12 +140,42 @@ class STNAlignmentPipeline(DiffusionPipeline):
         width: int,
         generator: torch.Generator | None = None,
         sample_posterior: bool = False,
+        batch_size: int | None = None,
     ) -> torch.Tensor:
         """RGB images ``(3, H, W)`` in ``[0, 1]`` (a list, or a ``(B, 3, H, W)`` batch) → scaled latents
-        ``(B, C, height/f, width/f)``, each resized (antialiased) to the working size first."""
-        batch = torch.stack([_resize(image.unsqueeze(0), height, width)[0] for image in images])
-        batch = self.image_processor.preprocess(batch, height=height, width=width)  # (B, 3, height, width) in [-1, 1]
-        return self.encode(batch, generator, sample_posterior)
+        ``(B, C, height/f, width/f)``, each resized (antialiased) to the working size first.
+
+        The one encode path of the project (the pipeline, fine-tuning, evaluation and analysis):
+        ``batch_size`` images go through the VAE at once (default: all).
+        """
+        batch_size = batch_size or len(images)
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            chunk = torch.stack([_resize(image.unsqueeze(0), height, width)[0] for image in images[start : start + batch_size]])
+            chunk = self.image_processor.preprocess(chunk, height=height, width=width)  # (b, 3, height, width) in [-1, 1]
+            chunks.append(self.encode(chunk, generator, sample_posterior))
+        return torch.cat(chunks)
+
+    def predict_theta(
+        self, latents: torch.Tensor, reference_latents: torch.Tensor | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """θ ``(B, 2, 3)`` float32 that aligns ``latents`` ``(B, C, h, w)`` onto ``reference_latents``.
+
+        The one θ path of the project: ``batch_size`` pairs at a time (default: all), each chunk moved
+        to the STN's device and dtype. A reference is passed on only to an STN that looks at one, so
+        callers never branch on ``conditioning``. Runs under the caller's grad mode.
+        """
+        batch_size = batch_size or latents.shape[0]
+        uses_reference = self.stn.config.conditioning == "reference"
+        if uses_reference and reference_latents is None:
+            raise ValueError("expected reference_latents: this stn registers onto a reference")
+        device, dtype = self.stn.device, self.stn.dtype
+        thetas = []
+        for start in range(0, latents.shape[0], batch_size):
+            moving = latents[start : start + batch_size].to(device=device, dtype=dtype)
+            reference = reference_latents[start : start + batch_size].to(device=device, dtype=dtype) if uses_reference else None
+            thetas.append(self.stn.predict_theta(moving, reference).float())
+        return torch.cat(thetas)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``(B, C, h, w)`` → images ``(B, 3, h·f, w·f)`` in ``[-1, 1]``."""
