@@ -200,9 +200,9 @@ def identity_check(stn, latents: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------------------------- gradient flow
 def corner_error_loss(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The fine-tuning loss (``finetune.training_loss``, corner error only) of one batch of latents
+    """The fine-tuning loss (``losses.training_loss``, corner error only) of one batch of latents
     ``(B, C, h, w)`` against ``true_theta`` ``(B, 2, 3)``, for ``height × width`` square pixel pairs."""
-    from .finetune import training_loss  # imported here: it pulls in accelerate
+    from .losses import training_loss
 
     if height != width:
         raise ValueError(f"expected square pairs (the fine-tuning loss measures resolution × resolution), got {height}×{width}")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import data, geometry
 from .images import to_rgb_tensor
+from .losses import ThetaCascade, training_loss, unwrap_stn
 from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint
 
@@ -211,93 +212,6 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
         )
     stn.register_to_config(vae_fingerprint=vae_fingerprint(vae))
     return stn
-
-
-class ThetaCascade(nn.Module):
-    """Wraps the STN so that one ``forward`` returns every cascade iteration's θ.
-
-    Distributed data parallel synchronises gradients through ``forward`` only, so training calls
-    this instead of ``stn.predict_theta``. ``(B, C, h, w)`` × 2 → list of ``(B, 2, 3)``.
-    """
-
-    def __init__(self, stn: SpatialTransformer):
-        super().__init__()
-        self.stn = stn
-
-    def forward(self, moving: torch.Tensor, reference: torch.Tensor | None) -> list[torch.Tensor]:
-        return self.stn.predict_theta(moving, reference, return_intermediate=True)
-
-
-def _unwrap_stn(model: nn.Module) -> SpatialTransformer:
-    while not isinstance(model, SpatialTransformer):
-        model = model.module if hasattr(model, "module") else model.stn
-    return model
-
-
-# ------------------------------------------------------------------------------------------- loss
-def training_loss(
-    stn: nn.Module,
-    batch: dict,
-    resolution: int,
-    corner_weight: float = 1.0,
-    latent_weight: float = 0.0,
-    theta_weight: float = 0.0,
-    pixel_weight: float = 0.0,
-    decode=None,
-) -> tuple[torch.Tensor, dict]:
-    """The fine-tuning loss of one batch, and its parts as floats.
-
-    Args:
-        stn: a :class:`SpatialTransformer` or a :class:`ThetaCascade` around one.
-        batch: ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3)}`` on the
-            STN's device; ``theta`` aligns moving onto reference.
-        resolution: pixels per side the corner error is measured in.
-        corner_weight: mean corner error in pixels of every cascade iteration's θ (iteration ``k``
-            of ``K`` weighted ``k / Σk``: later ones count more); independent of parameterisation.
-        latent_weight: MSE between the aligned and the reference latents, only where the warp
-            sampled inside the moving latents (the padded border is masked out).
-        theta_weight: MSE between the predicted and true θ entries (the seed recipe's target).
-        pixel_weight: MSE between ``decode(aligned)`` and ``decode(reference)``; needs ``decode``.
-
-    Returns:
-        ``(loss, {"loss": …, "corner_error": …, …})``; ``corner_error`` is the final θ's, in pixels.
-    """
-    moving, reference, true = batch["moving"], batch["reference"], batch["theta"]
-    config = _unwrap_stn(stn).config
-    condition = reference if config.conditioning == "reference" else None
-    if isinstance(stn, SpatialTransformer):
-        thetas = stn.predict_theta(moving, condition, return_intermediate=True)
-    else:
-        thetas = stn(moving, condition)
-    thetas = [theta.float() for theta in thetas]
-    true = true.float()
-    final = thetas[-1]
-    parts = {"corner_error": geometry.corner_error(final.detach(), true, resolution, resolution).mean()}
-    loss = final.new_zeros(())
-    if corner_weight > 0:
-        weights = [k + 1 for k in range(len(thetas))]
-        corner = sum(w * geometry.corner_error(t, true, resolution, resolution).mean() for w, t in zip(weights, thetas)) / sum(weights)
-        parts["corner_loss"] = corner
-        loss = loss + corner_weight * corner
-    if theta_weight > 0:
-        parts["theta_loss"] = F.mse_loss(final, true)
-        loss = loss + theta_weight * parts["theta_loss"]
-    if latent_weight > 0 or pixel_weight > 0:
-        aligned = geometry.warp(moving.float(), final, padding_mode=config.padding_mode)
-        if latent_weight > 0:
-            mask = geometry.valid_mask(final.detach(), *moving.shape[-2:])  # (B, 1, h, w)
-            squared = (aligned - reference.float()) ** 2 * mask
-            parts["latent_loss"] = squared.sum() / (mask.sum() * moving.shape[1]).clamp_min(1.0)
-            loss = loss + latent_weight * parts["latent_loss"]
-        if pixel_weight > 0:
-            if decode is None:
-                raise ValueError("expected a decode function for pixel_weight > 0, got None")
-            with torch.no_grad():
-                target = decode(reference)
-            parts["pixel_loss"] = F.mse_loss(decode(aligned).float(), target.float())
-            loss = loss + pixel_weight * parts["pixel_loss"]
-    parts["loss"] = loss
-    return loss, {name: float(value.detach()) for name, value in parts.items()}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -637,7 +551,7 @@ def main(args: argparse.Namespace) -> Path:
                 _append_metrics(metrics_path, record)
         if global_step % args.validation_steps == 0 or global_step == max_train_steps:
             if accelerator.is_main_process:
-                errors = validation_corner_error(_unwrap_stn(accelerator.unwrap_model(model)), validation, args.resolution)
+                errors = validation_corner_error(unwrap_stn(accelerator.unwrap_model(model)), validation, args.resolution)
                 stats = _error_stats(errors)
                 record = {"step": global_step, "val_corner_error": stats["mean"], "val_corner_error_median": stats["median"], "val_under_5px": stats["under_5px"]}
                 accelerator.log(record, step=global_step)
@@ -651,7 +565,7 @@ def main(args: argparse.Namespace) -> Path:
     # 6. Save the pipeline, with the VAE exactly as it was given (it was only ever read).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        trained = _unwrap_stn(accelerator.unwrap_model(model)).to("cpu")
+        trained = unwrap_stn(accelerator.unwrap_model(model)).to("cpu")
         final_errors = validation_corner_error(trained, validation, args.resolution)
         original_vae = vae if weight_dtype == torch.float32 else load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
         STNAlignmentPipeline(vae=original_vae.to("cpu"), stn=trained).save_pretrained(output_dir)

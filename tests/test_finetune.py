@@ -16,7 +16,7 @@ import skimage.data
 import torch
 from diffusers import AutoencoderKL
 
-from stn_diffusers import STNAlignmentPipeline, SpatialTransformer, data, finetune, geometry
+from stn_diffusers import STNAlignmentPipeline, SpatialTransformer, data, finetune, geometry, losses
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
@@ -182,9 +182,9 @@ class TestTrainingLoss:
     def test_identity_start_has_zero_loss_only_for_zero_motion(self):
         torch.manual_seed(0)
         stn = SpatialTransformer(**TINY_REGISTRATION)
-        still, _ = finetune.training_loss(stn, self.batch(geometry.identity_theta(2)), RESOLUTION)
+        still, _ = losses.training_loss(stn, self.batch(geometry.identity_theta(2)), RESOLUTION)
         moved = geometry.random_theta(2, "standard", RESOLUTION, RESOLUTION, torch.Generator().manual_seed(1))
-        loss, parts = finetune.training_loss(stn, self.batch(moved), RESOLUTION, latent_weight=1.0, theta_weight=1.0)
+        loss, parts = losses.training_loss(stn, self.batch(moved), RESOLUTION, latent_weight=1.0, theta_weight=1.0)
         assert float(still.detach()) == pytest.approx(0.0, abs=1e-5)
         assert parts["corner_error"] > 1.0 and parts["latent_loss"] > 0 and parts["theta_loss"] > 0
         assert parts["loss"] == pytest.approx(parts["corner_loss"] + parts["latent_loss"] + parts["theta_loss"], rel=1e-5)
@@ -193,7 +193,7 @@ class TestTrainingLoss:
         torch.manual_seed(0)
         stn = SpatialTransformer(**TINY_REGISTRATION)
         moved = geometry.random_theta(2, "standard", RESOLUTION, RESOLUTION, torch.Generator().manual_seed(1))
-        loss, _ = finetune.training_loss(stn, self.batch(moved), RESOLUTION)
+        loss, _ = losses.training_loss(stn, self.batch(moved), RESOLUTION)
         loss.backward()
         assert stn.residual_gate.grad.abs().sum() > 0
 
@@ -203,7 +203,7 @@ class TestTrainingLoss:
         generator = torch.Generator().manual_seed(0)
         reference = torch.randn(2, 4, 64, 64, generator=generator)
         batch = {"moving": geometry.warp(reference, geometry.invert_theta(moved)), "reference": reference, "theta": moved}
-        loss, parts = finetune.training_loss(stn, batch, 512, corner_weight=0.0, latent_weight=1.0, theta_weight=1.0)
+        loss, parts = losses.training_loss(stn, batch, 512, corner_weight=0.0, latent_weight=1.0, theta_weight=1.0)
         loss.backward()
         assert "corner_loss" not in parts and stn.fc_loc[2].bias.grad.abs().sum() > 0
 

@@ -287,6 +287,18 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         return [self.residual_gate, self.log_match_scale, *self.confidence.parameters()]
 
     # --------------------------------------------------------------------------------------- public
+    @property
+    def fixed_sample_size(self) -> int | None:
+        """The only latent side this model accepts (the seed design's), or ``None`` for any size."""
+        return self.config.sample_size if self.config.architecture == "seed" else None
+
+    @property
+    def min_sample_size(self) -> int:
+        """The smallest latent side this model accepts."""
+        if self.fixed_sample_size is not None:
+            return self.fixed_sample_size
+        return 2 * max(self.config.iteration_strides)
+
     def check_inputs(self, sample: torch.Tensor, reference: torch.Tensor | None) -> None:
         """Raise ``ValueError``/``TypeError`` naming the expected value for any bad input."""
         channels = self.config.in_channels

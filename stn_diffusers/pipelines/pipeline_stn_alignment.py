@@ -112,9 +112,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 )
             return height, width
         longest = config.sample_size * factor
-        if config.architecture == "seed":
+        if self.stn.fixed_sample_size is not None:
             return longest, longest
-        minimum = 2 * max(config.iteration_strides) * factor
+        minimum = self.stn.min_sample_size * factor
         scale = longest / max(size)
         return tuple(max(minimum, int(side * scale) // factor * factor) for side in size)
 

@@ -1,0 +1,32 @@
+"""How command-line entry points report a user's mistake: one line, no traceback.
+
+``stn-diffusers`` and ``python -m stn_diffusers.finetune`` run their work through
+:func:`run_reporting_errors`. An error caused by input (a missing file, a bad flag value, an
+unwritable folder) prints ``error: <message>`` on stderr and returns exit status 2; with
+``debug=True`` (the ``--debug`` flag) the traceback is printed too. Programming errors are not
+caught: they keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+# The exceptions that mean "the input was wrong", not "the code is wrong".
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, PermissionError, OSError)
+USER_ERROR_EXIT_CODE = 2
+
+
+def run_reporting_errors(function: Callable[[], object], debug: bool = False) -> int:
+    """Call ``function()``; return 0, or :data:`USER_ERROR_EXIT_CODE` after one ``error: ...`` line
+    on stderr when it raises one of :data:`USER_ERRORS` (with the traceback when ``debug``)."""
+    try:
+        function()
+    except USER_ERRORS as error:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
