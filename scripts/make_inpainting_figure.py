@@ -38,7 +38,9 @@ INPAINT_RADIUS = 7  # pixels; Telea's neighbourhood
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)")
+    parser.add_argument(
+        "--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)"
+    )
     parser.add_argument("--output", default="docs/images/inpainting.png")
     return parser.parse_args()
 
@@ -82,14 +84,17 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     reference = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).float().div(255)[None]  # (1, 3, 512, 512)
     theta_true = misalignment_theta()
-    moving = geometry.warp(reference, geometry.invert_theta(theta_true), mode="bicubic", padding_mode="border").clamp(0, 1)
+    moving = geometry.warp(reference, geometry.invert_theta(theta_true), mode="bicubic", padding_mode="border")
+    moving = moving.clamp(0, 1)
     mask = np.zeros((SIZE, SIZE), np.uint8)
     x0, y0, x1, y1 = SHUTTLE_BOX
     mask[y0:y1, x0:x1] = 255  # drawn on the reference
 
     aligner, source = load_aligner(args.pipeline)
     aligner.set_progress_bar_config(disable=True)
-    inputs = prepare_inpainting_inputs(aligner, moving, mask, reference, mask_frame="reference", align_kwargs={"refine": "ecc"})
+    inputs = prepare_inpainting_inputs(
+        aligner, moving, mask, reference, mask_frame="reference", align_kwargs={"refine": "ecc"}
+    )
     error = geometry.corner_error(inputs.theta, theta_true, SIZE, SIZE).item()
 
     aligned = (inputs.image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -105,7 +105,8 @@ def warp(
     if mode not in INTERPOLATION_MODES:
         raise ValueError(f"expected mode in {INTERPOLATION_MODES}, got {mode!r}")
     height, width = size if size is not None else image.shape[-2:]
-    grid = F.affine_grid(theta[:, :2, :].to(image.dtype), [image.shape[0], image.shape[1], height, width], align_corners=False)
+    size = [image.shape[0], image.shape[1], height, width]
+    grid = F.affine_grid(theta[:, :2, :].to(image.dtype), size, align_corners=False)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
@@ -204,11 +205,13 @@ WARP_PRESETS = {
     "small": WarpRange(rotation=5.0, scale=(0.97, 1.03), shear=0.02, translation=0.03),
     "standard": WarpRange(rotation=15.0, scale=(0.9, 1.1), shear=0.05, translation=0.10),
     "large": WarpRange(rotation=30.0, scale=(0.8, 1.25), shear=0.1, translation=0.15),
+    # Beyond what a registration model is trained on: measures where its basin ends.
+    "huge": WarpRange(rotation=45.0, scale=(0.7, 1.4), shear=0.1, translation=0.25),
 }
 
 
 def get_warp_range(warp: str | WarpRange) -> WarpRange:
-    """A :class:`WarpRange` from a preset name (``none``, ``small``, ``standard``, ``large``) or itself."""
+    """A :class:`WarpRange` from a preset name (``none``, ``small``, ``standard``, ``large``, ``huge``) or itself."""
     if isinstance(warp, WarpRange):
         return warp
     if warp not in WARP_PRESETS:
@@ -247,7 +250,10 @@ def random_theta(
     cos, sin = angle.cos(), angle.sin()
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
     shear_matrix = torch.stack(
-        [torch.stack([torch.ones_like(shear), shear], -1), torch.stack([torch.zeros_like(shear), torch.ones_like(shear)], -1)],
+        [
+            torch.stack([torch.ones_like(shear), shear], -1),
+            torch.stack([torch.zeros_like(shear), torch.ones_like(shear)], -1),
+        ],
         -2,
     )
     scaling = torch.diag_embed(torch.stack([scale_x * anisotropy, scale_y / anisotropy], -1))
@@ -279,7 +285,10 @@ def fit_affine(
         regularization: a small pull towards the identity that keeps degenerate point sets solvable.
     """
     if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 2:
-        raise ValueError(f"expected source and target of the same shape (B, N, 2), got {tuple(source.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            "expected source and target of the same shape (B, N, 2), "
+            f"got {tuple(source.shape)} and {tuple(target.shape)}"
+        )
     batch_size, num_points, _ = source.shape
     if weights is None:
         weights = source.new_ones(batch_size, num_points)
@@ -335,7 +344,9 @@ def params_to_theta(params: torch.Tensor, transform: str = "affine", aspect: flo
     if transform not in expected:
         raise ValueError(f"expected transform in {tuple(expected)}, got {transform!r}")
     if params.ndim != 2 or params.shape[1] != expected[transform]:
-        raise ValueError(f"expected params of shape (B, {expected[transform]}) for {transform!r}, got {tuple(params.shape)}")
+        raise ValueError(
+            f"expected params of shape (B, {expected[transform]}) for {transform!r}, got {tuple(params.shape)}"
+        )
     if transform == "affine":
         return params.view(-1, 2, 3)
     if transform == "translation":
@@ -347,4 +358,9 @@ def params_to_theta(params: torch.Tensor, transform: str = "affine", aspect: flo
 
 def identity_params(transform: str) -> list[float]:
     """The head output that :func:`params_to_theta` maps to the identity."""
-    return {"affine": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "similarity": [1.0, 0.0, 0.0, 0.0], "translation": [0.0, 0.0]}[transform]
+    identities = {
+        "affine": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        "similarity": [1.0, 0.0, 0.0, 0.0],
+        "translation": [0.0, 0.0],
+    }
+    return identities[transform]

@@ -129,7 +129,8 @@ class TestCornerError:
         theta = torch.tensor([[[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0]]])
         radius = np.hypot(256, 256)
         expected = 2 * radius * np.sin(angle / 2)
-        assert geometry.corner_error(theta, geometry.identity_theta(1, dtype=theta.dtype), 512, 512).item() == pytest.approx(expected)
+        identity = geometry.identity_theta(1, dtype=theta.dtype)
+        assert geometry.corner_error(theta, identity, 512, 512).item() == pytest.approx(expected)
 
 
 class TestRandomTheta:
@@ -144,6 +145,14 @@ class TestRandomTheta:
         assert 0.9**2 * 0.99 <= determinant.min() and determinant.max() <= 1.1**2 * 1.01
         assert theta[:, :, 2].abs().max() > 0.19  # the range is actually used
 
+    def test_huge_preset_reaches_45_degrees_and_a_quarter_of_the_side(self):
+        theta = geometry.random_theta(4000, "huge", 512, 512, torch.Generator().manual_seed(0)).double()
+        linear = theta[:, :, :2]
+        # Rotation angle of the polar part of the linear map; shear and anisotropy tilt it little.
+        angles = torch.rad2deg(torch.atan2(linear[:, 1, 0] - linear[:, 0, 1], linear[:, 0, 0] + linear[:, 1, 1]))
+        assert 40 < angles.abs().max() <= 45 + 3
+        assert 0.45 < theta[:, :, 2].abs().max() <= 0.5 + 1e-6  # ±25 % of the size = ±0.5 normalised
+
     def test_none_preset_is_identity(self):
         theta = geometry.random_theta(4, "none", 512, 512, torch.Generator().manual_seed(0))
         torch.testing.assert_close(theta, geometry.identity_theta(4))
@@ -156,7 +165,7 @@ class TestRandomTheta:
 
     def test_unknown_preset_raises(self):
         with pytest.raises(ValueError, match="expected warp in"):
-            geometry.random_theta(1, "huge")
+            geometry.random_theta(1, "enormous")
 
 
 class TestFitAffine:
@@ -175,7 +184,8 @@ class TestFitAffine:
         warp_range = geometry.WarpRange(rotation=20.0, scale=(1.0, 1.0), shear=0.0, translation=0.1)
         theta = geometry.random_theta(2, warp_range, 300, 600, torch.Generator().manual_seed(1)).double()
         source = self.points()
-        fitted = geometry.fit_affine(source, self.apply(theta, source), transform="similarity", aspect=2.0, regularization=0)
+        target = self.apply(theta, source)
+        fitted = geometry.fit_affine(source, target, transform="similarity", aspect=2.0, regularization=0)
         torch.testing.assert_close(fitted, theta)
 
     def test_translation_ignores_linear_part(self):
