@@ -1,4 +1,4 @@
-"""Affine geometry on image and latent tensors: pure functions, no modules.
+"""Affine and projective geometry on image and latent tensors: pure functions, no modules.
 
 Convention (θ), used everywhere in this package:
     ``theta`` is a ``(B, 2, 3)`` matrix in PyTorch's normalised coordinates with
@@ -18,12 +18,21 @@ Convention (θ), used everywhere in this package:
     Composition: ``warp(warp(x, first), second) == warp(x, compose_theta(first, second))``
     (up to resampling), i.e. the matrix product ``first @ second`` in homogeneous form.
 
+Homographies:
+    A ``(B, 3, 3)`` θ is a homography ``H`` in the same normalised coordinates and the same
+    direction: ``output(p) = input(π(H · [p, 1]))`` with ``π(x, y, w) = (x / w, y / w)``. An affine
+    θ is the homography with last row ``[0, 0, 1]`` (:func:`to_homogeneous`), so every function
+    here accepts both shapes: ``warp``, ``compose_theta``, ``invert_theta``, ``corner_error``,
+    ``valid_mask`` and the pixel-matrix conversions. Results keep the affine shape ``(B, 2, 3)``
+    when every input is affine, and are ``(B, 3, 3)``, scaled so that ``H[2, 2] = 1``, otherwise.
+
 Pixel matrices (OpenCV / PIL):
     ``theta_to_pixel_matrix`` returns the ``(B, 3, 3)`` matrix ``P`` in pixel coordinates (pixel
     centres at integers, OpenCV's convention) with ``output(p) = input(P p)``. Apply it with
     ``cv2.warpAffine(img, P[:2], (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)`` or with
     ``PIL.Image.transform(size, Image.AFFINE, P[:2].flatten())``; ``inv(P)[:2]`` is the forward
-    matrix ``cv2.warpAffine`` takes without the inverse flag.
+    matrix ``cv2.warpAffine`` takes without the inverse flag. For a homography θ, ``P`` goes to
+    ``cv2.warpPerspective(img, P, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)``.
 """
 
 from __future__ import annotations
@@ -35,13 +44,30 @@ import torch.nn.functional as F
 
 PADDING_MODES = ("zeros", "border", "reflection")
 INTERPOLATION_MODES = ("bilinear", "nearest", "bicubic")
+# Shapes of θ: an affine (B, 2, 3) matrix or a homography (B, 3, 3).
+MATRIX_TRANSFORMS = ("affine", "homography")
+# A homography whose denominator comes this close to zero inside the image folds the plane over.
+MIN_PROJECTIVE_DENOMINATOR = 1e-6
 
 
 def _check_theta(theta: torch.Tensor, name: str = "theta") -> None:
     if not isinstance(theta, torch.Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor of shape (B, 2, 3), got {type(theta).__name__}")
+        raise TypeError(
+            f"expected {name} to be a torch.Tensor of shape (B, 2, 3) or (B, 3, 3), got {type(theta).__name__}"
+        )
     if theta.ndim != 3 or tuple(theta.shape[1:]) not in ((2, 3), (3, 3)):
-        raise ValueError(f"expected {name} of shape (B, 2, 3), got {tuple(theta.shape)}")
+        raise ValueError(f"expected {name} of shape (B, 2, 3) or (B, 3, 3), got {tuple(theta.shape)}")
+
+
+def is_homography(theta: torch.Tensor) -> bool:
+    """Whether ``theta`` has the homography shape ``(B, 3, 3)`` (rather than affine ``(B, 2, 3)``)."""
+    _check_theta(theta)
+    return theta.shape[1] == 3
+
+
+def _normalise_homography(matrix: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 3)`` scaled so that ``H[2, 2] = 1`` (a homography is defined up to scale)."""
+    return matrix / matrix[:, 2:, 2:]
 
 
 def identity_theta(
@@ -63,22 +89,44 @@ def to_homogeneous(theta: torch.Tensor) -> torch.Tensor:
 
 
 def compose_theta(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """θ of warping by ``first`` and then by ``second``: ``first @ second``, ``(B, 2, 3)``.
+    """θ of warping by ``first`` and then by ``second``: ``first @ second``.
 
-    Also the cascade update: if ``x' = warp(x, θ)`` and a residual ``δ`` aligns ``x'``, then
-    ``compose_theta(θ, δ)`` aligns ``x`` directly.
+    ``(B, 2, 3)`` when both are affine, else a homography ``(B, 3, 3)``. Also the cascade update:
+    if ``x' = warp(x, θ)`` and a residual ``δ`` aligns ``x'``, then ``compose_theta(θ, δ)`` aligns
+    ``x`` directly.
     """
     _check_theta(first, "first")
     _check_theta(second, "second")
-    return torch.matmul(to_homogeneous(first), to_homogeneous(second))[:, :2, :]
+    product = torch.matmul(to_homogeneous(first), to_homogeneous(second))
+    if is_homography(first) or is_homography(second):
+        return _normalise_homography(product)
+    return product[:, :2, :]
 
 
 def invert_theta(theta: torch.Tensor) -> torch.Tensor:
-    """Inverse transform, ``(B, 2, 3)``: ``compose_theta(θ, invert_theta(θ))`` is the identity."""
+    """Inverse transform, same shape as ``theta``: ``compose_theta(θ, invert_theta(θ))`` is the identity."""
     _check_theta(theta)
+    if is_homography(theta):
+        return _normalise_homography(torch.linalg.inv(theta))
     linear, translation = theta[:, :2, :2], theta[:, :2, 2:]
     linear_inv = torch.linalg.inv(linear)
     return torch.cat([linear_inv, -linear_inv @ translation], dim=2)
+
+
+def apply_theta(theta: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Map ``points`` ``(B, N, 2)`` (normalised) through ``theta`` ``(B, 2, 3)`` or ``(B, 3, 3)``.
+
+    Returns ``(B, N, 2)``: ``θ · [p, 1]``, divided by its third coordinate for a homography.
+    """
+    _check_theta(theta)
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, N, 3)
+    mapped = homogeneous @ theta.transpose(1, 2)  # (B, N, 2 or 3)
+    if not is_homography(theta):
+        return mapped
+    denominator = mapped[..., 2:]
+    # Keep the sign but never divide by (almost) zero: such points lie on the horizon line.
+    safe = torch.where(denominator.abs() < MIN_PROJECTIVE_DENOMINATOR, MIN_PROJECTIVE_DENOMINATOR, denominator)
+    return mapped[..., :2] / safe
 
 
 def warp(
@@ -88,7 +136,7 @@ def warp(
     mode: str = "bilinear",
     padding_mode: str = "zeros",
 ) -> torch.Tensor:
-    """Warp ``image`` ``(B, C, H, W)`` by ``theta`` ``(B, 2, 3)`` (see the module convention).
+    """Warp ``image`` ``(B, C, H, W)`` by ``theta`` ``(B, 2, 3)`` or ``(B, 3, 3)`` (see the module convention).
 
     Works on latents and pixels alike, at any resolution. ``size=(H_out, W_out)`` sets the output
     size (default: the input's). Positions that sample outside the input get ``padding_mode``
@@ -106,7 +154,13 @@ def warp(
         raise ValueError(f"expected mode in {INTERPOLATION_MODES}, got {mode!r}")
     height, width = size if size is not None else image.shape[-2:]
     size = [image.shape[0], image.shape[1], height, width]
-    grid = F.affine_grid(theta[:, :2, :].to(image.dtype), size, align_corners=False)
+    if is_homography(theta):
+        # The identity grid's output positions, sent through H one by one (affine_grid is affine only).
+        identity = identity_theta(image.shape[0], image.device, image.dtype)
+        positions = F.affine_grid(identity, size, align_corners=False).flatten(1, 2)  # (B, H·W, 2)
+        grid = apply_theta(theta.to(image.dtype), positions).view(image.shape[0], height, width, 2)
+    else:
+        grid = F.affine_grid(theta.to(image.dtype), size, align_corners=False)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
@@ -137,20 +191,38 @@ def theta_to_pixel_matrix(theta: torch.Tensor, height: int, width: int) -> torch
     return torch.linalg.inv(norm) @ to_homogeneous(theta) @ norm
 
 
-def pixel_matrix_to_theta(matrix: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`theta_to_pixel_matrix`: ``(B, 3, 3)`` or ``(B, 2, 3)`` pixels → θ ``(B, 2, 3)``."""
+def pixel_matrix_to_theta(matrix: torch.Tensor, height: int, width: int, transform: str = "affine") -> torch.Tensor:
+    """Inverse of :func:`theta_to_pixel_matrix`: a ``(B, 3, 3)`` or ``(B, 2, 3)`` pixel matrix → θ.
+
+    ``transform="affine"`` returns ``(B, 2, 3)`` and expects an affine matrix (a ``(B, 3, 3)`` one
+    must have last row ``[0, 0, 1]``); ``"homography"`` returns ``(B, 3, 3)`` (``cv2.findHomography``).
+    """
     _check_theta(matrix, "matrix")
+    if transform not in MATRIX_TRANSFORMS:
+        raise ValueError(f"expected transform in {MATRIX_TRANSFORMS}, got {transform!r}")
+    homogeneous = to_homogeneous(matrix)
+    if transform == "affine":
+        last_row = homogeneous[:, 2, :]
+        affine_row = torch.tensor([0.0, 0.0, 1.0], dtype=last_row.dtype, device=last_row.device)
+        if not torch.allclose(last_row / last_row[:, 2:], affine_row.expand_as(last_row), atol=1e-9, rtol=0):
+            raise ValueError(
+                f"expected an affine matrix (last row [0, 0, 1]) for transform='affine', got last row(s) "
+                f"{last_row.tolist()}; pass transform='homography' for a projective matrix"
+            )
     norm = _normalisation_matrix(height, width, matrix)
-    return (norm @ to_homogeneous(matrix) @ torch.linalg.inv(norm))[:, :2, :]
+    theta = norm @ homogeneous @ torch.linalg.inv(norm)
+    return _normalise_homography(theta) if transform == "homography" else theta[:, :2, :]
+
+
+# The four image corners in normalised coordinates: top-left, top-right, bottom-right, bottom-left.
+_IMAGE_CORNERS = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
 
 
 def corner_positions(theta: torch.Tensor) -> torch.Tensor:
     """Where ``theta`` sends the four output-image corners, ``(B, 4, 2)`` in normalised coordinates."""
     _check_theta(theta)
-    corners = torch.tensor(
-        [[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], device=theta.device, dtype=theta.dtype
-    )
-    return corners @ theta[:, :2, :].transpose(1, 2)
+    corners = _IMAGE_CORNERS.to(device=theta.device, dtype=theta.dtype)
+    return apply_theta(theta, corners.expand(theta.shape[0], -1, -1))
 
 
 def corner_error(theta_pred: torch.Tensor, theta_true: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -177,6 +249,8 @@ class WarpRange:
         anisotropy: ``(low, high)`` extra factor ``a``; the x axis is scaled by ``√a`` and y by ``1/√a``.
         shear: maximum absolute shear factor.
         translation: maximum absolute translation per axis, as a fraction of the image size.
+        perspective: maximum extra displacement of each image corner per axis, as a fraction of
+            the image size; above 0, :func:`random_theta` returns homographies ``(B, 3, 3)``.
     """
 
     rotation: float = 15.0
@@ -184,6 +258,7 @@ class WarpRange:
     anisotropy: tuple[float, float] = (1.0, 1.0)
     shear: float = 0.05
     translation: float = 0.10
+    perspective: float = 0.0
 
     def scaled(self, amount: float) -> "WarpRange":
         """The ranges shrunk towards the identity by ``amount ∈ [0, 1]`` (a curriculum step)."""
@@ -197,6 +272,7 @@ class WarpRange:
             anisotropy=towards_one(self.anisotropy),
             shear=self.shear * amount,
             translation=self.translation * amount,
+            perspective=self.perspective * amount,
         )
 
 
@@ -207,11 +283,13 @@ WARP_PRESETS = {
     "large": WarpRange(rotation=30.0, scale=(0.8, 1.25), shear=0.1, translation=0.15),
     # Beyond what a registration model is trained on: measures where its basin ends.
     "huge": WarpRange(rotation=45.0, scale=(0.7, 1.4), shear=0.1, translation=0.25),
+    # `standard` seen from a step aside: each corner moves up to 5 % of the side more (homographies).
+    "projective": WarpRange(rotation=15.0, scale=(0.9, 1.1), shear=0.05, translation=0.10, perspective=0.05),
 }
 
 
 def get_warp_range(warp: str | WarpRange) -> WarpRange:
-    """A :class:`WarpRange` from a preset name (``none``, ``small``, ``standard``, ``large``, ``huge``) or itself."""
+    """A :class:`WarpRange` from a preset name (a key of :data:`WARP_PRESETS`) or itself."""
     if isinstance(warp, WarpRange):
         return warp
     if warp not in WARP_PRESETS:
@@ -230,13 +308,16 @@ def random_theta(
     width: int = 512,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Random affine misalignments about the image centre, ``(B, 2, 3)`` float32 on the CPU.
+    """Random misalignments about the image centre: affine ``(B, 2, 3)``, or homographies
+    ``(B, 3, 3)`` when ``warp_range.perspective > 0``; float32 on the CPU.
 
     The motion ``A = T · R · H · S`` (scale, then shear, then rotation, then translation) is built
     in pixel units, so a rotation is a true rotation for non-square ``H × W``, then expressed in
     the θ convention. The returned θ is the one that *aligns* the moved image (see the module
     docstring): synthesise the moving image with ``warp(reference, invert_theta(theta))``.
-    Deterministic for a given ``generator`` state.
+    With perspective, each image corner's image under ``A`` moves by up to ``perspective`` of the
+    side per axis, and θ is the homography through the four moved corners.
+    Deterministic for a given ``generator`` state; affine ranges draw exactly what they always drew.
     """
     warp_range = get_warp_range(warp_range)
     angle = torch.deg2rad(_uniform(batch_size, -warp_range.rotation, warp_range.rotation, generator))
@@ -263,7 +344,14 @@ def random_theta(
     to_normalised = torch.diag(torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64))
     linear = to_normalised @ linear_pixels @ torch.linalg.inv(to_normalised)
     translation = torch.stack([shift_x, shift_y], -1).unsqueeze(-1)  # normalised: fraction · 2
-    return torch.cat([linear, translation], dim=2).float()
+    theta = torch.cat([linear, translation], dim=2)
+    if warp_range.perspective <= 0:
+        return theta.float()
+    # Drawn after the affine part, so the affine part of a seeded draw does not depend on perspective.
+    jitter = _uniform(batch_size * 8, -warp_range.perspective, warp_range.perspective, generator) * 2.0
+    corners = _IMAGE_CORNERS.to(torch.float64).expand(batch_size, -1, -1)
+    moved = apply_theta(theta, corners) + jitter.view(batch_size, 4, 2)
+    return fit_homography(corners, moved, regularization=0.0).float()
 
 
 def fit_affine(
@@ -332,6 +420,52 @@ def fit_affine(
     unstretch = torch.diag(source.new_tensor([1.0 / aspect, 1.0]))
     linear = unstretch @ matrix[:, :, :2] @ torch.diag(stretch)
     return torch.cat([linear, unstretch @ matrix[:, :, 2:]], dim=2)
+
+
+def fit_homography(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    regularization: float = 1e-6,
+) -> torch.Tensor:
+    """Weighted least-squares homography with ``target ≈ π(H · [source, 1])``, ``(B, 3, 3)``; differentiable.
+
+    Minimises the algebraic error of the direct linear transform with ``H[2, 2] = 1`` (8 unknowns),
+    which is well conditioned here because normalised coordinates already lie in ``[-1, 1]``.
+    Four points in general position give the exact homography (``regularization=0``).
+
+    Args:
+        source: ``(B, N, 2)`` points in normalised coordinates, ``N >= 4``.
+        target: ``(B, N, 2)`` where each point should map to.
+        weights: ``(B, N)`` non-negative weights (default: all ones).
+        regularization: a small pull towards the identity that keeps degenerate point sets solvable.
+    """
+    if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 2:
+        raise ValueError(
+            "expected source and target of the same shape (B, N, 2), "
+            f"got {tuple(source.shape)} and {tuple(target.shape)}"
+        )
+    batch_size, num_points, _ = source.shape
+    if num_points < 4:
+        raise ValueError(f"expected at least 4 points for a homography (8 unknowns), got {num_points}")
+    if weights is None:
+        weights = source.new_ones(batch_size, num_points)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    x, y = source[..., 0], source[..., 1]
+    u, v = target[..., 0], target[..., 1]
+    ones, zeros = torch.ones_like(x), torch.zeros_like(x)
+    # Unknowns (h11, h12, h13, h21, h22, h23, h31, h32): u (h31 x + h32 y + 1) = h11 x + h12 y + h13, same for v.
+    rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -x * u, -y * u], -1)
+    rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -x * v, -y * v], -1)
+    design = torch.cat([rows_u, rows_v], dim=1)  # (B, 2N, 8)
+    values = torch.cat([u, v], dim=1)  # (B, 2N)
+    w = torch.cat([weights, weights], dim=1)
+    normal = design.transpose(1, 2) @ (w.unsqueeze(-1) * design)
+    rhs = design.transpose(1, 2) @ (w * values).unsqueeze(-1)
+    eye = torch.eye(8, device=design.device, dtype=design.dtype)
+    prior = source.new_tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    params = torch.linalg.solve(normal + regularization * eye, rhs + regularization * prior.unsqueeze(-1)).squeeze(-1)
+    return torch.cat([params, params.new_ones(batch_size, 1)], dim=1).view(batch_size, 3, 3)
 
 
 def params_to_theta(params: torch.Tensor, transform: str = "affine", aspect: float = 1.0) -> torch.Tensor:

@@ -72,7 +72,7 @@ class TestWarp:
 
     def test_bad_theta_and_padding_raise(self):
         image = torch.zeros(1, 3, 8, 8)
-        with pytest.raises(ValueError, match=r"theta of shape \(B, 2, 3\), got \(1, 6\)"):
+        with pytest.raises(ValueError, match=r"theta of shape \(B, 2, 3\) or \(B, 3, 3\), got \(1, 6\)"):
             geometry.warp(image, torch.zeros(1, 6))
         with pytest.raises(ValueError, match="padding_mode in"):
             geometry.warp(image, geometry.identity_theta(1), padding_mode="wrap")
@@ -208,3 +208,106 @@ class TestFitAffine:
         target = (source.detach() * 1.1 + 0.05).requires_grad_(True)
         weights = torch.rand(2, 8, dtype=torch.float64).add(0.1).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda s, t, w: geometry.fit_affine(s, t, w), (source, target, weights))
+
+
+def random_homographies(batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    return random_thetas(batch_size, "projective", seed)
+
+
+class TestHomography:
+    def test_projective_preset_gives_homographies_with_the_affine_draw_kept(self):
+        homography = random_homographies(6, seed=3)
+        affine = random_thetas(6, "standard", seed=3)
+        assert homography.shape == (6, 3, 3) and geometry.is_homography(homography)
+        assert homography[:, 2, :2].abs().max() > 1e-3  # truly projective
+        # Corners move by at most 5 % of the side (0.1 normalised) per axis beyond the affine draw.
+        shift = geometry.corner_positions(homography) - geometry.corner_positions(affine)
+        assert shift.abs().max() <= 0.1 + 1e-6 and shift.abs().max() > 0.05
+
+    def test_compose_with_inverse_is_identity(self):
+        homography = random_homographies()
+        eye = torch.eye(3, dtype=torch.float64).expand(8, 3, 3)
+        torch.testing.assert_close(geometry.compose_theta(homography, geometry.invert_theta(homography)), eye)
+        torch.testing.assert_close(geometry.compose_theta(geometry.invert_theta(homography), homography), eye)
+
+    def test_affine_as_homography_warps_the_same(self, photo_tensor):
+        affine = random_thetas(1, "standard", seed=2).float()
+        ours = geometry.warp(photo_tensor, geometry.to_homogeneous(affine))
+        torch.testing.assert_close(ours, geometry.warp(photo_tensor, affine), atol=1e-4, rtol=0)
+
+    def test_mixed_composition_is_a_homography_matching_two_warps(self, photo_tensor):
+        affine = random_thetas(1, "small", seed=1).float()
+        homography = random_homographies(1, seed=1).float()
+        composed = geometry.compose_theta(affine, homography)
+        assert composed.shape == (1, 3, 3)
+        once = geometry.warp(photo_tensor, composed)
+        twice = geometry.warp(geometry.warp(photo_tensor, affine, padding_mode="border"), homography)
+        inner = (slice(None), slice(None), slice(96, -96), slice(96, -96))
+        assert psnr(once[inner], twice[inner]) > 30
+
+    def test_warp_matches_cv2_warp_perspective(self, coffee):
+        image = np.asarray(coffee).astype(np.float32) / 255  # 400×600
+        height, width = image.shape[:2]
+        tensor = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+        theta = random_homographies(1, seed=5)
+        ours = geometry.warp(tensor, theta.float())[0].permute(1, 2, 0).numpy()
+        pixels = geometry.theta_to_pixel_matrix(theta, height, width)[0].numpy()
+        theirs = cv2.warpPerspective(image, pixels, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        covered = geometry.valid_mask(theta.float(), height, width)[0, 0].numpy() > 0
+        inside = np.zeros_like(covered)
+        inside[40:-40, 40:-40] = True
+        inside &= covered
+        assert inside.mean() > 0.4
+        assert np.abs(ours - theirs)[inside].mean() < 2e-3
+
+    def test_pixel_matrix_round_trip_and_cv2_find_homography(self):
+        theta = random_homographies(4, seed=6)
+        height, width = 375, 500
+        pixels = geometry.theta_to_pixel_matrix(theta, height, width)
+        back = geometry.pixel_matrix_to_theta(pixels, height, width, transform="homography")
+        torch.testing.assert_close(back, theta)
+        # cv2.findHomography from reference pixels to where they show in the moving image is P.
+        reference = np.float32([[30, 40], [470, 20], [480, 350], [25, 330], [250, 190], [100, 300]])
+        homogeneous = np.concatenate([reference, np.ones((6, 1), np.float32)], 1) @ pixels[0].numpy().T
+        moving = (homogeneous[:, :2] / homogeneous[:, 2:]).astype(np.float32)
+        found, _ = cv2.findHomography(reference, moving)
+        converted = geometry.pixel_matrix_to_theta(torch.from_numpy(found)[None], height, width, transform="homography")
+        torch.testing.assert_close(converted, theta[:1], atol=1e-6, rtol=1e-5)
+
+    def test_affine_conversion_refuses_a_projective_matrix(self):
+        pixels = geometry.theta_to_pixel_matrix(random_homographies(1), 64, 64)
+        with pytest.raises(ValueError, match="transform='homography'"):
+            geometry.pixel_matrix_to_theta(pixels, 64, 64)
+        with pytest.raises(ValueError, match="expected transform in"):
+            geometry.pixel_matrix_to_theta(pixels, 64, 64, transform="perspective")
+
+    def test_corner_error_of_a_pure_corner_move(self):
+        # Move one corner of the identity by 0.1 normalised in x: 0.1 · 256 = 25.6 px on one corner of four.
+        corners = geometry.corner_positions(geometry.identity_theta(1, dtype=torch.float64))
+        moved = corners.clone()
+        moved[0, 2, 0] += 0.1
+        homography = geometry.fit_homography(corners, moved, regularization=0.0)
+        error = geometry.corner_error(homography, geometry.identity_theta(1, dtype=torch.float64), 512, 512)
+        assert error.item() == pytest.approx(25.6 / 4)
+
+    def test_fit_homography_recovers_a_homography_and_ignores_outliers(self):
+        theta = random_homographies(2, seed=9)
+        source = torch.rand(2, 50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+        target = geometry.apply_theta(theta, source)
+        torch.testing.assert_close(geometry.fit_homography(source, target, regularization=0.0), theta)
+        target[:, :5] += 0.5  # five gross outliers, weighted out
+        weights = torch.ones(2, 50, dtype=torch.float64)
+        weights[:, :5] = 0
+        torch.testing.assert_close(geometry.fit_homography(source, target, weights, regularization=0.0), theta)
+
+    def test_fit_homography_needs_four_points(self):
+        with pytest.raises(ValueError, match="at least 4 points"):
+            geometry.fit_homography(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))
+
+    def test_warp_and_fit_are_differentiable(self):
+        image = torch.rand(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+        theta = random_homographies(1, seed=4).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda i, t: geometry.warp(i, t), (image, theta))
+        source = (torch.rand(1, 6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1)
+        target = geometry.apply_theta(theta.detach(), source).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda t: geometry.fit_homography(source, t), (target,))
