@@ -1,9 +1,9 @@
 """The embedded default pipeline: a small VAE and a registration STN shipped inside the package.
 
 It is trained by ``scripts/train_default.py`` on photos from packages (see the README), stored as
-fp16 safetensors in ``stn_diffusers/default/``, and loaded with no network. Its STN is tied to its
-own small VAE's latent space: to align in Stable Diffusion's latent space, fine-tune an STN for
-that VAE (``python -m stn_diffusers.finetune --pretrained_vae_name_or_path stabilityai/sd-vae-ft-mse``).
+fp16 safetensors in ``stn_diffusers/weights/default/``, and loaded with no network. Its STN is
+tied to its own small VAE's latent space: to align in Stable Diffusion's latent space, fine-tune an
+STN for that VAE (``python -m stn_diffusers.finetune --pretrained_vae_name_or_path stabilityai/sd-vae-ft-mse``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_PIPELINE_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_PIPELINE_DIR = Path(__file__).resolve().parent / "weights" / "default"
 
 
 def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
@@ -29,4 +29,6 @@ def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = 
             f"expected the embedded default pipeline at {str(DEFAULT_PIPELINE_DIR)!r}, found none; "
             "reinstall stn-diffusers or re-create it with `python scripts/train_default.py`"
         )
-    return STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, torch_dtype=torch_dtype).to(device)
+    # Safetensors only: a pickled ``.bin`` dropped into the installed package is never unpickled.
+    pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, torch_dtype=torch_dtype, use_safetensors=True)
+    return pipe.to(device)

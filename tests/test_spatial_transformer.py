@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from stn_diffusers import STN_PRESETS, SpatialTransformer, SpatialTransformerOutput, geometry
+from stn_diffusers.models.correlation_localizer import CorrelationLocalizer
+from stn_diffusers.models.seed_localizer import SeedLocalizer
+from stn_diffusers.models.spatial_transformer import cell_centres, local_correlation
 
 from .conftest import TINY_REGISTRATION
 
@@ -57,6 +60,11 @@ class TestSeedDesign:
         with pytest.raises(ValueError, match=r"spatial size \(64, 64\)"):
             SpatialTransformer()(latents(1, 4, 96, 96))
 
+    def test_rejects_another_sample_size_when_built(self):
+        # Its linear layer reads the features of 64×64 latents: any other size could never run.
+        with pytest.raises(ValueError, match="expected sample_size=64 for architecture='seed' .* got 32"):
+            SpatialTransformer(sample_size=32)
+
 
 class TestRegistrationDesign:
     @pytest.mark.parametrize("size", [(64, 64), (96, 96), (64, 96), (128, 128)])
@@ -98,6 +106,36 @@ class TestRegistrationDesign:
         error = geometry.corner_error(theta, shift, 64, 64).item()
         identity_error = geometry.corner_error(geometry.identity_theta(1), shift, 64, 64).item()
         assert error < identity_error
+
+
+class TestLocalizers:
+    def test_architecture_chooses_the_localizer_and_its_size_limits(self):
+        seed, registration = SpatialTransformer(), SpatialTransformer(**TINY_REGISTRATION)
+        assert isinstance(seed.localizer, SeedLocalizer) and isinstance(registration.localizer, CorrelationLocalizer)
+        assert (seed.fixed_sample_size, seed.min_sample_size) == (64, 64)
+        assert (registration.fixed_sample_size, registration.min_sample_size) == (None, 16)
+        coarse = SpatialTransformer(**{**TINY_REGISTRATION, "iteration_strides": (4, 2), "search_radius": (3, 2)})
+        assert coarse.min_sample_size == 8
+
+    def test_head_parameters_are_the_layers_that_turn_features_into_theta(self):
+        seed, registration = SpatialTransformer(), SpatialTransformer(**TINY_REGISTRATION)
+        assert [id(p) for p in seed.head_parameters()] == [id(seed.fc_loc[2].weight), id(seed.fc_loc[2].bias)]
+        expected = [registration.residual_gate, registration.log_match_scale, *registration.confidence.parameters()]
+        assert [id(p) for p in registration.head_parameters()] == [id(p) for p in expected]
+
+    def test_local_correlation_peaks_at_the_displacement(self):
+        reference = torch.nn.functional.normalize(latents(1, 8, 6, 6), dim=1)
+        moving = torch.roll(reference, shifts=1, dims=-1)  # content one cell to the right
+        correlation = local_correlation(reference, moving, radius=1)  # (1, 9, 6, 6)
+        # channel i·3 + j holds (dy, dx) = (i - 1, j - 1): the match is at (0, +1), channel 5
+        assert (correlation[0, :, :, :5].argmax(dim=0) == 5).all()
+
+    def test_cell_centres_are_pixel_centres_in_normalised_coordinates(self):
+        centres = cell_centres(2, 4, torch.zeros(1))
+        assert centres.tolist() == [
+            [-0.75, -0.5], [-0.25, -0.5], [0.25, -0.5], [0.75, -0.5],
+            [-0.75, 0.5], [-0.25, 0.5], [0.25, 0.5], [0.75, 0.5],
+        ]  # fmt: skip
 
 
 class TestValidation:

@@ -1,45 +1,38 @@
 """`SpatialTransformer`: estimates θ from VAE latents and warps them.
 
-Two localisation designs share one interface:
+Two localisation designs share one interface (:class:`~stn_diffusers.models.localizer.Localizer`),
+chosen once by ``architecture``:
 
-* ``architecture="seed"`` is the original design, kept exactly so it can be compared against:
-  Conv(4→32, 7) → MaxPool 2 → ReLU → Conv(32→64, 5) → MaxPool 2 → ReLU → Linear(64·12·12→32) →
-  ReLU → Linear(32→6), zero weight and identity bias on the last layer, fixed 4×64×64 input.
-  With ``conditioning="reference"`` the moving and reference latents are concatenated (8 channels).
-* ``architecture="correlation"`` registers moving onto reference latents: a shared feature
-  pyramid (GroupNorm conv blocks, strides 2/4/8), a local correlation volume between the
-  reference features and the currently warped moving features, a soft-argmax match for every
-  reference cell, learned confidences, and a weighted least-squares fit of the transform to those
-  matches. Each iteration works one pyramid level finer (coarse to fine), warps the moving latents
-  by the current θ, estimates the residual and composes it. Works at any latent size ≥ 16.
+* ``"seed"`` (:mod:`~stn_diffusers.models.seed_localizer`): the original convolutional regressor,
+  kept exactly so it can be compared against; fixed 4×64×64 input.
+* ``"correlation"`` (:mod:`~stn_diffusers.models.correlation_localizer`): feature matching between
+  the reference and the moving latents, fitted by least squares, coarse to fine; any latent size
+  of at least 16.
+
+The transformer runs the cascade around either: each iteration warps the moving latents by the
+current θ, asks the localiser for the residual and composes it.
 
 θ follows the convention in :mod:`stn_diffusers.geometry`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from .. import geometry
+from .correlation_localizer import CorrelationLocalizer, FeaturePyramid, cell_centres, local_correlation
+from .localizer import Localizer
+from .seed_localizer import SEED_SAMPLE_SIZE, SeedLocalizer
 
 CONDITIONINGS = ("none", "reference")
 ARCHITECTURES = ("seed", "correlation")
 TRANSFORMS = ("affine", "similarity", "translation")
-
-# The seed design's localisation net turns 64×64 latents into 64 maps of 12×12.
-SEED_SAMPLE_SIZE = 64
-SEED_FEATURE_SHAPE = (64, 12, 12)
-
-# Initial sharpness of the soft-argmax over correlations of unit-length features (range ±1).
-INITIAL_MATCH_SCALE = 10.0
 
 STN_PRESETS: dict[str, dict] = {
     "seed": {},
@@ -55,6 +48,20 @@ STN_PRESETS: dict[str, dict] = {
     },
 }
 
+# FeaturePyramid, cell_centres and local_correlation live with the correlation design and are
+# re-exported here, where they were first defined.
+__all__ = [
+    "ARCHITECTURES",
+    "CONDITIONINGS",
+    "STN_PRESETS",
+    "TRANSFORMS",
+    "FeaturePyramid",
+    "SpatialTransformer",
+    "SpatialTransformerOutput",
+    "cell_centres",
+    "local_correlation",
+]
+
 
 @dataclass
 class SpatialTransformerOutput(BaseOutput):
@@ -67,71 +74,6 @@ class SpatialTransformerOutput(BaseOutput):
 
     sample: torch.Tensor
     theta: torch.Tensor
-
-
-def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    """Two 3×3 convolutions with GroupNorm: normalisation is what lets the matcher leave identity."""
-    groups = math.gcd(8, out_channels)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-        nn.GroupNorm(groups, out_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1),
-        nn.GroupNorm(groups, out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-class FeaturePyramid(nn.Module):
-    """Unit-length matching features at strides 2, 4 and 8 of the latent grid.
-
-    ``(B, C_in, H, W)`` → ``{stride: (B, feature_dim, ⌈H/stride⌉, ⌈W/stride⌉)}``.
-    """
-
-    def __init__(self, in_channels: int, channels: tuple[int, ...], feature_dim: int):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.ReLU(inplace=True))
-        self.blocks = nn.ModuleList(
-            _conv_block(channels[i], channels[i + 1], stride=2) for i in range(len(channels) - 1)
-        )
-        # No ReLU on the projection: signed features correlate better than non-negative ones.
-        self.projections = nn.ModuleList(nn.Conv2d(c, feature_dim, 1) for c in channels[1:])
-
-    @property
-    def strides(self) -> tuple[int, ...]:
-        return tuple(2 ** (i + 1) for i in range(len(self.blocks)))
-
-    def forward(self, x: torch.Tensor, strides: set[int] | None = None) -> dict[int, torch.Tensor]:
-        x = self.stem(x)  # (B, C0, H, W)
-        features = {}
-        for stride, block, projection in zip(self.strides, self.blocks, self.projections):
-            x = block(x)  # (B, C_i, H/stride, W/stride)
-            if strides is None or stride in strides:
-                features[stride] = F.normalize(projection(x), dim=1)
-            if strides is not None and stride >= max(strides):
-                break
-        return features
-
-
-def local_correlation(reference: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
-    """Correlation of each reference cell with moving cells within ``radius``.
-
-    ``(B, C, h, w)`` × 2 → ``(B, (2r+1)², h, w)``; channel ``i·(2r+1) + j`` holds displacement
-    ``(dy, dx) = (i - r, j - r)``. Cells outside the moving map correlate as zero.
-    """
-    batch, channels, height, width = reference.shape
-    window = 2 * radius + 1
-    patches = F.unfold(moving, kernel_size=window, padding=radius)  # (B, C·window², h·w)
-    patches = patches.view(batch, channels, window * window, height, width)
-    return (reference.unsqueeze(2) * patches).sum(dim=1)  # (B, window², h, w)
-
-
-def cell_centres(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """Normalised centres of an ``h × w`` grid (align_corners=False), ``(h·w, 2)`` as (x, y)."""
-    ys = (torch.arange(height, device=like.device, dtype=like.dtype) * 2 + 1) / height - 1
-    xs = (torch.arange(width, device=like.device, dtype=like.dtype) * 2 + 1) / width - 1
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=-1)
 
 
 class SpatialTransformer(ModelMixin, ConfigMixin):
@@ -151,12 +93,18 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
             the current θ, estimates the residual and composes it.
         padding_mode (`str`, defaults to `"zeros"`): how warped latents are padded.
         sample_size (`int`, defaults to 64): latent size the model was built or trained for; the
-            seed design accepts only this size.
+            seed design accepts only 64.
         feature_channels, feature_dim, iteration_strides, search_radius: the correlation design's
             feature pyramid widths, matching feature size, pyramid stride used at each iteration
             (later iterations reuse the last) and search radius in cells at each iteration.
         vae_fingerprint (`str`, *optional*): identity of the VAE whose latent space this model
             was trained in; pipelines warn when it is paired with another.
+
+    Attributes:
+        localizer (:class:`~stn_diffusers.models.localizer.Localizer`): the design ``architecture``
+            chose. Its layers are this model's own, under the same names: ``localization`` and
+            ``fc_loc`` (seed); ``localization``, ``log_match_scale``, ``confidence`` and
+            ``residual_gate`` (correlation).
     """
 
     @register_to_config
@@ -178,9 +126,12 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         super().__init__()
         self._check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode)
         if architecture == "seed":
-            self._build_seed(in_channels * (2 if conditioning == "reference" else 1), transform)
+            localizer = SeedLocalizer(in_channels, conditioning, transform, sample_size)
         else:
-            self._build_correlation(in_channels, feature_channels, feature_dim, iteration_strides, search_radius)
+            localizer = CorrelationLocalizer(
+                in_channels, conditioning, transform, feature_channels, feature_dim, iteration_strides, search_radius
+            )
+        self._adopt(localizer)
 
     @staticmethod
     def _check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode) -> None:
@@ -193,139 +144,75 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"expected {name} in {allowed}, got {value!r}")
-        if architecture == "correlation" and conditioning != "reference":
-            raise ValueError("expected conditioning='reference' for architecture='correlation' (it matches two inputs)")
         if int(num_iterations) < 1:
             raise ValueError(f"expected num_iterations >= 1, got {num_iterations}")
         if int(in_channels) < 1:
             raise ValueError(f"expected in_channels >= 1, got {in_channels}")
 
-    # ----------------------------------------------------------------------------------- seed design
-    def _build_seed(self, input_channels: int, transform: str) -> None:
-        self.localization = nn.Sequential(
-            nn.Conv2d(input_channels, 32, kernel_size=7),  # (B, 32, 58, 58)
-            nn.MaxPool2d(2, stride=2),  # (B, 32, 29, 29)
-            nn.ReLU(True),
-            nn.Conv2d(32, 64, kernel_size=5),  # (B, 64, 25, 25)
-            nn.MaxPool2d(2, stride=2),  # (B, 64, 12, 12)
-            nn.ReLU(True),
-        )
-        num_params = len(geometry.identity_params(transform))
-        self.fc_loc = nn.Sequential(nn.Linear(math.prod(SEED_FEATURE_SHAPE), 32), nn.ReLU(True), nn.Linear(32, num_params))
-        self._init_identity()
+    def _adopt(self, localizer: Localizer) -> None:
+        """Make the localiser's submodules and parameters this model's own, under the same names.
 
-    def _init_identity(self) -> None:
-        # Zero weight + identity bias: the STN starts as a no-op.
-        final = self.fc_loc[2]
-        nn.init.zeros_(final.weight)
-        with torch.no_grad():
-            final.bias.copy_(torch.tensor(geometry.identity_params(self.config.transform)))
-
-    def _seed_step(self, moving: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
-        x = moving if reference is None else torch.cat([moving, reference], dim=1)
-        features = self.localization(x)  # (B, 64, 12, 12)
-        params = self.fc_loc(features.flatten(1))  # (B, num_params)
-        return geometry.params_to_theta(params, self.config.transform)
-
-    # ---------------------------------------------------------------------------- correlation design
-    def _build_correlation(self, in_channels, feature_channels, feature_dim, iteration_strides, search_radius) -> None:
-        feature_channels, iteration_strides = tuple(feature_channels), tuple(iteration_strides)
-        search_radius = tuple(search_radius)
-        self.localization = FeaturePyramid(in_channels, feature_channels, feature_dim)
-        available = self.localization.strides
-        if not iteration_strides or any(s not in available for s in iteration_strides):
-            raise ValueError(f"expected iteration_strides drawn from {available}, got {iteration_strides}")
-        if len(search_radius) != len(iteration_strides) or min(search_radius) < 1:
-            raise ValueError(
-                f"expected one search_radius >= 1 per iteration stride ({len(iteration_strides)}), got {search_radius}"
-            )
-        self.log_match_scale = nn.Parameter(torch.full((len(iteration_strides),), math.log(INITIAL_MATCH_SCALE)))
-        self.confidence = nn.ModuleList(
-            nn.Sequential(nn.Conv2d((2 * r + 1) ** 2, 32, 3, padding=1), nn.ReLU(True), nn.Conv2d(32, 1, 3, padding=1))
-            for r in search_radius
-        )
-        for head in self.confidence:
-            # Zero-initialised confidences: every match counts equally until training says otherwise.
-            nn.init.zeros_(head[2].weight)
-            nn.init.zeros_(head[2].bias)
-        # Each iteration's residual is I + gate · (fit - I); zero gates make the STN start as a no-op,
-        # like the seed. Fine-tuning gives these scalars a higher learning rate (see `head_parameters`).
-        self.residual_gate = nn.Parameter(torch.zeros(len(iteration_strides)))
-
-    def _level(self, iteration: int) -> int:
-        return min(iteration, len(self.config.iteration_strides) - 1)
-
-    def _correlation_step(
-        self, moving: torch.Tensor, reference_features: dict[int, torch.Tensor], iteration: int
-    ) -> torch.Tensor:
-        level = self._level(iteration)
-        stride = self.config.iteration_strides[level]
-        radius = self.config.search_radius[level]
-        ref = reference_features[stride]
-        mov = self.localization(moving, {stride})[stride]
-        batch, _, height, width = ref.shape
-        correlation = local_correlation(ref, mov, radius)  # (B, (2r+1)², h, w)
-        probabilities = torch.softmax(correlation * self.log_match_scale[level].exp(), dim=1)
-
-        window = torch.arange(-radius, radius + 1, device=ref.device, dtype=ref.dtype)
-        offset_y, offset_x = torch.meshgrid(window, window, indexing="ij")
-        offsets = torch.stack([offset_x.flatten() * 2 / width, offset_y.flatten() * 2 / height], dim=-1)  # (K, 2)
-        displacement = torch.einsum("bkhw,kc->bhwc", probabilities, offsets).reshape(batch, -1, 2)
-
-        confidence = self.confidence[level](probabilities).clamp(-10, 10).exp().flatten(1)  # (B, h·w)
-        source = cell_centres(height, width, ref).expand(batch, -1, -1)
-        aspect = moving.shape[-1] / moving.shape[-2]
-        fitted = geometry.fit_affine(source, source + displacement, confidence, self.config.transform, aspect)
-        identity = geometry.identity_theta(batch, fitted.device, fitted.dtype)
-        return identity + self.residual_gate[level] * (fitted - identity)
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The small parameters that turn matches into θ (gates, match scales, confidences, or the
-        seed's final layer); fine-tuning may give them a higher learning rate than the trunk."""
-        if self.config.architecture == "seed":
-            return list(self.fc_loc[2].parameters())
-        return [self.residual_gate, self.log_match_scale, *self.confidence.parameters()]
+        Those names are the keys of the published weights (``localization.*``, ``fc_loc.*``,
+        ``residual_gate``...), so the localiser is not registered as a submodule (that would prefix
+        every key). The two share one registry rather than two references to each parameter:
+        loaders (diffusers' low-memory path, ``load_state_dict(assign=True)``) replace parameters
+        by name on this model, and the localiser must see the replacements.
+        """
+        self._modules = localizer._modules
+        self._parameters = localizer._parameters
+        self._buffers = localizer._buffers
+        self._non_persistent_buffers_set = localizer._non_persistent_buffers_set
+        # Set past nn.Module.__setattr__, which would register it in the registry it shares.
+        self.__dict__["localizer"] = localizer
 
     # --------------------------------------------------------------------------------------- public
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The small parameters that turn features into θ (gates, match scales, confidences, or the
+        seed's final layer); fine-tuning may give them a higher learning rate than the trunk."""
+        return self.localizer.head_parameters()
+
     @property
     def fixed_sample_size(self) -> int | None:
         """The only latent side this model accepts (the seed design's), or ``None`` for any size."""
-        return self.config.sample_size if self.config.architecture == "seed" else None
+        return self.localizer.fixed_sample_size
 
     @property
     def min_sample_size(self) -> int:
         """The smallest latent side this model accepts."""
-        if self.fixed_sample_size is not None:
-            return self.fixed_sample_size
-        return 2 * max(self.config.iteration_strides)
+        return self.localizer.min_sample_size
 
     def check_inputs(self, sample: torch.Tensor, reference: torch.Tensor | None) -> None:
         """Raise ``ValueError``/``TypeError`` naming the expected value for any bad input."""
         channels = self.config.in_channels
         if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"expected sample to be a torch.Tensor of shape (B, {channels}, H, W), got {type(sample).__name__}")
+            raise TypeError(
+                f"expected sample to be a torch.Tensor of shape (B, {channels}, H, W), got {type(sample).__name__}"
+            )
         if sample.ndim != 4:
             raise ValueError(f"expected sample of shape (B, {channels}, H, W), got {tuple(sample.shape)}")
         if sample.shape[1] != channels:
-            raise ValueError(f"expected sample with {channels} channels, shape (B, {channels}, H, W), got {tuple(sample.shape)}")
-        if self.config.architecture == "seed":
-            size = self.config.sample_size
-            if tuple(sample.shape[-2:]) != (size, size):
-                raise ValueError(
-                    f"expected sample of spatial size ({size}, {size}) for architecture='seed', got {tuple(sample.shape)};"
-                    " use architecture='correlation' for other sizes"
-                )
-        else:
-            minimum = 2 * max(self.config.iteration_strides)
-            if min(sample.shape[-2:]) < minimum:
-                raise ValueError(f"expected sample at least {minimum}×{minimum} latents, got {tuple(sample.shape)}")
+            raise ValueError(
+                f"expected sample with {channels} channels, shape (B, {channels}, H, W), got {tuple(sample.shape)}"
+            )
+        size, fixed, minimum = tuple(sample.shape[-2:]), self.fixed_sample_size, self.min_sample_size
+        if fixed is not None and size != (fixed, fixed):
+            raise ValueError(
+                f"expected sample of spatial size ({fixed}, {fixed}) for architecture={self.config.architecture!r}, "
+                f"got {tuple(sample.shape)}; architecture='correlation' takes other sizes"
+            )
+        if min(size) < minimum:
+            raise ValueError(f"expected sample at least {minimum}×{minimum} latents, got {tuple(sample.shape)}")
         if self.config.conditioning == "reference":
             if reference is None:
-                raise ValueError(f"expected a reference of shape {tuple(sample.shape)} for conditioning='reference', got None")
+                raise ValueError(
+                    f"expected a reference of shape {tuple(sample.shape)} for conditioning='reference', got None"
+                )
             if not isinstance(reference, torch.Tensor):
                 raise TypeError(f"expected reference to be a torch.Tensor, got {type(reference).__name__}")
             if reference.shape != sample.shape:
-                raise ValueError(f"expected reference of shape {tuple(sample.shape)} (the sample's), got {tuple(reference.shape)}")
+                raise ValueError(
+                    f"expected reference of shape {tuple(sample.shape)} (the sample's), got {tuple(reference.shape)}"
+                )
         elif reference is not None:
             raise ValueError("expected reference=None for conditioning='none'; this model does not look at a reference")
         for name, tensor in (("sample", sample), ("reference", reference)):
@@ -341,18 +228,14 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         is the answer), for training every iteration.
         """
         self.check_inputs(sample, reference)
-        theta = geometry.identity_theta(sample.shape[0], sample.device, sample.dtype)
-        reference_features = None
-        if self.config.architecture == "correlation":
-            reference_features = self.localization(reference, set(self.config.iteration_strides))
-        thetas = []
-        for iteration in range(self.config.num_iterations):
-            moving = sample if iteration == 0 else geometry.warp(sample, theta, padding_mode=self.config.padding_mode)
-            if self.config.architecture == "seed":
-                residual = self._seed_step(moving, reference)
-            else:
-                residual = self._correlation_step(moving, reference_features, iteration)
-            theta = residual if iteration == 0 else geometry.compose_theta(theta, residual)
+        context = self.localizer.prepare(reference)
+        # The first estimate stands as it is: composing it with the identity would only add rounding
+        # to a model that starts as an exact no-op.
+        theta = self.localizer.step(sample, context, 0)  # (B, 2, 3)
+        thetas = [theta]
+        for iteration in range(1, self.config.num_iterations):
+            moving = geometry.warp(sample, theta, padding_mode=self.config.padding_mode)  # (B, C, H, W)
+            theta = geometry.compose_theta(theta, self.localizer.step(moving, context, iteration))
             thetas.append(theta)
         return thetas if return_intermediate else theta
 

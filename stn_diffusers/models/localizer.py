@@ -1,0 +1,50 @@
+"""`Localizer`: the interface every localisation design of :class:`SpatialTransformer` implements.
+
+A localiser turns latents into a residual θ, one cascade iteration at a time; the
+:class:`~stn_diffusers.models.spatial_transformer.SpatialTransformer` around it validates inputs,
+runs the cascade (warp by the θ so far, ask for the residual, compose) and warps the output. The
+designs are :class:`~stn_diffusers.models.seed_localizer.SeedLocalizer` and
+:class:`~stn_diffusers.models.correlation_localizer.CorrelationLocalizer`.
+
+θ follows the convention in :mod:`stn_diffusers.geometry`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class Localizer(nn.Module, abc.ABC):
+    """One localisation design: the learnable layers and the step that turns latents into θ.
+
+    The submodules and parameters a localiser registers become the spatial transformer's own, under
+    the same names: they are the keys of its saved weights.
+    """
+
+    @abc.abstractmethod
+    def prepare(self, reference: torch.Tensor | None) -> Any:
+        """What every iteration needs from the reference ``(B, C, H, W)`` (or ``None``), computed once."""
+
+    @abc.abstractmethod
+    def step(self, moving: torch.Tensor, context: Any, iteration: int) -> torch.Tensor:
+        """The residual θ ``(B, 2, 3)`` that aligns ``moving`` ``(B, C, H, W)``, the sample warped by
+        the θ of the iterations before ``iteration`` (0-based); ``context`` is :meth:`prepare`'s."""
+
+    @abc.abstractmethod
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The small parameters that turn features into θ; fine-tuning may give them a higher
+        learning rate than the trunk."""
+
+    @property
+    @abc.abstractmethod
+    def fixed_sample_size(self) -> int | None:
+        """The only latent side this design accepts, or ``None`` for any side from :attr:`min_sample_size`."""
+
+    @property
+    @abc.abstractmethod
+    def min_sample_size(self) -> int:
+        """The smallest latent side this design accepts."""

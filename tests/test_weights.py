@@ -1,0 +1,129 @@
+"""Saved weights keep loading: state-dict keys, the embedded default pipeline and its packaging."""
+
+import configparser
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import stn_diffusers
+from stn_diffusers import STN_PRESETS, SpatialTransformer, load_default
+from stn_diffusers.default import DEFAULT_PIPELINE_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STN_WEIGHTS = DEFAULT_PIPELINE_DIR / "stn" / "diffusion_pytorch_model.safetensors"
+
+# The keys of the published seed design's weights.
+SEED_KEYS = [
+    "localization.0.weight", "localization.0.bias", "localization.3.weight", "localization.3.bias",
+    "fc_loc.0.weight", "fc_loc.0.bias", "fc_loc.2.weight", "fc_loc.2.bias",
+]  # fmt: skip
+
+# The keys of the registration design's weights (those of the shipped default): each pyramid block
+# is conv (0), GroupNorm (1), ReLU, conv (3), GroupNorm (4); each confidence head conv (0), ReLU, conv (2).
+REGISTRATION_KEYS = [
+    "log_match_scale",
+    "residual_gate",
+    "localization.stem.0.weight",
+    "localization.stem.0.bias",
+    *(f"localization.blocks.{b}.{layer}.{p}" for b in range(3) for layer in (0, 1, 3, 4) for p in ("weight", "bias")),
+    *(f"localization.projections.{level}.{p}" for level in range(3) for p in ("weight", "bias")),
+    *(f"confidence.{level}.{layer}.{p}" for level in range(3) for layer in (0, 2) for p in ("weight", "bias")),
+]
+
+
+def perturbed(model: SpatialTransformer) -> SpatialTransformer:
+    """``model`` moved away from its initialisation, so that a load that keeps the initial values fails."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    return model
+
+
+class TestStateDictKeys:
+    def test_seed_keys_are_the_published_ones(self):
+        assert list(SpatialTransformer().state_dict()) == SEED_KEYS
+
+    def test_registration_keys_are_the_recorded_ones(self):
+        assert list(SpatialTransformer(**STN_PRESETS["registration"]).state_dict()) == REGISTRATION_KEYS
+
+    def test_shipped_default_has_the_registration_keys(self):
+        assert sorted(load_file(STN_WEIGHTS)) == sorted(REGISTRATION_KEYS)
+
+
+class TestEmbeddedDefault:
+    @pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+    def test_stn_loads_every_shipped_tensor(self, low_cpu_mem_usage):
+        stn, info = SpatialTransformer.from_pretrained(
+            DEFAULT_PIPELINE_DIR / "stn", output_loading_info=True, low_cpu_mem_usage=low_cpu_mem_usage
+        )
+        assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+        shipped = load_file(STN_WEIGHTS)
+        for name, tensor in stn.state_dict().items():
+            torch.testing.assert_close(tensor, shipped[name].to(tensor.dtype), rtol=0, atol=0, msg=name)
+
+    def test_localizer_runs_on_the_loaded_parameters(self):
+        # diffusers' default loader builds the model on the meta device and then replaces each
+        # parameter by name: the localiser must compute with the replacements, not the placeholders.
+        stn = load_default().stn
+        assert stn.localizer.residual_gate is stn.residual_gate
+        assert {id(p) for p in stn.head_parameters()} <= {id(p) for p in stn.parameters()}
+        assert stn.residual_gate.abs().sum() > 0  # trained gates, not the zero initialisation
+        sample = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(stn.predict_theta(sample, sample)).all()
+
+    def test_default_loads_safetensors_only(self, tmp_path, monkeypatch):
+        folder = tmp_path / "default"
+        shutil.copytree(DEFAULT_PIPELINE_DIR, folder)
+        weights = folder / "stn" / "diffusion_pytorch_model.safetensors"
+        torch.save(load_file(weights), weights.with_suffix(".bin"))  # a pickle where the safetensors was
+        weights.unlink()
+        monkeypatch.setattr(stn_diffusers.default, "DEFAULT_PIPELINE_DIR", folder)
+        with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+            load_default()
+
+    def test_package_data_ships_every_weights_file(self):
+        config = configparser.ConfigParser()
+        config.read(REPO_ROOT / "setup.cfg")
+        # setuptools reads the list one pattern a line or comma-separated.
+        patterns = re.split(r"[,\s]+", config["options.package_data"]["stn_diffusers"].strip())
+        package = REPO_ROOT / "stn_diffusers"
+        shipped = {path for pattern in patterns for path in package.glob(pattern)}
+        weights = {path for path in DEFAULT_PIPELINE_DIR.rglob("*") if path.is_file()}
+        assert DEFAULT_PIPELINE_DIR == package / "weights" / "default"
+        assert weights and weights <= shipped
+
+
+class TestSavedWeights:
+    @pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+    @pytest.mark.parametrize("preset", ["seed", "registration"])
+    def test_save_pretrained_reloads_equal_tensors(self, tmp_path, preset, low_cpu_mem_usage):
+        model = perturbed(SpatialTransformer(**STN_PRESETS[preset]))
+        model.save_pretrained(tmp_path)
+        loaded = SpatialTransformer.from_pretrained(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert list(loaded.state_dict()) == list(model.state_dict())
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+        # The localiser computes with the very parameters that were loaded.
+        loaded_ids = {name: id(p) for name, p in loaded.named_parameters()}
+        assert {name: id(p) for name, p in loaded.localizer.named_parameters()} == loaded_ids
+
+    def test_deepcopy_gives_the_copy_its_own_localizer(self):
+        model = SpatialTransformer(**STN_PRESETS["registration"])
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            clone.residual_gate.fill_(1.0)
+        assert clone.localizer.residual_gate is clone.residual_gate
+        assert model.residual_gate.abs().sum() == 0 and model.localizer.residual_gate is model.residual_gate
+
+    def test_assigned_parameters_reach_the_localizer(self):
+        model = SpatialTransformer(**STN_PRESETS["registration"])
+        state = {name: tensor.clone() for name, tensor in perturbed(copy.deepcopy(model)).state_dict().items()}
+        model.load_state_dict(state, assign=True)  # replaces the parameter objects
+        assert model.localizer.log_match_scale is model.log_match_scale
+        torch.testing.assert_close(model.head_parameters()[1], state["log_match_scale"], rtol=0, atol=0)
