@@ -35,7 +35,7 @@ QUICKSTART = [
     new_code_cell(SETUP),
     new_code_cell(
         "from stn_diffusers.cli import load_pipeline\n"
-        "from stn_diffusers.demo import ASSETS, REAL_PAIR\n"
+        "from stn_diffusers.data import ASSETS, REAL_PAIR\n"
         "from stn_diffusers.images import load_image\n\n"
         "pipe = load_pipeline(PIPELINE)\n"
         "reference, moving = (load_image(ASSETS / name) for name in REAL_PAIR)\n"
@@ -80,17 +80,23 @@ ANALYZE = [
         "OUTPUT = \"analysis-report\""
     ),
     new_code_cell(
-        "from stn_diffusers.analysis import analyze, folder_photos, format_markdown\n"
-        "from stn_diffusers.cli import load_pipeline\n\n"
+        "from stn_diffusers.analysis import analyze, format_markdown\n"
+        "from stn_diffusers.cli import load_pipeline\n"
+        "from stn_diffusers.data import load_photo_folder\n\n"
         "pipe = load_pipeline(PIPELINE)\n"
-        "sources, names = folder_photos(DATA) if DATA else (None, None)\n"
+        "sources, names = None, None  # the bundled photos\n"
+        "if DATA:\n"
+        "    sources, paths = load_photo_folder(DATA)\n"
+        "    names = [path.name for path in paths]\n"
         "report = analyze(pipe, OUTPUT, sources, names, num_pairs=NUM_PAIRS, num_visual=2, pipeline_dir=PIPELINE)"
     ),
     new_code_cell(
         "architecture, identity = report['architecture'], report['identity']\n"
         "print('parameters:', architecture['total_parameters'])\n"
-        "print('localisation activations:', ' → '.join('×'.join(map(str, s)) for s in architecture['activation_shapes']))\n"
-        "print(f\"identity rate {identity['identity_rate']:.0%}, latent difference {identity['latent_difference']:.2e}\")\n"
+        "shapes = architecture['activation_shapes']\n"
+        "print('localisation activations:', ' → '.join('×'.join(map(str, s)) for s in shapes))\n"
+        "print(f\"identity rate {identity['identity_rate']:.0%}, \"\n"
+        "      f\"latent difference {identity['latent_difference']:.2e}\")\n"
         "print('modules with gradient:', report['gradient_flow']['modules_with_gradient'])\n"
         "print(f\"θ mean absolute error {report['theta']['mae']:.4f}, median corner error \"\n"
         "      f\"{report['theta']['corner_error']['median']:.2f} px\")"
@@ -126,7 +132,8 @@ FINETUNE = [
         "    \"--pretrained_vae_name_or_path\", VAE, \"--train_data_dir\", DATA, \"--stn_config\", STN_CONFIG,\n"
         "    \"--resolution\", RESOLUTION, \"--max_train_steps\", STEPS, \"--train_batch_size\", \"4\",\n"
         "    \"--pairs_per_image\", \"2\", \"--lr_warmup_steps\", \"1\", \"--validation_steps\", \"2\",\n"
-        "    \"--num_validation_pairs\", \"4\", \"--logging_steps\", \"1\", \"--report_to\", \"none\", \"--output_dir\", OUTPUT,\n"
+        "    \"--num_validation_pairs\", \"4\", \"--logging_steps\", \"1\", \"--report_to\", \"none\",\n"
+        "    \"--output_dir\", OUTPUT,\n"
         "]\n"
         "pipeline_dir = main(parse_args(argv))\n"
         "print('saved pipeline:', pipeline_dir)"
@@ -139,8 +146,10 @@ FINETUNE = [
         "display(Image(filename=str(figure)))"
     ),
     new_markdown_cell(
-        "The fine-tuned folder loads like any pipeline: `stn-diffusers analyze --pipeline finetune-run --output report` "
-        "(or the `02_analyze_stn` notebook with `STN_DIFFUSERS_PIPELINE=finetune-run`) adds these curves to its report."
+        "The fine-tuned folder loads like any pipeline: "
+        "`stn-diffusers analyze --pipeline finetune-run --output report` "
+        "(or the `02_analyze_stn` notebook with `STN_DIFFUSERS_PIPELINE=finetune-run`) adds these curves to its "
+        "report."
     ),
 ]
 

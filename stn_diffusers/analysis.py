@@ -7,7 +7,8 @@ For any :class:`STNAlignmentPipeline` this measures, on seeded synthetic pairs f
   that is identity within :data:`IDENTITY_TOLERANCE`, and how much the latents move;
 * **gradient flow**: per-parameter gradient norms of the fine-tuning loss for one batch, so a dead
   localisation net (only the last layer learning) shows at a glance;
-* **θ statistics**: predicted against true θ per entry, and the corner-error distribution;
+* **θ statistics**: predicted against true θ per entry, and the corner-error distribution
+  (:func:`stn_diffusers.metrics.summarize_errors`, the statistics every report of the project uses);
 * **visual grid**: reference | moving | aligned (pixel warp) | aligned (decoded) | differences, and
   the latent channels before and after;
 * **training curves**: loss and validation corner error against step, when the pipeline folder
@@ -27,15 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import geometry
-from .data import Pair, list_images, load_images, seeded_pairs
-from .images import to_rgb_tensor
+from . import geometry, metrics
+from .data import Pair, bundled_photos, seeded_pairs
+from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
 # A θ entry within this of the identity's counts as identity (the seed report's criterion).
 IDENTITY_TOLERANCE = 1e-3
 DEFAULT_NUM_PAIRS = 32
 DEFAULT_NUM_VISUAL = 3
-ENCODE_BATCH_SIZE = 8
+# Pairs encoded and aligned at once, and the size of the gradient-flow batch.
+BATCH_SIZE = 8
 METRICS_FILE = "metrics.jsonl"
 THETA_ENTRIES = [f"θ[{row},{column}]" for row in range(2) for column in range(3)]
 FIGURES = {
@@ -49,51 +51,9 @@ FIGURES = {
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def bundled_photos() -> tuple[list[torch.Tensor], list[str]]:
-    """The photos bundled with the package (the demo's), as ``(3, H, W)`` tensors and names."""
-    from .demo import ASSETS, SYNTHETIC_PHOTOS
-
-    images, paths = load_images([ASSETS / name for name in SYNTHETIC_PHOTOS], strict=True)
-    return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
-
-
-def folder_photos(folder: str | Path) -> tuple[list[torch.Tensor], list[str]]:
-    """Every readable photo under ``folder`` as ``(3, H, W)`` tensors and names."""
-    images, paths = load_images(list_images(folder))
-    return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
-
-
 def analysis_resolution(pipe) -> int:
     """Pixel side of the square pairs: the STN's configured latent size times the VAE factor."""
     return pipe.stn.config.sample_size * pipe.vae_scale_factor
-
-
-@torch.no_grad()
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` in ``[0, 1]`` → scaled latents ``(B, C, H/f, W/f)`` in float32 on the CPU."""
-    latents = [
-        pipe.encode(images[start : start + ENCODE_BATCH_SIZE] * 2 - 1).float().cpu()
-        for start in range(0, images.shape[0], ENCODE_BATCH_SIZE)
-    ]
-    return torch.cat(latents)
-
-
-def _stn_inputs(stn, moving: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    parameter = next(stn.parameters())
-    moving = moving.to(device=parameter.device, dtype=parameter.dtype)
-    if stn.config.conditioning != "reference":
-        return moving, None
-    return moving, reference.to(device=parameter.device, dtype=parameter.dtype)
-
-
-@torch.no_grad()
-def predict_theta(stn, moving: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """θ ``(B, 2, 3)`` float32 on the CPU for latents ``(B, C, h, w)``, in batches."""
-    thetas = []
-    for start in range(0, moving.shape[0], ENCODE_BATCH_SIZE):
-        chunk = slice(start, start + ENCODE_BATCH_SIZE)
-        thetas.append(stn.predict_theta(*_stn_inputs(stn, moving[chunk], reference[chunk])).float().cpu())
-    return torch.cat(thetas)
 
 
 # ------------------------------------------------------------------------------------ architecture
@@ -134,6 +94,7 @@ def layer_table(stn, sample_size: int | None = None) -> dict:
     leaves = [(name, module) for name, module in stn.named_modules() if name and not list(module.children())]
     handles = [module.register_forward_hook(record(name)) for name, module in leaves]
     try:
+        # One latent, no pipeline: the STN's own θ path, with the sample as its own reference.
         reference = sample if stn.config.conditioning == "reference" else None
         stn.predict_theta(sample, reference)
     finally:
@@ -150,7 +111,11 @@ def layer_table(stn, sample_size: int | None = None) -> dict:
         for name, module in leaves
     ]
     in_leaves = {f"{name}.{p}" for name, module in leaves for p, _ in module.named_parameters(recurse=False)}
-    other = [{"name": name, "shape": list(p.shape), "parameters": p.numel()} for name, p in stn.named_parameters() if name not in in_leaves]
+    other = [
+        {"name": name, "shape": list(p.shape), "parameters": p.numel()}
+        for name, p in stn.named_parameters()
+        if name not in in_leaves
+    ]
     return {
         "input_shape": list(sample.shape[1:]),
         "layers": layers,
@@ -178,17 +143,21 @@ def _localization_shapes(calls: list[tuple[str, list[int]]]) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------- identity check
 @torch.no_grad()
-def identity_check(stn, latents: torch.Tensor) -> dict:
-    """θ for zero-misalignment pairs: each latent ``(B, C, h, w)`` aligned onto itself.
+def identity_check(pipe, latents: torch.Tensor) -> dict:
+    """θ for zero-misalignment pairs: each latent ``(B, C, h, w)`` aligned onto itself by ``pipe``'s STN
+    (an :class:`~stn_diffusers.STNAlignmentPipeline`, :data:`BATCH_SIZE` latents at a time).
 
     A model that does no harm returns identity θ and leaves the latents as they are. Returns
     ``{"num_samples", "identity_rate", "max_theta_deviation", "mean_theta", "latent_difference"}``;
     ``identity_rate`` is the share of samples whose θ lies within :data:`IDENTITY_TOLERANCE` of
     the identity in every entry, ``latent_difference`` the mean ``|warp(x, θ) - x|``.
     """
-    theta = predict_theta(stn, latents, latents)
+    if not isinstance(pipe, STNAlignmentPipeline):
+        raise TypeError(f"expected an STNAlignmentPipeline (its θ path batches the latents), got {type(pipe).__name__}")
+    latents = latents.float().cpu()
+    theta = pipe.predict_theta(latents, latents, batch_size=BATCH_SIZE).cpu()
     deviation = (theta - geometry.identity_theta(theta.shape[0])).abs().flatten(1).amax(dim=1)  # (B,)
-    warped = geometry.warp(latents, theta, padding_mode=stn.config.padding_mode)
+    warped = geometry.warp(latents, theta, padding_mode=pipe.stn.config.padding_mode)
     return {
         "num_samples": int(theta.shape[0]),
         "identity_rate": float((deviation <= IDENTITY_TOLERANCE).float().mean()),
@@ -199,22 +168,30 @@ def identity_check(stn, latents: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------- gradient flow
-def corner_error_loss(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def corner_error_loss(
+    stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """The fine-tuning loss (``losses.training_loss``, corner error only) of one batch of latents
     ``(B, C, h, w)`` against ``true_theta`` ``(B, 2, 3)``, for ``height × width`` square pixel pairs."""
     from .losses import training_loss
 
     if height != width:
-        raise ValueError(f"expected square pairs (the fine-tuning loss measures resolution × resolution), got {height}×{width}")
-    moving, reference = _stn_inputs(stn, moving, reference)
-    if reference is None:  # conditioning="none": the loss ignores it, but the batch names it
-        reference = moving
-    batch = {"moving": moving, "reference": reference, "theta": true_theta.to(moving.device)}
+        raise ValueError(
+            f"expected square pairs (the fine-tuning loss measures resolution × resolution), got {height}×{width}"
+        )
+    # training_loss passes the reference on only to an STN that looks at one.
+    batch = {
+        "moving": moving.to(device=stn.device, dtype=stn.dtype),
+        "reference": reference.to(device=stn.device, dtype=stn.dtype),
+        "theta": true_theta.to(stn.device),
+    }
     loss, _ = training_loss(stn, batch, height)
     return loss
 
 
-def gradient_flow(stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int) -> dict:
+def gradient_flow(
+    stn, moving: torch.Tensor, reference: torch.Tensor, true_theta: torch.Tensor, height: int, width: int
+) -> dict:
     """Gradient norm of every parameter for one batch of :func:`corner_error_loss`.
 
     Latents ``(B, C, h, w)``, ``true_theta`` ``(B, 2, 3)``, pixel size ``height × width``. The
@@ -261,7 +238,8 @@ def theta_statistics(predicted: torch.Tensor, true: torch.Tensor, height: int, w
     """Predicted against true θ ``(B, 2, 3)`` for ``height × width`` pixel pairs.
 
     Returns the mean absolute error per entry (``(2, 3)``) and over all entries, and the corner
-    error (pixels) of the prediction and of the identity (doing nothing): mean, median and p90.
+    error (pixels) of the prediction and of the identity (doing nothing), each summarised by
+    :func:`~stn_diffusers.metrics.summarize_errors`.
     """
     identity = geometry.identity_theta(true.shape[0])
     errors = geometry.corner_error(predicted.double(), true.double(), height, width)
@@ -272,18 +250,10 @@ def theta_statistics(predicted: torch.Tensor, true: torch.Tensor, height: int, w
         "image_size": [height, width],
         "mae_per_entry": absolute.mean(dim=0).tolist(),
         "mae": float(absolute.mean()),
-        "corner_error": _distribution(errors),
-        "identity_corner_error": _distribution(baseline),
+        "corner_error": metrics.summarize_errors(errors),
+        "identity_corner_error": metrics.summarize_errors(baseline),
         "corner_errors": errors.tolist(),
         "identity_corner_errors": baseline.tolist(),
-    }
-
-
-def _distribution(values: torch.Tensor) -> dict:
-    return {
-        "mean": float(values.mean()),
-        "median": float(values.median()),
-        "p90": float(torch.quantile(values, 0.9)),
     }
 
 
@@ -345,7 +315,8 @@ def plot_corner_error(stats: dict, path: str | Path) -> Path:
     axis.hist(baseline, bins=bins, alpha=0.5, label="identity (before)", color="tab:grey")
     axis.hist(model, bins=bins, alpha=0.7, label="stn", color="tab:blue")
     for name, style in (("median", "-"), ("p90", "--")):
-        axis.axvline(stats["corner_error"][name], color="tab:blue", linestyle=style, label=f"stn {name} {stats['corner_error'][name]:.2f} px")
+        value = stats["corner_error"][name]
+        axis.axvline(value, color="tab:blue", linestyle=style, label=f"stn {name} {value:.2f} px")
     axis.set_xlabel(f"corner error (px, {stats['image_size'][1]}×{stats['image_size'][0]})")
     axis.set_ylabel("pairs")
     axis.legend(fontsize=8)
@@ -359,7 +330,9 @@ def _show(axis, image: torch.Tensor, title: str) -> None:
 
 
 @torch.no_grad()
-def plot_grid(pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor, directory: str | Path) -> tuple[Path, Path]:
+def plot_grid(
+    pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor, directory: str | Path
+) -> tuple[Path, Path]:
     """``grid.png`` (one row per pair: reference | moving | aligned (pixel warp) | aligned (decoded)
     | difference before | difference after) and ``latents.png`` (the latent channels of the
     reference, the moving latents and the aligned ones), aligned through ``pipe`` itself."""
@@ -391,7 +364,11 @@ def plot_grid(pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_l
     channels = moving_latents.shape[1]
     figure, axes = _subplots(3 * len(pairs), channels, (2.2 * channels, 6.6 * len(pairs)))
     for index in range(len(pairs)):
-        rows = (("reference", reference_latents[index]), ("before", moving_latents[index]), ("after", output.latents[index].float().cpu()))
+        rows = (
+            ("reference", reference_latents[index]),
+            ("before", moving_latents[index]),
+            ("after", output.latents[index].float().cpu()),
+        )
         for offset, (label, latent) in enumerate(rows):
             limit = float(latent.abs().max()) or 1.0
             for channel in range(channels):
@@ -411,7 +388,8 @@ def read_metrics(path: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"expected one JSON object per line in {str(path)!r}, line {number}: {error}") from None
+                message = f"expected one JSON object per line in {str(path)!r}, line {number}: {error}"
+                raise ValueError(message) from None
     return records
 
 
@@ -493,33 +471,42 @@ def analyze(
 
     # 1. Pairs and their latents, encoded once and shared by every measurement
     pairs = seeded_pairs(sources, int(num_pairs), resolution, warp, seed, names=names)
-    references = encode_images(pipe, torch.stack([pair.reference for pair in pairs]))
-    moving = encode_images(pipe, torch.stack([pair.moving for pair in pairs]))
+    with torch.no_grad():  # scaled latents (N, C, h, w)
+        references = pipe.encode_images([p.reference for p in pairs], resolution, resolution, batch_size=BATCH_SIZE)
+        moving = pipe.encode_images([p.moving for p in pairs], resolution, resolution, batch_size=BATCH_SIZE)
+    references, moving = references.float().cpu(), moving.float().cpu()
     true_theta = torch.stack([pair.theta for pair in pairs])
 
     # 2. Measure
     report = {
         "stn_config": {k: v for k, v in stn.config.items() if not k.startswith("_")},
-        "pairs": {"num_pairs": len(pairs), "resolution": resolution, "warp": warp, "seed": seed, "sources": len(sources)},
+        "pairs": {
+            "num_pairs": len(pairs), "resolution": resolution, "warp": warp, "seed": seed, "sources": len(sources)
+        },
         "architecture": layer_table(stn),
         # Zero misalignment: each reference against itself.
-        "identity": identity_check(stn, references),
+        "identity": identity_check(pipe, references),
         "gradient_flow": gradient_flow(
-            stn, moving[:ENCODE_BATCH_SIZE], references[:ENCODE_BATCH_SIZE], true_theta[:ENCODE_BATCH_SIZE], resolution, resolution
+            stn, moving[:BATCH_SIZE], references[:BATCH_SIZE], true_theta[:BATCH_SIZE], resolution, resolution
         ),
     }
-    predicted = predict_theta(stn, moving, references)
+    with torch.no_grad():
+        predicted = pipe.predict_theta(moving, references, batch_size=BATCH_SIZE).cpu()
     report["theta"] = theta_statistics(predicted, true_theta, resolution, resolution)
 
     # 3. Figures
     figures = {
         "gradient_flow": plot_gradient_flow(report["gradient_flow"], output_dir / FIGURES["gradient_flow"]),
-        "theta_scatter": plot_theta_scatter(predicted, true_theta, report["theta"], output_dir / FIGURES["theta_scatter"]),
+        "theta_scatter": plot_theta_scatter(
+            predicted, true_theta, report["theta"], output_dir / FIGURES["theta_scatter"]
+        ),
         "corner_error": plot_corner_error(report["theta"], output_dir / FIGURES["corner_error"]),
     }
     shown = min(int(num_visual), len(pairs))
     if shown:
-        figures["grid"], figures["latents"] = plot_grid(pipe, pairs[:shown], moving[:shown], references[:shown], output_dir)
+        figures["grid"], figures["latents"] = plot_grid(
+            pipe, pairs[:shown], moving[:shown], references[:shown], output_dir
+        )
     metrics = Path(pipeline_dir) / METRICS_FILE if pipeline_dir is not None else None
     if metrics is not None and metrics.is_file():
         records = read_metrics(metrics)
@@ -538,39 +525,58 @@ def _shape(shape: list[int]) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    """``report.md``: the report's tables, with its figures inline."""
-    architecture, identity, flow, theta = report["architecture"], report["identity"], report["gradient_flow"], report["theta"]
+    """``report.md``: the report's tables (written by :func:`stn_diffusers.metrics.markdown_table`),
+    with its figures inline."""
+    architecture, identity = report["architecture"], report["identity"]
+    flow, theta = report["gradient_flow"], report["theta"]
     figures = report["figures"]
     config = report["stn_config"]
     pairs = report["pairs"]
+    layer_rows = [
+        [
+            f"`{layer['name']}`",
+            layer["type"],
+            ", ".join(_shape(s) for s in layer["output_shapes"]) or "—",
+            f"{layer['parameters']:,}",
+        ]
+        for layer in architecture["layers"]
+    ]
+    layer_rows += [
+        [f"`{other['name']}`", f"Parameter {_shape(other['shape'])}", "—", f"{other['parameters']:,}"]
+        for other in architecture["other_parameters"]
+    ]
+    gradient_rows = [
+        [f"`{row['name']}`", _shape(row["shape"]), f"{row['grad_norm']:.3e}"] for row in flow["parameters"]
+    ]
+    mae_row = ["MAE", *(f"{v:.4f}" for row in theta["mae_per_entry"] for v in row)]
+    height, width = theta["image_size"]
+    corner_rows = [
+        [label, *metrics.summary_cells(theta[key])]
+        for label, key in (("identity (before)", "identity_corner_error"), ("stn", "corner_error"))
+    ]
     lines = [
         "# STN analysis",
         "",
         f"Model: `architecture={config['architecture']}`, `conditioning={config['conditioning']}`, "
         f"`transform={config['transform']}`, `sample_size={config['sample_size']}`. Pairs: {pairs['num_pairs']} "
-        f"seeded `{pairs['warp']}` pairs at {pairs['resolution']}×{pairs['resolution']} from {pairs['sources']} photo(s), seed {pairs['seed']}.",
+        f"seeded `{pairs['warp']}` pairs at {pairs['resolution']}×{pairs['resolution']} from {pairs['sources']} "
+        f"photo(s), seed {pairs['seed']}.",
         "",
         "## Architecture",
         "",
         f"Input {_shape(architecture['input_shape'])}; localisation activations "
         + " → ".join(_shape(s) for s in architecture["activation_shapes"])
-        + f". **{architecture['total_parameters']:,} parameters** ({architecture['trainable_parameters']:,} trainable).",
+        + f". **{architecture['total_parameters']:,} parameters** "
+        f"({architecture['trainable_parameters']:,} trainable).",
         "",
-        "| layer | type | output shape(s) | parameters |",
-        "|---|---|---|---:|",
-    ]
-    for layer in architecture["layers"]:
-        shapes = ", ".join(_shape(s) for s in layer["output_shapes"]) or "—"
-        lines.append(f"| `{layer['name']}` | {layer['type']} | {shapes} | {layer['parameters']:,} |")
-    for other in architecture["other_parameters"]:
-        lines.append(f"| `{other['name']}` | Parameter {_shape(other['shape'])} | — | {other['parameters']:,} |")
-    lines += [
+        metrics.markdown_table(["layer", "type", "output shape(s)", "parameters"], layer_rows),
         "",
         "## Identity check",
         "",
         f"Zero-misalignment pairs (each reference against itself), {identity['num_samples']} samples: identity rate "
-        f"**{identity['identity_rate']:.1%}** (θ within {IDENTITY_TOLERANCE:g} of identity in every entry), largest θ deviation "
-        f"{identity['max_theta_deviation']:.2e}, mean absolute latent difference {identity['latent_difference']:.2e}.",
+        f"**{identity['identity_rate']:.1%}** (θ within {IDENTITY_TOLERANCE:g} of identity in every entry), "
+        f"largest θ deviation {identity['max_theta_deviation']:.2e}, mean absolute latent difference "
+        f"{identity['latent_difference']:.2e}.",
         "",
         "## Gradient flow",
         "",
@@ -581,25 +587,23 @@ def format_markdown(report: dict) -> str:
         + (", ".join(f"`{m}`" for m in flow["modules_without_gradient"]) or "none")
         + ".",
         "",
-        "| parameter | shape | gradient norm |",
-        "|---|---|---:|",
-    ]
-    lines += [f"| `{row['name']}` | {_shape(row['shape'])} | {row['grad_norm']:.3e} |" for row in flow["parameters"]]
-    lines += ["", f"![gradient flow]({figures['gradient_flow']})", "", "## θ statistics", ""]
-    lines += [
+        metrics.markdown_table(["parameter", "shape", "gradient norm"], gradient_rows),
+        "",
+        f"![gradient flow]({figures['gradient_flow']})",
+        "",
+        "## θ statistics",
+        "",
         f"Mean absolute error of θ against the truth: **{theta['mae']:.4f}**.",
         "",
-        "| | " + " | ".join(THETA_ENTRIES) + " |",
-        "|---|" + "---:|" * len(THETA_ENTRIES),
-        "| MAE | " + " | ".join(f"{v:.4f}" for row in theta["mae_per_entry"] for v in row) + " |",
+        metrics.markdown_table(["", *THETA_ENTRIES], [mae_row]),
         "",
-        f"| corner error (px, {theta['image_size'][1]}×{theta['image_size'][0]}) | mean | median | p90 |",
-        "|---|---:|---:|---:|",
+        metrics.markdown_table([f"corner error (px, {width}×{height})", *metrics.SUMMARY_HEADER], corner_rows),
+        "",
+        f"![theta scatter]({figures['theta_scatter']})",
+        "",
+        f"![corner error]({figures['corner_error']})",
+        "",
     ]
-    for label, key in (("identity (before)", "identity_corner_error"), ("stn", "corner_error")):
-        d = theta[key]
-        lines.append(f"| {label} | {d['mean']:.2f} | {d['median']:.2f} | {d['p90']:.2f} |")
-    lines += ["", f"![theta scatter]({figures['theta_scatter']})", "", f"![corner error]({figures['corner_error']})", ""]
     if "grid" in figures:
         lines += ["## Visual grid", "", f"![grid]({figures['grid']})", "", f"![latents]({figures['latents']})", ""]
     if "training" in report:

@@ -26,6 +26,8 @@ from .images import load_image, to_rgb_tensor
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Photometric change of a moving view: none, or a second shot of the scene (:func:`photometric_jitter`).
+PHOTOMETRIC_MODES = ("none", "realistic")
 
 # Photos bundled with the package (see the README for their sources and licences).
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -102,7 +104,8 @@ def fit_shorter_side(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
         return image
     scale = target / shorter
     size = [max(low, round(side * scale)) for side in image.shape[-2:]]
-    return F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    resized = F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp(0, 1)
 
 
 def crop_theta(
@@ -190,10 +193,10 @@ def seeded_pairs(
     """``num_pairs`` pairs cycling over ``sources`` ``(3, H, W)``; identical for the same arguments.
 
     Each pair has its own generator seeded from ``(seed, index)``, so pair ``i`` does not depend on
-    how many pairs are drawn. ``photometric``: ``"none"`` or ``"realistic"`` (see :func:`photometric_jitter`).
+    how many pairs are drawn. ``photometric``: one of :data:`PHOTOMETRIC_MODES` (see :func:`photometric_jitter`).
     """
-    if photometric not in ("none", "realistic"):
-        raise ValueError(f"expected photometric in ('none', 'realistic'), got {photometric!r}")
+    if photometric not in PHOTOMETRIC_MODES:
+        raise ValueError(f"expected photometric in {PHOTOMETRIC_MODES}, got {photometric!r}")
     if not sources:
         raise ValueError("expected at least one source image, got none")
     warp_range = geometry.get_warp_range(warp)
@@ -225,7 +228,8 @@ class PoolSettings:
         warp_space: ``"pixel"`` (warp the photo, then encode: one encoded view per pool entry) or
             ``"latent"`` (encode the reference crop only; moving latents are warped latents).
         pairs_per_image: pixel-warped views encoded per photo (ignored in latent space).
-        photometric: ``"none"`` or ``"realistic"`` (jitter every moving view, see :func:`photometric_jitter`).
+        photometric: one of :data:`PHOTOMETRIC_MODES` (``"realistic"`` jitters every moving view, see
+            :func:`photometric_jitter`).
         seed: seeds the crops and the warps.
         min_amount: the smallest view's warp range, as a fraction of ``warp``; views ramp up to 1.
     """
@@ -241,8 +245,8 @@ class PoolSettings:
     def __post_init__(self):
         if self.warp_space not in WARP_SPACES:
             raise ValueError(f"expected warp_space in {WARP_SPACES}, got {self.warp_space!r}")
-        if self.photometric not in ("none", "realistic"):
-            raise ValueError(f"expected photometric in ('none', 'realistic'), got {self.photometric!r}")
+        if self.photometric not in PHOTOMETRIC_MODES:
+            raise ValueError(f"expected photometric in {PHOTOMETRIC_MODES}, got {self.photometric!r}")
         if self.pairs_per_image < 1:
             raise ValueError(f"expected pairs_per_image >= 1, got {self.pairs_per_image}")
 
@@ -277,7 +281,9 @@ def view_thetas(settings: PoolSettings, image_index: int) -> torch.Tensor:
     return torch.cat(thetas)
 
 
-def render_views(source: torch.Tensor, settings: PoolSettings, image_index: int, views: list[int] | None = None) -> torch.Tensor:
+def render_views(
+    source: torch.Tensor, settings: PoolSettings, image_index: int, views: list[int] | None = None
+) -> torch.Tensor:
     """The pixel views of one photo ``(3, H, W)`` in ``[0, 1]``: ``(len(views), 3, S, S)``.
 
     Every view shares one crop (seeded by the photo's index); view ``k > 0`` is sampled from the
@@ -290,7 +296,8 @@ def render_views(source: torch.Tensor, settings: PoolSettings, image_index: int,
     crop_seed = settings.seed * SEED_STRIDE + image_index * PHOTO_STRIDE + PHOTO_STRIDE - 1  # never a view's seed
     rendered = []
     for view in views:
-        reference, moving = make_pair(source, settings.resolution, thetas[view : view + 1], torch.Generator().manual_seed(crop_seed))
+        crop_generator = torch.Generator().manual_seed(crop_seed)
+        reference, moving = make_pair(source, settings.resolution, thetas[view : view + 1], crop_generator)
         if view == 0:
             rendered.append(reference)
             continue
@@ -353,7 +360,9 @@ class LatentPairPool:
         views = [v for v in range(1, self.settings.num_views) if self.amounts[v] <= amount + 1e-6]
         return views or [1]
 
-    def sample(self, batch_size: int, generator: torch.Generator, amount: float = 1.0, reference_rate: float = 0.5) -> dict:
+    def sample(
+        self, batch_size: int, generator: torch.Generator, amount: float = 1.0, reference_rate: float = 0.5
+    ) -> dict:
         """A batch of training pairs, deterministic for a given ``generator`` state.
 
         Args:

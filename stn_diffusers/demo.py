@@ -4,6 +4,12 @@ Synthetic pairs: three bundled photos (scikit-image's astronaut, coffee and chel
 seeded ``standard`` affine warp, so the true θ is known and the corner error can be measured.
 A real pair: two views of the same aloe plant from OpenCV's sample data (a stereo pair: no ground
 truth, so the table shows the mean absolute difference over the overlap before and after).
+
+Times are measured as ``stn-diffusers evaluate`` measures them, so the demo's table and the
+benchmark's compare (see :mod:`stn_diffusers.metrics`): :data:`~stn_diffusers.metrics.TIME_PER_PAIR`
+is estimation with the latents given (the STN on both latents, ECC on the pixels, ``stn+ecc`` the two
+in turn) and :data:`~stn_diffusers.metrics.TIME_PER_PAIR_WITH_ENCODE` adds the VAE encode of both
+images. The aligned images come from the pipeline itself, given the latents already encoded.
 """
 
 from __future__ import annotations
@@ -17,13 +23,12 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from . import geometry
-from .data import seeded_pairs
+from . import geometry, metrics
+from .data import ASSETS, REAL_PAIR, bundled_photos, seeded_pairs
+from .evaluation import estimate_stn, method_unavailable
 from .images import load_image, tensor_to_pil, to_rgb_tensor
+from .refine import OPENCV_INSTALL_HINT, refine_theta_ecc
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-SYNTHETIC_PHOTOS = ("astronaut.jpg", "coffee.jpg", "chelsea.jpg")
-REAL_PAIR = ("aloeL.jpg", "aloeR.jpg")  # (reference, moving)
 DEMO_RESOLUTION = 512
 DEMO_SEED = 0
 TILE = 256
@@ -31,11 +36,16 @@ TILE = 256
 
 @dataclass
 class DemoRow:
-    """One aligned pair: corner errors in pixels (``None`` without ground truth) and seconds."""
+    """One aligned pair: corner errors in pixels (none without ground truth) and seconds per method.
+
+    ``seconds`` is estimation with the latents given; ``seconds_with_encode`` adds the VAE encode of
+    both images (methods that encode only: ``stn``, ``stn+ecc``).
+    """
 
     name: str
-    errors: dict[str, float | None] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    seconds_with_encode: dict[str, float] = field(default_factory=dict)
     difference_before: float = 0.0
     difference_after: float = 0.0
 
@@ -48,35 +58,34 @@ def _overlap_difference(aligned: torch.Tensor, reference: torch.Tensor, theta: t
 
 def _ecc_refiner():
     """``refine_theta_ecc`` when OpenCV is installed, else ``None``."""
-    from .refine import import_cv2, refine_theta_ecc
-
-    try:
-        import_cv2()
-    except ImportError:
-        return None
-    return refine_theta_ecc
+    return refine_theta_ecc if method_unavailable("ecc") is None else None
 
 
-def _time(function, *args, **kwargs):
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
+@torch.no_grad()
 def _align_pair(pipe, name, reference, moving, true_theta, refine_theta) -> tuple[DemoRow, torch.Tensor, torch.Tensor]:
+    """Align ``moving`` onto ``reference`` (``(3, H, W)`` each), timed like ``stn-diffusers evaluate``."""
     height, width = reference.shape[-2:]
     row = DemoRow(name=name)
-    output, row.seconds["stn"] = _time(pipe, tensor_to_pil(moving), reference=tensor_to_pil(reference), output_type="pt")
-    theta = output.theta
-    aligned = output.warped_images[0]
+    estimate = estimate_stn(pipe, reference, moving)
+    theta, latents = estimate.theta, estimate.latents  # (1, 2, 3); (2, C, h, w): moving, reference
+    row.seconds["stn"] = estimate.seconds
+    row.seconds_with_encode["stn"] = estimate.seconds + estimate.encode_seconds
+    output = pipe(moving, latents=latents[:1], reference_latents=latents[1:], output_type="pt")
+    aligned = output.warped_images[0]  # the original moving image warped by θ at full resolution
     identity = geometry.identity_theta(1)
     if true_theta is not None:
         row.errors["identity"] = float(geometry.corner_error(identity, true_theta, height, width))
         row.errors["stn"] = float(geometry.corner_error(theta, true_theta, height, width))
     if refine_theta is not None:
         for method, init in (("ecc", identity), ("stn+ecc", theta)):
-            result, seconds = _time(refine_theta, reference, moving, init)
-            row.seconds[method] = seconds + (row.seconds["stn"] if method == "stn+ecc" else 0.0)
+            start = time.perf_counter()
+            result = refine_theta(reference, moving, init)
+            refine_seconds = metrics.seconds_since(start)
+            if method == "ecc":
+                row.seconds[method] = refine_seconds
+            else:  # the STN's θ, then ECC from it
+                row.seconds[method] = row.seconds["stn"] + refine_seconds
+                row.seconds_with_encode[method] = row.seconds_with_encode["stn"] + refine_seconds
             if true_theta is not None:
                 row.errors[method] = float(geometry.corner_error(result.theta, true_theta, height, width))
     row.difference_before = float((moving - reference).abs().mean())
@@ -101,21 +110,67 @@ def _grid(rows: list[list[tuple[str, torch.Tensor]]]) -> PIL.Image.Image:
     return grid
 
 
-def _format(value: float | None, unit: str = "") -> str:
-    return "—" if value is None else f"{value:.2f}{unit}"
+def _format(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
-def _markdown(rows: list[DemoRow], methods: list[str]) -> str:
-    header = ["pair"] + [f"{m} corner error (px)" for m in methods] + [f"{m} time (ms)" for m in methods if m != "identity"]
-    # The STN's time is the whole pipeline call (encode both images, align, decode); ECC's is estimation only.
-    header += ["mean abs diff before", "after (stn)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row.name] + [_format(row.errors.get(m)) for m in methods]
-        cells += [_format(row.seconds.get(m, 0.0) * 1000) for m in methods if m != "identity"]
-        cells += [f"{row.difference_before:.4f}", f"{row.difference_after:.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _summaries(rows: list[DemoRow], methods: list[str]) -> dict[str, dict]:
+    """Per method over the pairs with ground truth: :func:`~stn_diffusers.metrics.summarize_errors`
+    with ``seconds_per_pair`` and ``seconds_per_pair_with_encode`` (``None`` where not measured), the
+    keys of ``stn-diffusers evaluate``'s report."""
+    synthetic = [row for row in rows if row.errors]
+    summaries = {}
+    for method in methods:
+        seconds = [row.seconds[method] for row in synthetic if method in row.seconds]
+        with_encode = [row.seconds_with_encode[method] for row in synthetic if method in row.seconds_with_encode]
+        summaries[method] = {
+            **metrics.summarize_errors([row.errors[method] for row in synthetic]),
+            "seconds_per_pair": sum(seconds) / len(seconds) if seconds else None,
+            "seconds_per_pair_with_encode": sum(with_encode) / len(with_encode) if with_encode else None,
+        }
+    return summaries
+
+
+def _markdown(rows: list[DemoRow], methods: list[str], summaries: dict[str, dict]) -> str:
+    """One row per pair (corner errors, times, differences), then the summary over the synthetic pairs."""
+    timed = [m for m in methods if m != "identity"]
+    encoded = [m for m in timed if any(m in row.seconds_with_encode for row in rows)]  # the methods that encode
+    header = [
+        "pair",
+        *(f"{m} corner error (px)" for m in methods),
+        *(f"{m} {metrics.TIME_PER_PAIR}" for m in timed),
+        *(f"{m} {metrics.TIME_PER_PAIR_WITH_ENCODE}" for m in encoded),
+        "mean abs diff before",
+        "after (stn)",
+    ]
+    table = [
+        [
+            row.name,
+            *(_format(row.errors.get(m)) for m in methods),
+            *(metrics.format_milliseconds(row.seconds.get(m)) for m in timed),
+            *(metrics.format_milliseconds(row.seconds_with_encode.get(m)) for m in encoded),
+            f"{row.difference_before:.4f}",
+            f"{row.difference_after:.4f}",
+        ]
+        for row in rows
+    ]
+    summary_header = ["method", *metrics.SUMMARY_HEADER, metrics.TIME_PER_PAIR, metrics.TIME_PER_PAIR_WITH_ENCODE]
+    summary = [
+        [
+            method,
+            *metrics.summary_cells(s),
+            metrics.format_milliseconds(s["seconds_per_pair"]),
+            metrics.format_milliseconds(s["seconds_per_pair_with_encode"]),
+        ]
+        for method, s in summaries.items()
+    ]
+    synthetic = sum(1 for row in rows if row.errors)
+    return (
+        metrics.markdown_table(header, table)
+        + f"\n\nOver the {synthetic} synthetic pairs (corner error in pixels):\n\n"
+        + metrics.markdown_table(summary_header, summary)
+        + "\n"
+    )
 
 
 def run_demo(output_dir: str | Path = "stn-diffusers-demo", pipe=None) -> dict:
@@ -127,8 +182,8 @@ def run_demo(output_dir: str | Path = "stn-diffusers-demo", pipe=None) -> dict:
     output_dir = Path(output_dir)
     (output_dir / "aligned").mkdir(parents=True, exist_ok=True)
     refine_theta = _ecc_refiner()
-    photos = [to_rgb_tensor(load_image(ASSETS / name)) for name in SYNTHETIC_PHOTOS]
-    pairs = seeded_pairs(photos, len(photos), DEMO_RESOLUTION, "standard", DEMO_SEED, names=list(SYNTHETIC_PHOTOS))
+    photos, names = bundled_photos()
+    pairs = seeded_pairs(photos, len(photos), DEMO_RESOLUTION, "standard", DEMO_SEED, names=names)
 
     rows, grid_rows = [], []
     for pair in pairs:
@@ -138,20 +193,20 @@ def run_demo(output_dir: str | Path = "stn-diffusers-demo", pipe=None) -> dict:
         grid_rows.append(_grid_row(pair.reference, pair.moving, aligned))
         tensor_to_pil(aligned).save(output_dir / "aligned" / f"{name}.png")
 
-    reference = to_rgb_tensor(load_image(ASSETS / REAL_PAIR[0]))
-    moving = to_rgb_tensor(load_image(ASSETS / REAL_PAIR[1]))
+    reference, moving = (to_rgb_tensor(load_image(ASSETS / name)) for name in REAL_PAIR)
     row, aligned, _ = _align_pair(pipe, "aloe (real pair)", reference, moving, None, refine_theta)
     rows.append(row)
     grid_rows.append(_grid_row(reference, moving, aligned))
     tensor_to_pil(aligned).save(output_dir / "aligned" / "aloe.png")
 
     methods = ["identity", "stn"] + (["ecc", "stn+ecc"] if refine_theta is not None else [])
-    table = _markdown(rows, methods)
+    summaries = _summaries(rows, methods)
+    table = _markdown(rows, methods, summaries)
     if refine_theta is None:
-        table += "\nOpenCV is not installed: `pip install \"stn-diffusers[opencv]\"` adds the ECC columns.\n"
+        table += f"\nOpenCV is not installed: `{OPENCV_INSTALL_HINT}` adds the ECC columns.\n"
     _grid(grid_rows).save(output_dir / "grid.png")
     (output_dir / "results.md").write_text(table)
-    summary = {"rows": [row.__dict__ for row in rows], "methods": methods}
+    summary = {"rows": [row.__dict__ for row in rows], "methods": methods, "summary": summaries}
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -3,7 +3,10 @@
 Every method sees the same seeded pairs (:func:`stn_diffusers.data.seeded_pairs`) and is scored with
 the metric of the registration literature, the mean corner error (MACE, :func:`geometry.corner_error`)
 in pixels at the pair resolution. A method that raises or does not converge counts as a failure and
-is scored as the identity.
+is scored as the identity. Each method's errors are summarised with
+:func:`stn_diffusers.metrics.summarize_errors` (``mean``, ``median``, ``p90``, ``under_{1,2,5}px``);
+its time per pair is :data:`~stn_diffusers.metrics.TIME_PER_PAIR` (estimation with the latents
+given) and, for learned aligners, :data:`~stn_diffusers.metrics.TIME_PER_PAIR_WITH_ENCODE`.
 
     stn-diffusers evaluate --pipeline tuned=data/default_stn_run --data data/photos/heldout --json out.json
 
@@ -15,23 +18,19 @@ position that shows it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import geometry
-from .data import Pair, list_images, load_images, seeded_pairs
-from .images import to_rgb_tensor
-from .refine import import_cv2, refine_theta_ecc
+from . import geometry, metrics
+from .data import Pair, seeded_pairs
+from .refine import OPENCV_INSTALL_HINT, import_cv2, refine_theta_ecc, to_gray
 
 logger = logging.getLogger(__name__)
 
-CLASSICAL_METHODS = ("identity", "ecc", "sift", "orb", "phase", "kornia")
 DEFAULT_METHODS = ("identity", "stn", "stn+ecc", "ecc", "sift", "orb", "phase", "kornia")
-SUCCESS_THRESHOLDS = (1, 2, 5)
 # kornia's gradient-descent registration runs a few seconds per 512×512 pair on a CPU: cap its
 # iterations per pyramid level so the benchmark finishes, and say so in the table.
 KORNIA_ITERATIONS = 50
@@ -48,7 +47,7 @@ class EstimationError(RuntimeError):
 # ------------------------------------------------------------------------------------ estimators
 def _gray_uint8(image: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` in ``[0, 1]`` → ``(H, W)`` uint8 gray (what OpenCV's feature detectors take)."""
-    gray = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    gray = torch.from_numpy(to_gray(image))
     return (gray.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -57,7 +56,8 @@ def _gray_float(image: torch.Tensor) -> np.ndarray:
 
 
 def _matrix_to_theta(matrix: np.ndarray, height: int, width: int) -> torch.Tensor:
-    return geometry.pixel_matrix_to_theta(torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None], height, width).float()
+    matrix = torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None]  # (1, 2, 3) pixels
+    return geometry.pixel_matrix_to_theta(matrix, height, width).float()
 
 
 def estimate_identity(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ CLASSICAL_ESTIMATORS = {
 def method_unavailable(method: str) -> str | None:
     """Why ``method`` cannot run here (a missing optional dependency), or ``None``."""
     modules = {"ecc": "cv2", "sift": "cv2", "orb": "cv2", "phase": "cv2", "kornia": "kornia"}
-    extras = {"cv2": 'pip install "stn-diffusers[opencv]"', "kornia": "pip install kornia"}
+    extras = {"cv2": OPENCV_INSTALL_HINT, "kornia": "pip install kornia"}
     module = "cv2" if method.endswith("+ecc") else modules.get(method)
     if module is None:
         return None
@@ -164,7 +164,7 @@ def method_unavailable(method: str) -> str | None:
 # ---------------------------------------------------------------------------------------- scoring
 @dataclass
 class MethodResult:
-    """Per-pair errors and timings of one method."""
+    """Per-pair errors and timings of one method (seconds: see :data:`~stn_diffusers.metrics.TIME_PER_PAIR`)."""
 
     errors: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -173,12 +173,10 @@ class MethodResult:
     note: str = ""
 
     def summary(self) -> dict:
-        errors = np.asarray(self.errors, dtype=np.float64)
+        """:func:`~stn_diffusers.metrics.summarize_errors` of the errors, with ``seconds_per_pair``,
+        ``failures`` and, where measured, ``seconds_per_pair_with_encode`` and ``note``."""
         summary = {
-            "mace_mean": float(errors.mean()),
-            "mace_median": float(np.median(errors)),
-            "mace_p90": float(np.percentile(errors, 90)),
-            **{f"success_{t}px": float((errors < t).mean()) for t in SUCCESS_THRESHOLDS},
+            **metrics.summarize_errors(self.errors),
             "seconds_per_pair": float(np.mean(self.seconds)) if self.seconds else None,
             "failures": int(self.failures),
         }
@@ -204,7 +202,7 @@ def _timed(function, *args) -> tuple[torch.Tensor | None, float, str]:
         reason = ""
     except (EstimationError, cv2_error, np.linalg.LinAlgError, torch.linalg.LinAlgError) as error:
         theta, reason = None, str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    return theta, time.perf_counter() - start, reason
+    return theta, metrics.seconds_since(start, theta), reason
 
 
 def _cv2_error() -> type:
@@ -238,17 +236,41 @@ def evaluate_classical(method: str, pairs: list[Pair], time_budget: float | None
         elapsed += seconds
         if time_budget is not None and elapsed > time_budget and len(result.errors) < len(pairs):
             raise TimeoutError(
-                f"{method} needed {elapsed:.0f} s for {len(result.errors)} of {len(pairs)} pairs, over its budget of {time_budget:.0f} s"
+                f"{method} needed {elapsed:.0f} s for {len(result.errors)} of {len(pairs)} pairs, "
+                f"over its budget of {time_budget:.0f} s"
             )
     return result
 
 
-def _encode_pair(pipe, pair: Pair) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Scaled latents of the pair's moving and reference images at the pipeline's working size, and the seconds taken."""
-    height, width = pipe.working_size(tuple(pair.reference.shape[-2:]))
+@dataclass
+class StnEstimate:
+    """θ of one pair from an STN pipeline, timed as the benchmark times it (:func:`estimate_stn`).
+
+    Args:
+        theta (`torch.Tensor` of shape `(1, 2, 3)`): aligns the moving image onto the reference, float32 on the CPU.
+        latents (`torch.Tensor` of shape `(2, C, h, w)`): the moving and the reference latents, in that order.
+        seconds: estimation with the latents given (:data:`~stn_diffusers.metrics.TIME_PER_PAIR`).
+        encode_seconds: the VAE encode of both images; ``seconds + encode_seconds`` is
+            :data:`~stn_diffusers.metrics.TIME_PER_PAIR_WITH_ENCODE`.
+    """
+
+    theta: torch.Tensor
+    latents: torch.Tensor
+    seconds: float
+    encode_seconds: float
+
+
+@torch.no_grad()
+def estimate_stn(pipe, reference: torch.Tensor, moving: torch.Tensor) -> StnEstimate:
+    """Encode both images ``(3, H, W)`` in ``[0, 1]`` at ``pipe``'s working size (one batch), then
+    predict θ from the latents; each step timed on its own."""
+    height, width = pipe.working_size(tuple(reference.shape[-2:]))
     start = time.perf_counter()
-    latents = pipe.encode_images([pair.moving, pair.reference], height, width)
-    return latents[:1], latents[1:], time.perf_counter() - start
+    latents = pipe.encode_images([moving, reference], height, width)  # (2, C, h, w): moving, reference
+    encode_seconds = metrics.seconds_since(start, latents)
+    start = time.perf_counter()
+    theta = pipe.predict_theta(latents[:1], latents[1:]).cpu()
+    return StnEstimate(theta, latents, metrics.seconds_since(start), encode_seconds)
 
 
 @torch.no_grad()
@@ -257,16 +279,13 @@ def evaluate_stn(
 ) -> tuple[MethodResult, MethodResult | None]:
     """The STN alone and, with ``refine``, followed by ECC from its θ. Returns ``(stn, stn_ecc)``.
 
-    ``seconds`` is estimation with the latents given; ``seconds_with_encode`` adds the VAE encode of both images.
+    ``seconds`` is estimation with the latents given; ``seconds_with_encode`` adds the VAE encode of both
+    images (see :func:`estimate_stn`).
     """
     stn_result, ecc_result = MethodResult(), (MethodResult() if refine else None)
-    uses_reference = pipe.stn.config.conditioning == "reference"
     for pair in pairs:
-        latents, reference_latents, encode_seconds = _encode_pair(pipe, pair)
-        start = time.perf_counter()
-        theta = pipe.stn.predict_theta(latents.to(pipe.stn.dtype), reference_latents.to(pipe.stn.dtype) if uses_reference else None)
-        theta = theta.float().cpu()
-        seconds = time.perf_counter() - start
+        estimate = estimate_stn(pipe, pair.reference, pair.moving)
+        theta, seconds, encode_seconds = estimate.theta, estimate.seconds, estimate.encode_seconds
         stn_result.seconds.append(seconds)
         stn_result.seconds_with_encode.append(seconds + encode_seconds)
         finite = bool(torch.isfinite(theta).all())
@@ -282,12 +301,6 @@ def evaluate_stn(
             ecc_result.failures += 1  # scored with the STN's θ, which the refinement kept
         ecc_result.errors.append(pair_error(refined.theta if finite else geometry.identity_theta(1), pair))
     return stn_result, ecc_result
-
-
-def load_photos(folder) -> tuple[list[torch.Tensor], list[str]]:
-    """Every readable photo under ``folder`` as ``(3, H, W)`` tensors in ``[0, 1]``, and their file names."""
-    images, paths = load_images(list_images(folder))
-    return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
 
 
 def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -320,14 +333,19 @@ def evaluate(
             when ``"stn"`` / ``"stn+ecc"`` are in ``methods``.
         sources: photos ``(3, H, W)`` in ``[0, 1]``; pairs cycle over them (see :func:`seeded_pairs`).
         names: a name per source, for logs.
-        num_pairs, resolution, seed, warp, photometric: the pairs (identical across methods and runs).
+        num_pairs, resolution, seed, warp, photometric: the pairs (identical across methods and runs);
+            ``num_pairs >= 1``, ``photometric`` one of :data:`~stn_diffusers.data.PHOTOMETRIC_MODES`.
         methods: which methods to run (``DEFAULT_METHODS``).
         kornia_budget: seconds kornia may take over all pairs before it is reported as skipped.
         single_thread: one thread for OpenCV and torch, so timings compare like with like.
 
     Returns:
-        ``{"pairs", "resolution", "warp", "photometric", "methods": {name: summary}, "skipped": {name: reason}}``.
+        ``{"pairs", "resolution", "warp", "photometric", "seed", "methods": {name: summary},
+        "skipped": {name: reason}}``; a summary is :meth:`MethodResult.summary`.
     """
+    # Zero pairs would run every method for nothing and leave no errors to summarise.
+    if int(num_pairs) < 1:
+        raise ValueError(f"expected num_pairs >= 1, got {num_pairs}")
     methods = parse_methods(methods)
     pairs = seeded_pairs(sources, num_pairs, resolution, warp, seed, photometric, names)
     threads = torch.get_num_threads()
@@ -382,27 +400,26 @@ def evaluate(
     }
 
 
-def _format_seconds(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value * 1000:.1f} ms"
-
-
 def markdown_table(report: dict) -> str:
-    """The report as a markdown table, one row per method, and a line per skipped method."""
+    """The report of :func:`evaluate` as a markdown table, one row per method, and a line per note and
+    per skipped method."""
+    header = ["method", *metrics.SUMMARY_HEADER, "failures", metrics.TIME_PER_PAIR, metrics.TIME_PER_PAIR_WITH_ENCODE]
+    rows = [
+        [
+            name,
+            *metrics.summary_cells(s),
+            s["failures"],
+            metrics.format_milliseconds(s["seconds_per_pair"]),
+            metrics.format_milliseconds(s.get("seconds_per_pair_with_encode")),
+        ]
+        for name, s in report["methods"].items()
+    ]
     lines = [
         f"{report['pairs']} pairs, {report['resolution']}×{report['resolution']}, warp `{report['warp']}`, "
         f"photometric `{report['photometric']}`, seed {report.get('seed', 0)}. MACE in pixels.",
         "",
-        "| method | mean | median | p90 | < 1 px | < 2 px | < 5 px | failures | time / pair | with VAE encode |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        metrics.markdown_table(header, rows),
     ]
-    for name, s in report["methods"].items():
-        lines.append(
-            f"| {name} | {s['mace_mean']:.2f} | {s['mace_median']:.2f} | {s['mace_p90']:.2f} | "
-            f"{s['success_1px']:.0%} | {s['success_2px']:.0%} | {s['success_5px']:.0%} | {s['failures']} | "
-            f"{_format_seconds(s['seconds_per_pair'])} | {_format_seconds(s.get('seconds_per_pair_with_encode'))} |"
-        )
     for name, s in report["methods"].items():
         if s.get("note"):
             lines.append(f"\n`{name}`: {s['note']}.")

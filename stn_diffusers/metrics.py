@@ -7,13 +7,17 @@ per-pair mean corner errors (MACE, :func:`stn_diffusers.geometry.corner_error`) 
 * ``mean``, ``median``, ``p90``: pixels;
 * ``under_1px``, ``under_2px``, ``under_5px``: the share of pairs whose error is below the threshold.
 
-Time per pair (:data:`TIME_PER_PAIR`) means one thing in every table: seconds to estimate θ for one
-pair *with the latents given* (no VAE encode); where a table also shows the time with the encodes,
-that column says so (:data:`TIME_PER_PAIR_WITH_ENCODE`).
+Time per pair (:data:`TIME_PER_PAIR`) means one thing in every table (evaluation, the demo):
+seconds to estimate θ for one pair *with the latents given*, no VAE encode. A method that works on
+pixels (ECC, SIFT, …) has nothing to encode; a refined row (``stn+ecc``) adds the refinement to the
+STN's time. Where a table also shows the time with the VAE encode of both images, that column is
+:data:`TIME_PER_PAIR_WITH_ENCODE` (empty for methods with no encode). Time is measured with
+:func:`seconds_since`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +27,8 @@ import torch
 SUCCESS_THRESHOLDS = (1, 2, 5)
 TIME_PER_PAIR = "time / pair (latents given)"
 TIME_PER_PAIR_WITH_ENCODE = "time / pair (with both encodes)"
+# Column titles of a summary's statistics (:func:`summary_cells`), in key order.
+SUMMARY_HEADER = ("mean", "median", "p90", *(f"< {t:g} px" for t in SUCCESS_THRESHOLDS))
 
 
 def threshold_key(threshold: float) -> str:
@@ -40,9 +46,31 @@ def summarize_errors(errors: Sequence[float] | np.ndarray | torch.Tensor) -> dic
     values = np.asarray(errors, dtype=np.float64).reshape(-1)
     if values.size == 0:
         raise ValueError("expected at least one corner error to summarise, got none")
-    summary = {"mean": float(values.mean()), "median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+    summary = {
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+    }
     summary.update({threshold_key(t): float((values < t).mean()) for t in SUCCESS_THRESHOLDS})
     return summary
+
+
+def summary_cells(summary: dict[str, float]) -> list[str]:
+    """A :func:`summarize_errors` summary as table cells under :data:`SUMMARY_HEADER`: pixels with two
+    decimals, rates as percentages."""
+    cells = [f"{summary[key]:.2f}" for key in ("mean", "median", "p90")]
+    return cells + [f"{summary[threshold_key(t)]:.0%}" for t in SUCCESS_THRESHOLDS]
+
+
+def seconds_since(start: float, result: object = None) -> float:
+    """Seconds from ``start`` (a ``time.perf_counter()`` reading) until ``result`` is computed.
+
+    CUDA runs asynchronously: a tensor on a GPU may still be in the making when the call that returns
+    it comes back, so it is waited for first; otherwise its time would be charged to the next step.
+    """
+    if isinstance(result, torch.Tensor) and result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - start
 
 
 def format_milliseconds(seconds: float | None) -> str:

@@ -62,9 +62,10 @@ class RefinementResult:
     correlation: torch.Tensor
 
 
-def _to_gray(image: torch.Tensor | np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """``(3, H, W)`` / ``(1, H, W)`` tensor in ``[0, 1]`` or an ``(H, W[, 3])`` array → float32 gray ``(H, W)``,
-    resized to ``height × width`` when given (antialiased)."""
+def to_gray(image: torch.Tensor | np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """``(3, H, W)`` / ``(1, H, W)`` tensor in ``[0, 1]`` or an ``(H, W[, 3])`` array → float32 gray ``(H, W)``
+    (BT.601 luma, OpenCV's), resized to ``height × width`` when given (antialiased). The gray image every
+    classical method of the project (ECC here, the benchmark's feature matchers) works on."""
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32)
         if array.max() > 1.0:
@@ -78,7 +79,8 @@ def _to_gray(image: torch.Tensor | np.ndarray, height: int | None = None, width:
     if tensor.shape[0] == 3:
         tensor = (0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2])[None]
     if height is not None and tuple(tensor.shape[-2:]) != (height, width):
-        tensor = F.interpolate(tensor[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+        tensor = F.interpolate(tensor[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        tensor = tensor[0]
     return np.ascontiguousarray(tensor[0].numpy(), dtype=np.float32)
 
 
@@ -102,7 +104,8 @@ def correlation(reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor) 
     matrix = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0, :2].numpy().astype(np.float32)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(moving, matrix, (width, height), flags=flags)
-    mask = cv2.warpAffine(np.ones_like(moving, dtype=np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    ones = np.ones_like(moving, dtype=np.uint8)
+    mask = cv2.warpAffine(ones, matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
     if mask.sum() < 16:
         return float("nan")
     return float(cv2.computeECC(reference, warped, mask))
@@ -178,8 +181,8 @@ def refine_theta_ecc(
         height, width = (ref_image.shape[-2:] if isinstance(ref_image, torch.Tensor) else ref_image.shape[:2])
         scale = min(1.0, max_side / max(height, width)) if max_side else 1.0
         height, width = max(1, round(height * scale)), max(1, round(width * scale))
-        ref_gray = _to_gray(ref_image, height, width)
-        mov_gray = _to_gray(mov_image, height, width)
+        ref_gray = to_gray(ref_image, height, width)
+        mov_gray = to_gray(mov_image, height, width)
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
         initial_score = correlation(ref_gray, mov_gray, init)
         try:
@@ -210,4 +213,6 @@ def _as_list(images, name: str) -> list:
         return [images]
     if isinstance(images, (list, tuple)) and images:
         return list(images)
-    raise ValueError(f"expected {name} as a (B, 3, H, W) tensor, one image or a non-empty list, got {type(images).__name__}")
+    raise ValueError(
+        f"expected {name} as a (B, 3, H, W) tensor, one image or a non-empty list, got {type(images).__name__}"
+    )

@@ -4,7 +4,7 @@ import PIL.Image
 import pytest
 import torch
 
-from stn_diffusers import STN_PRESETS, SpatialTransformer, STNAlignmentPipeline, analysis, cli, geometry
+from stn_diffusers import STN_PRESETS, SpatialTransformer, STNAlignmentPipeline, analysis, cli, geometry, metrics
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
@@ -75,6 +75,9 @@ class TestAnalyzeSeed:
         markdown = (output / "report.md").read_text()
         assert "352,710 parameters" in markdown and "32×58×58 → 32×29×29 → 64×25×25 → 64×12×12" in markdown
         assert "`fc_loc.2.bias`" in markdown and "grid.png" in markdown
+        # The corner-error table shows the statistics of every report (metrics.summarize_errors).
+        corner = report["theta"]["corner_error"]
+        assert "| " + " | ".join(["stn", *metrics.summary_cells(corner)]) + " |" in markdown
 
 
 def _latents(batch: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -123,10 +126,14 @@ class TestIdentityCheck:
         stn = SpatialTransformer()
         with torch.no_grad():
             stn.fc_loc[2].bias[2] += 0.05  # a constant shift of x
-        check = analysis.identity_check(stn, _latents(3))
+        check = analysis.identity_check(STNAlignmentPipeline(vae=make_tiny_vae(), stn=stn), _latents(3))
         assert check["identity_rate"] == 0.0
         assert check["max_theta_deviation"] == pytest.approx(0.05, abs=1e-6)
         assert check["latent_difference"] > 1e-3
+
+    def test_takes_the_pipeline_whose_theta_path_batches_the_latents(self):
+        with pytest.raises(TypeError, match="STNAlignmentPipeline"):
+            analysis.identity_check(SpatialTransformer(), _latents(1))
 
 
 class TestThetaStatistics:
@@ -135,6 +142,7 @@ class TestThetaStatistics:
         perfect = analysis.theta_statistics(true_theta, true_theta, 256, 384)
         assert perfect["mae"] == pytest.approx(0.0, abs=1e-7)
         assert perfect["corner_error"]["p90"] == pytest.approx(0.0, abs=1e-4)
+        assert perfect["corner_error"]["under_1px"] == 1.0
         doing_nothing = analysis.theta_statistics(geometry.identity_theta(5), true_theta, 256, 384)
         assert doing_nothing["corner_error"] == pytest.approx(doing_nothing["identity_corner_error"])
         expected = (true_theta - geometry.identity_theta(5)).abs().mean(dim=0)
@@ -149,7 +157,8 @@ class TestLayerTable:
         assert table["input_shape"] == [4, 32, 32]
         # stem at full size, then strides 2, 4 and 8 of the latent grid
         assert [shape[1:] for shape in table["activation_shapes"]] == [[32, 32], [16, 16], [8, 8], [4, 4]]
-        counted = sum(layer["parameters"] for layer in table["layers"]) + sum(p["parameters"] for p in table["other_parameters"])
+        counted = sum(layer["parameters"] for layer in table["layers"])
+        counted += sum(p["parameters"] for p in table["other_parameters"])
         assert counted == table["total_parameters"] == sum(p.numel() for p in stn.parameters())
         assert {p["name"] for p in table["other_parameters"]} == {"log_match_scale", "residual_gate"}
 
@@ -173,7 +182,8 @@ class TestInputs:
     def test_cli_reports_a_missing_data_folder(self, tmp_path, seed_pipeline, capsys):
         seed_pipeline.save_pretrained(tmp_path / "pipeline")
         code = cli.main(
-            ["analyze", "--pipeline", str(tmp_path / "pipeline"), "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r")]
-        )
+            ["analyze", "--pipeline", str(tmp_path / "pipeline"), "--data", str(tmp_path / "nowhere"),
+             "--output", str(tmp_path / "r")]
+        )  # fmt: skip
         assert code == 2
         assert "nowhere" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 import logging
+import re
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -51,6 +51,11 @@ class TestPairs:
     def test_bad_arguments(self, sources):
         with pytest.raises(ValueError, match="photometric in"):
             data.seeded_pairs(sources, 1, photometric="film")
+        with pytest.raises(ValueError, match=re.escape(f"photometric in {data.PHOTOMETRIC_MODES}, got 'film'")):
+            data.PoolSettings(photometric="film")
+        for mode in data.PHOTOMETRIC_MODES:  # every named mode is accepted by both
+            data.PoolSettings(photometric=mode)
+            assert len(data.seeded_pairs(sources, 1, resolution=64, photometric=mode)) == 1
         with pytest.raises(ValueError, match="at least one source"):
             data.seeded_pairs([], 1)
 

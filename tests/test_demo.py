@@ -3,7 +3,7 @@ import statistics
 
 import PIL.Image
 
-from stn_diffusers import cli, load_default
+from stn_diffusers import cli, load_default, metrics
 from stn_diffusers.default import DEFAULT_PIPELINE_DIR
 from stn_diffusers.pipelines.pipeline_stn_alignment import vae_fingerprint
 
@@ -30,5 +30,13 @@ def test_demo_writes_grid_table_and_beats_identity(tmp_path, capsys):
     identity = statistics.median(row["errors"]["identity"] for row in synthetic)
     stn = statistics.median(row["errors"]["stn"] for row in synthetic)
     assert stn * 5 <= identity, (stn, identity)
+    # The summary speaks evaluate's vocabulary, over the same synthetic pairs.
+    stn_summary = summary["summary"]["stn"]
+    assert stn_summary["median"] == metrics.summarize_errors([row["errors"]["stn"] for row in synthetic])["median"]
+    assert {"under_1px", "under_5px", "seconds_per_pair", "seconds_per_pair_with_encode"} <= set(stn_summary)
+    # Timed like evaluate: estimation with the latents given, and with both encodes on top.
+    for row in summary["rows"]:
+        assert 0 < row["seconds"]["stn"] < row["seconds_with_encode"]["stn"], row["name"]
     printed = capsys.readouterr().out
     assert "grid.png" in printed and "| astronaut |" in printed
+    assert f"stn {metrics.TIME_PER_PAIR}" in printed and f"stn {metrics.TIME_PER_PAIR_WITH_ENCODE}" in printed

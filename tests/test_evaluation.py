@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stn_diffusers import geometry
+from stn_diffusers import evaluation, geometry, metrics
 from stn_diffusers.cli import main
 from stn_diffusers.data import Pair, seeded_pairs
 from stn_diffusers.evaluation import (
@@ -64,7 +64,9 @@ class TestMetric:
 class TestConventions:
     """Each classical estimator returns θ aligning moving onto reference, on a known translation."""
 
-    @pytest.mark.parametrize("estimator", [estimate_ecc, estimate_phase, estimate_features], ids=["ecc", "phase", "sift"])
+    @pytest.mark.parametrize(
+        "estimator", [estimate_ecc, estimate_phase, estimate_features], ids=["ecc", "phase", "sift"]
+    )
     def test_known_translation(self, photo_tensor, estimator):
         pair = _translated_pair(photo_tensor, dx=7, dy=-4)
         theta = estimator(pair.reference, pair.moving)
@@ -80,8 +82,8 @@ class TestPairsAndMethods:
         again = evaluate({}, sources, num_pairs=3, resolution=128, seed=5, methods="identity,phase")
         other = evaluate({}, sources, num_pairs=3, resolution=128, seed=6, methods="identity,phase")
         for method in ("identity", "phase"):
-            assert first["methods"][method]["mace_mean"] == again["methods"][method]["mace_mean"]
-        assert first["methods"]["identity"]["mace_mean"] != other["methods"]["identity"]["mace_mean"]
+            assert first["methods"][method]["mean"] == again["methods"][method]["mean"]
+        assert first["methods"]["identity"]["mean"] != other["methods"]["identity"]["mean"]
 
     def test_every_method_runs_and_reports_the_json_fields(self, registration_pipeline, photo_tensor):
         report = evaluate(
@@ -96,16 +98,28 @@ class TestPairsAndMethods:
                 assert method in report["skipped"] and "install" in report["skipped"][method]
         assert set(report["methods"]) == expected
         assert report["pairs"] == 2 and report["resolution"] == SIZE and report["warp"] == "small"
-        fields = {"mace_mean", "mace_median", "mace_p90", "success_1px", "success_2px", "success_5px", "seconds_per_pair", "failures"}
+        # The one vocabulary of corner-error statistics (metrics.summarize_errors), plus timings.
+        fields = {"mean", "median", "p90", "under_1px", "under_2px", "under_5px", "seconds_per_pair", "failures"}
         for name, summary in report["methods"].items():
             assert fields <= set(summary), name
-            assert summary["seconds_per_pair"] >= 0 and 0 <= summary["success_1px"] <= summary["success_5px"] <= 1
-        assert report["methods"]["tiny"]["seconds_per_pair_with_encode"] > report["methods"]["tiny"]["seconds_per_pair"]
+            assert summary["seconds_per_pair"] >= 0 and 0 <= summary["under_1px"] <= summary["under_5px"] <= 1
+        tiny = report["methods"]["tiny"]
+        assert tiny["seconds_per_pair_with_encode"] > tiny["seconds_per_pair"]
         # small warps on a textured photo: ECC from the (untrained) STN's θ lands under a pixel
-        assert report["methods"]["tiny+ecc"]["success_1px"] == 1.0
-        assert report["methods"]["identity"]["mace_mean"] > 2
+        assert report["methods"]["tiny+ecc"]["under_1px"] == 1.0
+        assert report["methods"]["identity"]["mean"] > 2
         table = markdown_table(report)
         assert "| tiny+ecc |" in table and "| identity |" in table
+        # Both time columns say what they include.
+        assert f"| {metrics.TIME_PER_PAIR} | {metrics.TIME_PER_PAIR_WITH_ENCODE} |" in table
+
+    def test_zero_pairs_is_a_value_error_before_any_work(self, photo_tensor, monkeypatch):
+        def no_pairs(*args, **kwargs):
+            raise AssertionError("pairs were drawn before num_pairs was checked")
+
+        monkeypatch.setattr(evaluation, "seeded_pairs", no_pairs)
+        with pytest.raises(ValueError, match="num_pairs >= 1, got 0"):
+            evaluate({}, [photo_tensor[0]], num_pairs=0, methods="identity")
 
     def test_unknown_method_is_a_value_error(self):
         with pytest.raises(ValueError, match="sift"):

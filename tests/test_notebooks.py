@@ -27,7 +27,8 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 
 def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(NOTEBOOKS_DIR / name, as_version=4)
-    client = NotebookClient(notebook, timeout=TIME_LIMIT_SECONDS, kernel_name="python3", resources={"metadata": {"path": str(workdir)}})
+    resources = {"metadata": {"path": str(workdir)}}
+    client = NotebookClient(notebook, timeout=TIME_LIMIT_SECONDS, kernel_name="python3", resources=resources)
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the failing cell
     elapsed = time.perf_counter() - start

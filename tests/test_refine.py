@@ -26,7 +26,9 @@ class TestEccConvention:
         reference = photo_tensor[0].mean(0).numpy().astype(np.float32)
         forward = np.float32([[1, 0, 6.0], [0, 1, -4.0]])
         # Reflected border: zero padding would pull the fit towards the padded edge.
-        moving = cv2.warpAffine(reference, forward, reference.shape[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        moving = cv2.warpAffine(
+            reference, forward, reference.shape[::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-6)
         start = np.eye(2, 3, dtype=np.float32)
         _, found = cv2.findTransformECC(reference, moving, start.copy(), cv2.MOTION_TRANSLATION, criteria, None, 1)
