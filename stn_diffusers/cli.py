@@ -1,38 +1,233 @@
 """The ``stn-diffusers`` command line: thin parsers over library functions.
 
     stn-diffusers align --pipeline DIR --image moving.jpg --reference reference.jpg --output aligned.png
+
+Every verb checks its device, inputs and outputs before it computes anything, and writes its
+outputs only once all are computed, each atomically (:func:`write_outputs`), so that a failure
+leaves no half-written file and no half set. A user's mistake (a missing or corrupt file, a device
+torch cannot use, an output that cannot be written or would replace an input) is reported as one
+``error: ...`` line with exit status 2; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import PIL.Image
 import torch
 
-from . import geometry
+from . import data, geometry, refine
+from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
 from .images import load_image
 
+# The files of a saved pipeline folder that loading reads (diffusers' names).
+MODEL_INDEX = "model_index.json"
+COMPONENT_CONFIG = "config.json"
+COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Suffix of the temporary file an output is written to before it is renamed into place.
+PARTIAL_SUFFIX = ".partial"
+# A benchmark of alignment needs a misalignment: every preset but the identity one.
+EVALUATION_WARPS = tuple(name for name in geometry.WARP_PRESETS if name != "none")
+DEBUG_HELP = "on an error, print the traceback as well as the one-line message"
 
-def load_pipeline(name_or_path: str | None, device: str = "cpu"):
-    """An ``STNAlignmentPipeline`` from a folder or hub id; the embedded default when ``None``."""
+
+# ------------------------------------------------------------------------------------------ inputs
+def check_device(name: str) -> torch.device:
+    """``--device`` as a ``torch.device`` that torch can use on this machine.
+
+    Raises ``ValueError`` naming the devices it can use when ``name`` is misspelt, or names a device
+    that is absent (``cuda`` with no GPU, ``cuda:3`` on a one-GPU machine) or not built into torch.
+    """
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)  # the one test that covers every backend: use it once
+    except (RuntimeError, AssertionError) as error:  # torch built without CUDA raises AssertionError
+        raise ValueError(
+            f"expected --device to be a device torch can use here ({', '.join(_usable_devices())}), got {name!r}"
+        ) from error
+    return device
+
+
+def _usable_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_pipeline_folder(folder: str | os.PathLike) -> None:
+    """Check a saved pipeline folder before loading it, naming the first file that is missing or
+    unreadable: ``model_index.json``, then each component's ``config.json`` and
+    ``diffusion_pytorch_model.safetensors`` (a truncated or corrupt safetensors file included)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    index_path = folder / MODEL_INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"expected --pipeline to be a saved pipeline folder or a hub id, got {str(folder)!r}, "
+            f"which has no {MODEL_INDEX}"
+        )
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, or not text
+        raise ValueError(f"expected JSON in {str(index_path)!r}: {error}") from error
+    # Entries such as "_class_name" are metadata; a component is ["library", "ClassName"].
+    components = [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)]
+    for component in components:
+        for file in (COMPONENT_CONFIG, COMPONENT_WEIGHTS):
+            path = folder / component / file
+            if not path.is_file():
+                raise FileNotFoundError(f"expected {str(path)!r} (the {component!r} component), found none")
+        weights = folder / component / COMPONENT_WEIGHTS
+        try:
+            with safe_open(weights, framework="pt"):  # reads the header and checks the file covers it
+                pass
+        except SafetensorError as error:
+            raise ValueError(
+                f"expected a complete safetensors file at {str(weights)!r} (truncated or corrupt?): {error}"
+            ) from error
+
+
+def load_pipeline(name_or_path: str | None, device: str | torch.device = "cpu"):
+    """An ``STNAlignmentPipeline`` from a folder or hub id; the embedded default when ``None``.
+
+    A local folder is checked first (:func:`check_pipeline_folder`) and only safetensors weights are read.
+    """
     from .default import load_default
     from .pipelines import STNAlignmentPipeline
 
     if name_or_path is None:
         return load_default(device)
-    if not Path(name_or_path).exists() and name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"expected --pipeline to be a saved pipeline folder or a hub id, got {name_or_path!r}")
-    return STNAlignmentPipeline.from_pretrained(name_or_path).to(device)
+    if not _is_hub_id(name_or_path):
+        check_pipeline_folder(name_or_path)
+    return STNAlignmentPipeline.from_pretrained(name_or_path, use_safetensors=True).to(device)
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write a report file, creating its folder, and say where it went."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-    print(f"wrote {path}")
+def _is_hub_id(name_or_path: str) -> bool:
+    """``"owner/name"`` with no such local folder is a Hugging Face Hub id; anything else is a folder."""
+    return not Path(name_or_path).exists() and name_or_path.count("/") == 1
+
+
+# ----------------------------------------------------------------------------------------- outputs
+def image_format(path: str | os.PathLike, flag: str = "--output") -> str:
+    """The Pillow format that writes ``path``, chosen from its extension; ``ValueError`` when Pillow
+    cannot write that extension."""
+    formats = PIL.Image.registered_extensions()  # {".png": "PNG", ...}; loads every plugin
+    name = formats.get(Path(path).suffix.lower())
+    if name not in PIL.Image.SAVE:
+        writable = [extension for extension, known in formats.items() if known in PIL.Image.SAVE]
+        common = [extension for extension in data.IMAGE_EXTENSIONS if extension in writable]
+        raise ValueError(
+            f"expected {flag} to end in an image extension Pillow can write ({', '.join(common)} or "
+            f"{len(writable) - len(common)} more), got {str(path)!r}"
+        )
+    return name
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.resolve() == second.resolve():
+        return True
+    return first.exists() and second.exists() and os.path.samefile(first, second)  # hard links, case-insensitive disks
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Make ``folder`` if it is missing and check that a file can be created in it."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"expected {what} in a folder, but {str(existing)!r} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # permissions, read-only disks, /proc: only trying tells
+            pass
+    except OSError as error:
+        reason = f"{error.strerror}: {error.filename!r}" if error.strerror else str(error)
+        raise OSError(f"expected {what} in a folder that can be written, got {reason}") from error
+
+
+def check_outputs(
+    outputs: dict[str, str | None],
+    inputs: dict[str, str | None] | None = None,
+    images: tuple[str, ...] = (),
+    overwrite: bool = False,
+) -> None:
+    """Check a command's output files before it computes anything.
+
+    Args:
+        outputs: ``{flag: path}`` of the output files; ``None`` paths (flags not given) are skipped.
+        inputs: ``{flag: path}`` of the input files, which no output may be unless ``overwrite``.
+        images: the output flags that are images: their extension must be one Pillow can write.
+        overwrite: allow an output to replace an input (``--overwrite``).
+
+    Each output's folder is created when missing and must be writable; no two outputs may be one file.
+    """
+    given_inputs = {flag: Path(path) for flag, path in (inputs or {}).items() if path is not None}
+    checked: dict[str, Path] = {}
+    for flag, path in ((flag, Path(path)) for flag, path in outputs.items() if path is not None):
+        if flag in images:
+            image_format(path, flag)
+        if path.is_dir():
+            raise IsADirectoryError(f"expected {flag} to name a file, got the folder {str(path)!r}")
+        for other_flag, other in checked.items():
+            if _same_file(path, other):
+                raise ValueError(f"expected distinct output files, got {str(path)!r} for both {other_flag} and {flag}")
+        for input_flag, source in given_inputs.items():
+            if not overwrite and _same_file(path, source):
+                raise ValueError(
+                    f"expected {flag} to differ from {input_flag}, got {str(path)!r} for both; "
+                    "pass --overwrite to replace the input"
+                )
+        _check_writable_folder(path.parent, f"{flag} {str(path)!r}")
+        checked[flag] = path
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str = "--output") -> None:
+    """Check, before computing, that a command's output folder can be made and written to."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"expected {flag} to name a folder, got the file {str(folder)!r}")
+    _check_writable_folder(folder, f"{flag} folder {str(folder)!r}")
+
+
+def write_outputs(writers: dict[str | os.PathLike, Callable[[Path], None]]) -> None:
+    """Write all of a command's outputs, or none of them.
+
+    ``writers`` maps each output path to ``write(temporary_path)``; every one first writes a
+    temporary file beside its output, and only when all have succeeded are they renamed into place
+    (``os.replace``, atomic on one file system). A failure while writing removes the temporary files
+    and leaves every output as it was.
+    """
+    partials: dict[Path, Path] = {}
+    try:
+        for path, write in writers.items():
+            path = Path(path)
+            partials[path] = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+            write(partials[path])
+        for path, partial in partials.items():
+            os.replace(partial, path)
+    finally:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+
+
+def image_writer(picture: PIL.Image.Image, path: str | os.PathLike) -> Callable[[Path], None]:
+    """A :func:`write_outputs` writer that saves ``picture`` in the format of ``path``'s extension
+    (the temporary file's own name has no meaningful extension)."""
+    name = image_format(path)
+    return lambda partial: picture.save(partial, format=name)
+
+
+def text_writer(text: str) -> Callable[[Path], None]:
+    """A :func:`write_outputs` writer of a UTF-8 text file."""
+    return lambda partial: partial.write_text(text, encoding="utf-8")
 
 
 def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
@@ -47,15 +242,49 @@ def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
 
 
 def run_align(args: argparse.Namespace) -> dict:
-    pipe = load_pipeline(args.pipeline, args.device)
+    # 1. Check the device, inputs and outputs before anything is computed
+    device = check_device(args.device)
+    _check_mask_flags(args)
     image = load_image(args.image)
     reference = load_image(args.reference) if args.reference else None
+    mask = None
     if args.mask is not None:
-        return _align_with_mask(args, pipe, image, reference)
+        from .inpainting import load_mask  # lazily: it imports Stable Diffusion's inpainting parts
+
+        mask = load_mask(args.mask)
+    check_outputs(
+        {"--output": args.output, "--output-mask": args.output_mask, "--json": args.json},
+        inputs={"--image": args.image, "--reference": args.reference, "--mask": args.mask},
+        images=("--output", "--output-mask"),
+        overwrite=args.overwrite,
+    )
+
+    # 2. Align
+    pipe = load_pipeline(args.pipeline, device)
+    if mask is not None:
+        pictures, report = _align_with_mask(args, pipe, image, mask, reference)
+    else:
+        pictures, report = _align_image(args, pipe, image, reference)
+
+    # 3. Write every output at once
+    writers = {path: image_writer(picture, path) for path, picture in pictures.items()}
+    if args.json:
+        writers[args.json] = text_writer(json.dumps(report, indent=2))
+    write_outputs(writers)
+    if mask is not None:
+        repaint = report["masked_fraction"]
+        print(f"wrote {args.output} and {args.output_mask} ({repaint:.1%} to repaint, reference frame)")
+    else:
+        print(f"wrote {args.output}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return report
+
+
+def _align_image(args: argparse.Namespace, pipe, image, reference) -> tuple[dict, dict]:
+    """``align``: the aligned image (``{path: picture}``) and the θ report, printed."""
     output = pipe(image, reference=reference, min_displacement=args.min_displacement, refine=args.refine)
     aligned = output.images[0] if args.decoded else output.warped_images[0]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    aligned.save(args.output)
     report = _theta_report(output.theta, image.height, image.width)
     report["unwarped"] = bool(output.unwarped[0])
     if output.refined is not None:
@@ -68,53 +297,80 @@ def run_align(args: argparse.Namespace) -> dict:
     print(f"pixel matrix ({image.width}×{image.height}, output → input):")
     for row in report["pixel_matrix"]:
         print("  " + "  ".join(f"{v:+.4f}" for v in row))
-    print(f"wrote {args.output}")
-    if args.json:
-        _write_text(args.json, json.dumps(report, indent=2))
-    return report
+    return {args.output: aligned}, report
 
 
-def _add_align(subparsers) -> None:
-    parser = subparsers.add_parser("align", help="align an image onto a reference and write it")
-    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)")
+def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("align", parents=[common], help="align an image onto a reference and write it")
+    parser.add_argument(
+        "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
+    )
     parser.add_argument("--image", required=True, help="the moving image")
     parser.add_argument("--reference", default=None, help="the reference image")
     parser.add_argument("--output", required=True, help="where to write the aligned image")
     parser.add_argument("--json", default=None, help="also write θ and its pixel matrix as JSON here")
-    parser.add_argument("--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp")
-    parser.add_argument("--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped")
-    parser.add_argument("--refine", default=None, choices=("ecc",), help="refine θ with OpenCV ECC from the STN's estimate")
+    parser.add_argument(
+        "--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp"
+    )
+    parser.add_argument(
+        "--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped"
+    )
+    parser.add_argument(
+        "--refine", default=None, choices=refine.REFINE_METHODS, help="refine θ from the STN's estimate with OpenCV"
+    )
     parser.add_argument("--mask", default=None, help="inpainting mask (white = repaint) to align with the image")
-    parser.add_argument("--mask-frame", default="reference", choices=("reference", "image"), help="the frame the mask was drawn on")
+    # No argparse choices: they live in the inpainting module, which loads only when --mask is used.
+    parser.add_argument(
+        "--mask-frame", default=None, help="the frame the mask was drawn on: reference (default) or image"
+    )
     parser.add_argument("--output-mask", default=None, help="where to write the aligned mask (with --mask)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let an output replace an input file (--image, --reference, --mask)"
+    )
     parser.set_defaults(func=run_align)
 
 
-def _align_with_mask(args: argparse.Namespace, pipe, image, reference) -> dict:
-    """``align --mask``: write the image and mask aligned into the reference frame, for any inpainting tool."""
-    from .images import tensor_to_pil
-    from .inpainting import load_mask, mask_to_pil, prepare_inpainting_inputs
+def _check_mask_flags(args: argparse.Namespace) -> None:
+    """``align --mask`` needs ``--reference`` and ``--output-mask`` and no ``--decoded``; the other mask
+    flags need ``--mask``."""
+    if args.mask is None:
+        mask_flags = (("--output-mask", args.output_mask), ("--mask-frame", args.mask_frame))
+        given = [flag for flag, value in mask_flags if value is not None]
+        if given:
+            raise ValueError(f"expected --mask with {' and '.join(given)}, got no --mask")
+        return
+    from .inpainting import MASK_FRAMES
 
-    if reference is None or args.output_mask is None or args.decoded:
-        raise ValueError("expected --reference and --output-mask, and no --decoded, with --mask: both are pixel-warped into the reference frame")
+    if args.reference is None or args.output_mask is None or args.decoded:
+        raise ValueError(
+            "expected --reference and --output-mask, and no --decoded, with --mask: "
+            "both are pixel-warped into the reference frame"
+        )
+    if args.mask_frame is not None and args.mask_frame not in MASK_FRAMES:
+        raise ValueError(f"expected --mask-frame in {MASK_FRAMES}, got {args.mask_frame!r}")
+
+
+def _align_with_mask(args: argparse.Namespace, pipe, image, mask, reference) -> tuple[dict, dict]:
+    """``align --mask``: the image and mask aligned into the reference frame (``{path: picture}``), for any
+    inpainting tool, and the θ report."""
+    from .images import tensor_to_pil
+    from .inpainting import mask_to_pil, prepare_inpainting_inputs
+
     align_kwargs = {"min_displacement": args.min_displacement, "refine": args.refine}
-    inputs = prepare_inpainting_inputs(pipe, image, load_mask(args.mask), reference, mask_frame=args.mask_frame, align_kwargs=align_kwargs)
-    for path, picture in ((args.output, tensor_to_pil(inputs.image[0])), (args.output_mask, mask_to_pil(inputs.mask_image[0]))):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path)
+    frame = {"mask_frame": args.mask_frame} if args.mask_frame is not None else {}  # else the library's default
+    inputs = prepare_inpainting_inputs(pipe, image, mask, reference, align_kwargs=align_kwargs, **frame)
     report = _theta_report(inputs.theta, image.height, image.width)
     report["masked_fraction"] = float(inputs.mask_image[0].mean())
-    print(f"wrote {args.output} and {args.output_mask} ({report['masked_fraction']:.1%} to repaint, reference frame)")
-    if args.json:
-        _write_text(args.json, json.dumps(report, indent=2))
-    return report
+    pictures = {args.output: tensor_to_pil(inputs.image[0]), args.output_mask: mask_to_pil(inputs.mask_image[0])}
+    return pictures, report
 
 
 def run_demo(args: argparse.Namespace) -> dict:
     from .demo import run_demo as demo
 
-    pipe = load_pipeline(args.pipeline, args.device)
+    device = check_device(args.device)
+    check_output_folder(args.output)
+    pipe = load_pipeline(args.pipeline, device)
     summary = demo(args.output, pipe)
     output = Path(args.output)
     print((output / "results.md").read_text())
@@ -122,19 +378,28 @@ def run_demo(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="align bundled photo pairs and write a grid and a table")
+def _add_demo(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "demo", parents=[common], help="align bundled photo pairs and write a grid and a table"
+    )
     parser.add_argument("--output", default="stn-diffusers-demo", help="folder for the results")
-    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)"
+    )
     parser.set_defaults(func=run_demo)
 
 
 def run_analyze(args: argparse.Namespace) -> dict:
-    from .analysis import analyze, folder_photos
+    from .analysis import analyze
 
-    pipe = load_pipeline(args.pipeline, args.device)
-    sources, names = folder_photos(args.data) if args.data else (None, None)
+    device = check_device(args.device)
+    # Without --data, analyze cuts its pairs from the bundled photos.
+    sources, names = None, None
+    if args.data:
+        sources, paths = data.load_photo_folder(args.data)
+        names = [path.name for path in paths]
+    check_output_folder(args.output)
+    pipe = load_pipeline(args.pipeline, device)
     report = analyze(
         pipe, args.output, sources, names, num_pairs=args.num_pairs, warp=args.warp, seed=args.seed,
         num_visual=args.num_visual, pipeline_dir=args.pipeline,
@@ -145,95 +410,167 @@ def run_analyze(args: argparse.Namespace) -> dict:
     return report
 
 
-def _add_analyze(subparsers) -> None:
+def _add_analyze(subparsers, common: argparse.ArgumentParser) -> None:
     from .analysis import DEFAULT_NUM_PAIRS, DEFAULT_NUM_VISUAL
 
-    parser = subparsers.add_parser("analyze", help="layer shapes, identity check, gradient flow, θ statistics, figures")
-    parser.add_argument("--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)")
-    parser.add_argument("--data", default=None, help="folder of photos to cut seeded pairs from (default: the bundled photos)")
-    parser.add_argument("--num-pairs", type=int, default=DEFAULT_NUM_PAIRS, help="seeded pairs to measure on")
-    parser.add_argument("--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment of the pairs")
+    parser = subparsers.add_parser(
+        "analyze", parents=[common], help="layer shapes, identity check, gradient flow, θ statistics, figures"
+    )
+    parser.add_argument(
+        "--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)"
+    )
+    parser.add_argument(
+        "--data", default=None, help="folder of photos to cut seeded pairs from (default: the bundled photos)"
+    )
+    parser.add_argument(
+        "--num-pairs", type=_integer_at_least(1), default=DEFAULT_NUM_PAIRS, help="seeded pairs to measure on"
+    )
+    parser.add_argument(
+        "--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment of the pairs"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
-    parser.add_argument("--num-visual", type=int, default=DEFAULT_NUM_VISUAL, help="pairs shown in the grid")
+    parser.add_argument(
+        "--num-visual", type=_integer_at_least(0), default=DEFAULT_NUM_VISUAL, help="pairs shown in the grid"
+    )
     parser.add_argument("--output", required=True, help="folder for report.md, report.json and the figures")
-    parser.add_argument("--device", default="cpu")
     parser.set_defaults(func=run_analyze)
 
 
-def _named_pipelines(specs: list[str] | None, device: str) -> dict:
-    """``["tuned=DIR", "DIR"]`` → ``{name: pipeline}``; the embedded default as ``"stn"`` when none is given."""
-    if not specs:
-        return {"stn": load_pipeline(None, device)}
-    pipelines = {}
+def _pipeline_specs(specs: list[str]) -> dict[str, str]:
+    """``["tuned=DIR", "DIR"]`` → ``{name: DIR}``; a lone unnamed pipeline is ``"stn"``, other unnamed
+    ones take their folder's name."""
+    folders: dict[str, str] = {}
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or ("stn" if len(specs) == 1 else Path(path).name)
-        if name in pipelines:
+        if name in folders:
             raise ValueError(f"expected distinct pipeline names, got {name!r} twice (use --pipeline NAME=DIR)")
-        pipelines[name] = load_pipeline(path, device)
-    return pipelines
+        folders[name] = path
+    return folders
+
+
+def _named_pipelines(specs: list[str] | None, device: torch.device) -> dict:
+    """``--pipeline`` values → ``{name: pipeline}``; the embedded default as ``"stn"`` when none is given.
+    Every folder is checked before any is loaded."""
+    if not specs:
+        return {"stn": load_pipeline(None, device)}
+    folders = _pipeline_specs(specs)
+    for path in folders.values():
+        if not _is_hub_id(path):
+            check_pipeline_folder(path)  # a mistake in the last folder is reported before the first loads
+    return {name: load_pipeline(path, device) for name, path in folders.items()}
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
-    from .evaluation import evaluate, load_photos, markdown_table, parse_methods
+    from .evaluation import evaluate, markdown_table, parse_methods
 
+    # 1. Check the device, the flags, the photos and the outputs before anything is computed
+    device = check_device(args.device)
     methods = parse_methods(args.methods)
+    check_outputs({"--json": args.json, "--markdown": args.markdown})
+    sources, paths = data.load_photo_folder(args.data)
+
+    # 2. Evaluate
     uses_stn = any(m in ("stn", "stn+ecc") for m in methods)
-    pipelines = _named_pipelines(args.pipeline, args.device) if uses_stn else {}
-    sources, names = load_photos(args.data)
+    pipelines = _named_pipelines(args.pipeline, device) if uses_stn else {}
     report = evaluate(
-        pipelines, sources, names=names, num_pairs=args.num_pairs, resolution=args.resolution, seed=args.seed,
-        warp=args.warp, photometric=args.photometric, methods=methods, kornia_budget=args.kornia_budget,
+        pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
+        resolution=args.resolution, seed=args.seed, warp=args.warp, photometric=args.photometric,
+        methods=methods, kornia_budget=args.kornia_budget,
     )  # fmt: skip
     table = markdown_table(report)
     print(table)
+
+    # 3. Write every output at once
+    writers = {}
     if args.json:
-        _write_text(args.json, json.dumps(report, indent=2))
+        writers[args.json] = text_writer(json.dumps(report, indent=2))
     if args.markdown:
-        _write_text(args.markdown, table + "\n")
+        writers[args.markdown] = text_writer(table + "\n")
+    write_outputs(writers)
+    for path in writers:
+        print(f"wrote {path}")
     return report
 
 
-def _add_evaluate(subparsers) -> None:
+def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     from .evaluation import DEFAULT_METHODS
 
-    parser = subparsers.add_parser("evaluate", help="benchmark STN pipelines against ECC, SIFT, ORB, phase correlation, kornia")
+    parser = subparsers.add_parser(
+        "evaluate", parents=[common], help="benchmark STN pipelines against ECC, SIFT, ORB, phase correlation, kornia"
+    )
     parser.add_argument(
         "--pipeline", action="append", default=None, metavar="[NAME=]DIR",
         help="saved STNAlignmentPipeline folder, repeatable as NAME=DIR (default: the embedded one)",
     )  # fmt: skip
     parser.add_argument("--data", required=True, help="folder of photos the pipelines never trained on")
-    parser.add_argument("--num-pairs", type=int, default=24, help="seeded pairs (cycling over the photos)")
-    parser.add_argument("--resolution", type=int, default=512, help="pixel side of the square pairs")
+    parser.add_argument(
+        "--num-pairs", type=_integer_at_least(1), default=24, help="seeded pairs (cycling over the photos)"
+    )
+    parser.add_argument("--resolution", type=_integer_at_least(1), default=512, help="pixel side of the square pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
-    parser.add_argument("--warp", default="standard", choices=("small", "standard", "large"), help="misalignment of the pairs")
-    parser.add_argument("--photometric", default="none", choices=("none", "realistic"), help="photometric change of the moving image")
+    parser.add_argument("--warp", default="standard", choices=EVALUATION_WARPS, help="misalignment of the pairs")
+    parser.add_argument(
+        "--photometric", default="none", choices=data.PHOTOMETRIC_MODES, help="photometric change of the moving image"
+    )
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to run")
-    parser.add_argument("--kornia-budget", type=float, default=600.0, help="seconds kornia may take over all pairs")
+    parser.add_argument(
+        "--kornia-budget", type=float, default=600.0, help="seconds kornia may take over all pairs"
+    )
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table as markdown here")
-    parser.add_argument("--device", default="cpu")
     parser.set_defaults(func=run_evaluate)
 
 
+# ------------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other user error: one ``error:`` line, status 2."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_EXIT_CODE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer flag that must be ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The flags every verb takes."""
+    common = _Parser(add_help=False)
+    common.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps…)")
+    # SUPPRESS: after the verb, --debug must not reset the value given before it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return common
+
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stn-diffusers", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="stn-diffusers", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_align(subparsers)
-    _add_demo(subparsers)
-    _add_analyze(subparsers)
-    _add_evaluate(subparsers)
+    common = _common_options()
+    _add_align(subparsers, common)
+    _add_demo(subparsers, common)
+    _add_analyze(subparsers, common)
+    _add_evaluate(subparsers, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit status (0, or 2 after a one-line ``error:`` for a user's mistake)."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

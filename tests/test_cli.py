@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import PIL.Image
@@ -56,3 +57,203 @@ def test_align_reports_bad_files_clearly(tmp_path, saved_pipeline, capsys):
                      "--output", str(tmp_path / "x.png")])  # fmt: skip
     assert code == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ user errors
+def _one_error_line(capsys) -> str:
+    """The single ``error: ...`` line a user's mistake prints on stderr (no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _fail_if_loaded(*args, **kwargs):
+    raise AssertionError("the pipeline was loaded: the mistake should have been reported before any computation")
+
+
+@pytest.fixture
+def photo_files(tmp_path, astronaut):
+    """``(image, reference, mask)`` files and a plain file ``blocker`` that outputs cannot be written under."""
+    image, reference, mask = tmp_path / "moving.png", tmp_path / "reference.png", tmp_path / "mask.png"
+    astronaut.save(image)
+    astronaut.save(reference)
+    PIL.Image.new("L", astronaut.size, 255).save(mask)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    return image, reference, mask
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--output", "{tmp}/out.xyz"], ["--output", "out.xyz", ".png"]),
+        (["--output", "{tmp}/blocker/out.png"], ["--output", "blocker"]),
+        (["--output", "{tmp}/a.png", "--json", "{tmp}/blocker/theta.json"], ["--json", "blocker"]),
+        (["--output", "{tmp}/moving.png"], ["--output", "--image", "--overwrite"]),
+        (["--output", "{tmp}/sub/../reference.png"], ["--output", "--reference", "--overwrite"]),
+        (["--output", "{tmp}/a.png", "--json", "{tmp}/reference.png"], ["--json", "--reference"]),
+        (["--output", "{tmp}/a.png", "--json", "{tmp}/a.png"], ["--output", "--json", "distinct"]),
+        (["--output", "{tmp}/a.png", "--mask", "{tmp}/mask.png", "--output-mask", "{tmp}/mask.png"],
+         ["--output-mask", "--mask", "--overwrite"]),
+        (["--output", "{tmp}/a.png", "--device", "cuda:99"], ["--device", "cuda:99", "cpu"]),
+        (["--output", "{tmp}/a.png", "--device", "gpu"], ["--device", "'gpu'"]),
+    ],
+)  # fmt: skip
+def test_align_mistakes_are_one_line_before_any_computation(
+    tmp_path, photo_files, monkeypatch, capsys, extra, expected
+):
+    monkeypatch.setattr(cli, "load_pipeline", _fail_if_loaded)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["align", "--image", str(photo_files[0]), "--reference", str(photo_files[1])]
+    code = cli.main(argv + [arg.format(tmp=tmp_path) for arg in extra])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert all(word in line for word in expected), line
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no folder made, no input replaced
+
+
+def _delete_stn_weights(folder):
+    (folder / "stn" / "diffusion_pytorch_model.safetensors").unlink()
+
+
+def _delete_vae_config(folder):
+    (folder / "vae" / "config.json").unlink()
+
+
+def _truncate_stn_weights(folder):
+    weights = folder / "stn" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _delete_model_index(folder):
+    (folder / "model_index.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_delete_stn_weights, ["stn", "diffusion_pytorch_model.safetensors"]),
+        (_delete_vae_config, ["vae", "config.json"]),
+        (_truncate_stn_weights, ["stn", "diffusion_pytorch_model.safetensors", "truncated"]),
+        (_delete_model_index, ["--pipeline", "model_index.json"]),
+    ],
+)
+def test_damaged_pipeline_folder_is_named_in_one_line(tmp_path, saved_pipeline, photo_files, capsys, damage, expected):
+    damage(saved_pipeline)
+    code = cli.main(["align", "--pipeline", str(saved_pipeline), "--image", str(photo_files[0]),
+                     "--output", str(tmp_path / "out.png")])  # fmt: skip
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert all(word in line for word in expected) and ".bin" not in line, line
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_evaluate_num_pairs_below_one_is_refused_by_the_parser(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--data", str(tmp_path), "--methods", "identity", "--num-pairs", value])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys)
+    assert "--num-pairs" in line and ">= 1" in line and value in line
+
+
+def test_evaluate_accepts_every_misaligning_warp_preset(capsys):
+    from stn_diffusers import geometry
+
+    parser = cli.build_parser()
+    for warp in geometry.WARP_PRESETS:
+        if warp == "none":
+            continue
+        assert parser.parse_args(["evaluate", "--data", "photos", "--warp", warp]).warp == warp
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--data", "photos", "--warp", "none"])  # no misalignment to measure
+    assert "--warp" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_debug_flag_adds_the_traceback(tmp_path, photo_files, monkeypatch, capsys, position):
+    monkeypatch.setattr(cli, "load_pipeline", _fail_if_loaded)
+    argv = ["align", "--image", str(photo_files[0]), "--output", str(tmp_path / "a.png"), "--device", "cuda:99"]
+    code = cli.main(["--debug", *argv] if position == "before" else [*argv, "--debug"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------- outputs
+def test_write_outputs_writes_all_or_none(tmp_path, astronaut):
+    first, second = tmp_path / "first.txt", tmp_path / "second.jpg"
+    first.write_text("old")
+
+    def fail(partial):
+        partial.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cli.write_outputs({first: cli.text_writer("new"), second: fail})
+    assert first.read_text() == "old" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.txt"]  # no temporary file left behind
+
+    cli.write_outputs({first: cli.text_writer("new"), second: cli.image_writer(astronaut, second)})
+    assert first.read_text() == "new"
+    with PIL.Image.open(second) as written:
+        assert written.format == "JPEG"  # chosen from the final name, not the temporary one
+
+
+def test_align_overwrite_replaces_the_input_atomically(tmp_path, saved_pipeline, coffee):
+    image = tmp_path / "photo.png"
+    coffee.resize((192, 128)).save(image)  # the smallest this VAE aligns without a warning
+    inode = image.stat().st_ino
+    code = cli.main(["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(image),
+                     "--output", str(image), "--overwrite"])  # fmt: skip
+    assert code == 0
+    assert image.stat().st_ino != inode  # a new file renamed over the input, not the input rewritten in place
+    assert PIL.Image.open(image).size == (192, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "pipeline"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------ evaluate
+@pytest.fixture
+def photo_folder_with_corrupt_file(tmp_path, astronaut):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "astronaut.png")
+    (folder / "corrupt.png").write_text("not an image")
+    return folder
+
+
+def test_evaluate_checks_outputs_before_computing(tmp_path, photo_folder_with_corrupt_file, monkeypatch, capsys):
+    from stn_diffusers import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", _fail_if_loaded)
+    (tmp_path / "blocker").write_text("a file")
+    code = cli.main(["evaluate", "--data", str(photo_folder_with_corrupt_file), "--methods", "identity",
+                     "--json", str(tmp_path / "blocker" / "report.json")])  # fmt: skip
+    assert code == 2
+    assert "--json" in _one_error_line(capsys)
+
+
+def test_evaluate_writes_reports_and_warns_once_about_unreadable_photos(
+    tmp_path, photo_folder_with_corrupt_file, capsys, caplog
+):
+    report, table = tmp_path / "out" / "report.json", tmp_path / "out" / "table.md"
+    with caplog.at_level(logging.WARNING, logger="stn_diffusers.data"):
+        code = cli.main(["evaluate", "--data", str(photo_folder_with_corrupt_file), "--methods", "identity",
+                         "--num-pairs", "1", "--resolution", "64",
+                         "--json", str(report), "--markdown", str(table)])  # fmt: skip
+    assert code == 0
+    assert json.loads(report.read_text())["methods"]["identity"]["mean"] > 0
+    assert "| identity |" in table.read_text(encoding="utf-8")
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and "corrupt.png" in warnings[0]
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.json", "table.md"]
+
+
+# ------------------------------------------------------------------------------------- analyze
+def test_analyze_checks_its_output_folder_before_computing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_pipeline", _fail_if_loaded)
+    (tmp_path / "report").write_text("a file where the report folder should go")
+    assert cli.main(["analyze", "--output", str(tmp_path / "report")]) == 2
+    line = _one_error_line(capsys)
+    assert "--output" in line and "report" in line
+
