@@ -1,9 +1,29 @@
 """Image inputs: every accepted format to RGB float tensors in ``[0, 1]``, and back.
 
 Accepted per image: a ``PIL.Image`` (any mode; ``L``, ``RGBA``, ``P``, ``I;16``… become RGB, alpha
-is dropped), a numpy array ``(H, W)``, ``(H, W, 1|3|4)`` (``uint8`` in ``[0, 255]`` or float in
-``[0, 1]``), or a torch tensor ``(C, H, W)`` / ``(1, C, H, W)`` with ``C ∈ {1, 3, 4}`` in ``[0, 1]``.
-A batch is a list of those, a numpy array ``(B, H, W, C)`` or a tensor ``(B, C, H, W)``.
+is dropped), a numpy array ``(H, W)`` / ``(H, W, 1|3|4)``, or a torch tensor ``(C, H, W)`` /
+``(1, C, H, W)`` with ``C ∈ {1, 3, 4}``. A batch is a list of those, a numpy array ``(B, H, W, C)``
+or a tensor ``(B, C, H, W)``.
+
+Pixel values (one rule for numpy arrays and torch tensors alike):
+    - integer dtypes are full scale: ``uint8`` is 0–255 and ``uint16`` 0–65535 (``torch.uint8``
+      included); other integer dtypes are rejected (``TypeError``), as their full scale is unknown;
+    - ``bool`` is 0/1;
+    - floats must lie in ``[0, 1]``; values at most :data:`FLOAT_TOLERANCE` outside (the overshoot of
+      bicubic or antialiased resampling) are clamped;
+    - anything else (a float image with values up to 255, negative values, NaN) raises ``ValueError``
+      naming the expected and the found range.
+
+Orientation:
+    Images are used as a viewer shows them: the EXIF orientation of a file (phone photos store the
+    pixels sideways plus an ``Orientation`` tag) is applied on every read (:func:`open_image`) and to
+    PIL images passed in directly (:func:`upright`). Applying it removes the tag, so it never turns
+    an image twice.
+
+Sizes (shared by the pipelines' warnings):
+    Two images differ in aspect ratio when their width/height ratios differ by more than
+    :data:`ASPECT_TOLERANCE` (:func:`aspect_difference`); resizing both to one size then stretches
+    one of them.
 """
 
 from __future__ import annotations
@@ -13,20 +33,29 @@ from typing import Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
+# Integer dtypes are full scale: the value that means white.
+FULL_SCALE = {"uint8": 255.0, "uint16": 65535.0, "bool": 1.0}
+# Bicubic and antialiased resampling overshoot [0, 1] by a little; such values are clamped, not rejected.
+FLOAT_TOLERANCE = 1e-3
+# Relative difference of width/height ratios below which two images count as one aspect (2 % is
+# about 10 px of stretch across 512 px, within the rounding of the working size to the VAE factor).
+ASPECT_TOLERANCE = 0.02
+
 
 def open_image(path: str | os.PathLike, what: str = "image") -> PIL.Image.Image:
-    """Open an image file as stored (mode kept), with an error that names the file when it is
-    missing or unreadable (corrupt, truncated, not an image)."""
+    """Open an image file upright (its EXIF orientation applied, see :func:`upright`), its mode kept,
+    with an error that names the file when it is missing or unreadable (corrupt, truncated, not an image)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"expected the {what} file {os.fspath(path)!r}, found none")
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image.copy()
+            return upright(image)  # a new image, valid after the file is closed
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"expected a readable {what} at {os.fspath(path)!r}: {error}") from error
 
@@ -36,8 +65,15 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     return to_pil_rgb(open_image(path))
 
 
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A copy of ``image`` as a viewer shows it: its EXIF orientation applied and removed from its
+    EXIF, so a second call changes nothing."""
+    return PIL.ImageOps.exif_transpose(image)
+
+
 def to_pil_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB copy of a PIL image of any mode (16-bit grey scaled to 8 bits, alpha dropped)."""
+    """Upright RGB copy of a PIL image of any mode (16-bit grey scaled to 8 bits, alpha dropped)."""
+    image = upright(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max() > 255 else 255.0
@@ -46,6 +82,68 @@ def to_pil_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         image = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (0, 0, 0, 255)), image)
     return image.convert("RGB")
+
+
+def aspect_difference(size: tuple[int, int], other: tuple[int, int]) -> float:
+    """Relative difference of the aspect ratios (width / height) of two ``(H, W)`` sizes: 0 for the
+    same aspect, 0.5 for 3:2 against 1:1; compare with :data:`ASPECT_TOLERANCE`."""
+    aspect, other_aspect = size[1] / size[0], other[1] / other[0]
+    return max(aspect, other_aspect) / min(aspect, other_aspect) - 1.0
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """``(H, W)`` → ``"W×H"``, the way image sizes are written in messages."""
+    return f"{size[1]}×{size[0]}"
+
+
+def to_unit_range(values: np.ndarray | torch.Tensor, where: str = "image") -> torch.Tensor:
+    """Pixel values of any shape → float32 tensor of that shape in ``[0, 1]``, by the module's rule
+    (integers full scale, bool 0/1, floats in ``[0, 1]``); ``TypeError``/``ValueError`` otherwise."""
+    dtype = str(values.dtype).removeprefix("torch.")  # "uint8" for numpy and torch alike
+    if isinstance(values, np.ndarray):
+        floating = values.dtype.kind == "f"
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    else:
+        floating = values.is_floating_point()
+        tensor = values.detach().cpu().float()
+    if dtype in FULL_SCALE:
+        return tensor / FULL_SCALE[dtype]
+    if not floating:
+        raise TypeError(
+            f"expected {where} of dtype uint8 (0–255), uint16 (0–65535), bool or float (0–1), got {dtype}; "
+            "convert integer images to uint8 or uint16"
+        )
+    if tensor.numel() == 0:
+        return tensor
+    if torch.isnan(tensor).any():
+        raise ValueError(f"expected {where} with float values in [0, 1], found NaN")
+    low, high = tensor.min().item(), tensor.max().item()
+    if low < -FLOAT_TOLERANCE or high > 1.0 + FLOAT_TOLERANCE:
+        hint = " (0–255 values? divide by 255 or pass uint8)" if high > 1.0 + FLOAT_TOLERANCE else ""
+        raise ValueError(
+            f"expected {where} with float values in [0, 1], found values in [{low:g}, {high:g}]{hint}"
+        )
+    return tensor.clamp(0.0, 1.0)
+
+
+def to_chw(image: np.ndarray | torch.Tensor, where: str = "image") -> np.ndarray | torch.Tensor:
+    """A numpy array ``(H, W)`` / ``(H, W, C)`` or a tensor ``(H, W)`` / ``(C, H, W)`` / ``(1, C, H, W)``
+    → the same values as ``(C, H, W)`` (a view where possible; values not yet scaled)."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3:
+            raise ValueError(f"expected {where} as a numpy array (H, W) or (H, W, C), got shape {image.shape}")
+        return image.transpose(2, 0, 1)
+    tensor = image
+    if tensor.ndim == 4 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim != 3:
+        shape = tuple(image.shape)
+        raise ValueError(f"expected {where} as a tensor (H, W), (C, H, W) or (1, C, H, W), got shape {shape}")
+    return tensor
 
 
 def _channels_to_rgb(tensor: torch.Tensor, where: str) -> torch.Tensor:
@@ -61,27 +159,12 @@ def _channels_to_rgb(tensor: torch.Tensor, where: str) -> torch.Tensor:
 
 
 def to_rgb_tensor(image: ImageInput, where: str = "image") -> torch.Tensor:
-    """One image → ``(3, H, W)`` float32 in ``[0, 1]``."""
+    """One image → upright ``(3, H, W)`` float32 in ``[0, 1]`` (see the module docs for the values)."""
     if isinstance(image, PIL.Image.Image):
-        array = np.asarray(to_pil_rgb(image), dtype=np.float32) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3:
-            raise ValueError(f"expected {where} as a numpy array (H, W) or (H, W, C), got shape {image.shape}")
-        scale = 255.0 if image.dtype == np.uint8 else 65535.0 if image.dtype == np.uint16 else 1.0
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / scale).permute(2, 0, 1)
-        return _channels_to_rgb(tensor, where)
-    if isinstance(image, torch.Tensor):
-        tensor = image.detach().float().cpu()
-        if tensor.ndim == 4 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.ndim == 2:
-            tensor = tensor.unsqueeze(0)
-        if tensor.ndim != 3:
-            raise ValueError(f"expected {where} as a tensor (C, H, W), got shape {tuple(image.shape)}")
-        return _channels_to_rgb(tensor, where)
+        array = np.asarray(to_pil_rgb(image))  # (H, W, 3) uint8
+        return to_unit_range(array, where).permute(2, 0, 1).contiguous()
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return _channels_to_rgb(to_unit_range(to_chw(image, where), where), where)
     raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(image).__name__}")
 
 
@@ -96,6 +179,11 @@ def split_batch(images, convert, where: str) -> list:
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] > 1:
         return [convert(image, f"{where}[{i}]") for i, image in enumerate(images)]
     return [convert(images, where)]
+
+
+def pick(items: list, index: int):
+    """The item of this index, or the one shared item of a list of one (a reference shared by a batch)."""
+    return items[0] if len(items) == 1 else items[index]
 
 
 def to_rgb_list(images: ImageInput | list[ImageInput], where: str = "image") -> list[torch.Tensor]:

@@ -15,19 +15,23 @@ Frames and sizes:
     ``(H_ref, W_ref)``. With ``mask_frame="reference"`` the mask was drawn on the reference; it is
     resized (nearest neighbour) to the reference's size when it differs and is otherwise used as is.
     With ``mask_frame="image"`` the mask was drawn on the image; it is resized (nearest neighbour) to
-    the image's size, then warped with the image. The image itself is warped at its own full
-    resolution straight into the ``H_ref × W_ref`` reference frame (θ is in normalised coordinates,
-    see :mod:`stn_diffusers.geometry`), bicubic, zero padding.
+    the image's size, then warped with the image. A mask whose aspect ratio differs from its frame's
+    (beyond :data:`~stn_diffusers.images.ASPECT_TOLERANCE`) is stretched by that resize, with a
+    warning. The image itself is warped at its own full resolution straight into the
+    ``H_ref × W_ref`` reference frame (θ is in normalised coordinates, see
+    :mod:`stn_diffusers.geometry`), bicubic, zero padding.
 
 Masks (diffusers' convention: white = repaint):
-    A PIL image of any single-band mode (``1``, ``L``, ``P``, ``I``, ``F``...) or ``RGB``; a numpy
-    array ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` (``uint8`` in ``[0, 255]``, ``bool``, or float in
-    ``[0, 1]``); a tensor ``(H, W)``, ``(1|3, H, W)`` or ``(B, 1|3, H, W)`` in ``[0, 1]``. Three
-    channels are converted to grey (their mean; PIL's ``convert("L")`` for PIL images). Two or four
-    channels are rejected: an alpha band makes it ambiguous which band is the mask. Grey values are
-    binarised at :data:`MASK_THRESHOLD` = 0.5 of full scale (``>= 0.5`` → repaint), the threshold
-    ``StableDiffusionInpaintPipeline`` uses. Masks are resized and warped with nearest-neighbour
-    sampling, so they stay binary.
+    A PIL image of any single-band mode (``1``, ``L``, ``P``, ``I``, ``F``...) or ``RGB``, upright by
+    its EXIF orientation like every image; a numpy array ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``,
+    or a tensor ``(H, W)``, ``(1|3, H, W)`` or ``(B, 1|3, H, W)``, with the values of
+    :mod:`stn_diffusers.images` (``uint8`` 0–255 and ``uint16`` 0–65535 full scale, ``bool``, float
+    in ``[0, 1]``), for numpy and torch alike. An integer mask holding only 0 and 1 is rejected: at
+    full scale it would be empty (pass it as ``bool``). Three channels are converted to grey (their
+    mean; PIL's ``convert("L")`` for PIL images). Two or four channels are rejected: an alpha band
+    makes it ambiguous which band is the mask. Grey values are binarised at :data:`MASK_THRESHOLD` =
+    0.5 of full scale (``>= 0.5`` → repaint), the threshold ``StableDiffusionInpaintPipeline`` uses.
+    Masks are resized and warped with nearest-neighbour sampling, so they stay binary.
 
 Exposed border:
     Where the warp samples outside the image (no source pixels) the aligned image is black padding.
@@ -37,6 +41,7 @@ Exposed border:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -57,7 +62,20 @@ from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import geometry
-from .images import ImageInput, open_image, split_batch, to_rgb_list
+from .images import (
+    ASPECT_TOLERANCE,
+    FULL_SCALE,
+    ImageInput,
+    aspect_difference,
+    format_size,
+    open_image,
+    pick,
+    split_batch,
+    to_chw,
+    to_rgb_list,
+    to_unit_range,
+    upright,
+)
 from .models.spatial_transformer import SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
@@ -117,6 +135,8 @@ class STNInpaintPipelineOutput(BaseOutput):
 
 # ------------------------------------------------------------------------------------------- masks
 def _pil_mask_to_array(mask: PIL.Image.Image, where: str) -> np.ndarray:
+    """Upright PIL mask → ``(H, W)`` float32 grey in ``[0, 1]``."""
+    mask = upright(mask)
     bands = len(mask.getbands())
     if bands not in (1, 3):
         raise ValueError(f"expected {where} with 1 (grey) or 3 (RGB) channels, got mode {mask.mode!r} with {bands}")
@@ -127,39 +147,32 @@ def _pil_mask_to_array(mask: PIL.Image.Image, where: str) -> np.ndarray:
     return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
 
 
-def _array_mask_to_tensor(mask: np.ndarray, where: str) -> torch.Tensor:
-    """``(H, W)`` or ``(H, W, C)`` numpy → ``(C, H, W)`` float in ``[0, 1]``."""
-    if mask.ndim == 2:
-        mask = mask[..., None]
-    if mask.ndim != 3:
-        raise ValueError(f"expected {where} as a numpy array (H, W) or (H, W, C), got shape {mask.shape}")
-    scale = 255.0 if mask.dtype == np.uint8 else 65535.0 if mask.dtype == np.uint16 else 1.0
-    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32) / scale).permute(2, 0, 1)
+def _mask_values_to_unit_range(mask: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
+    """Mask values → float32 in ``[0, 1]`` by the rule of :mod:`stn_diffusers.images`, refusing an
+    integer 0/1 mask, which at full scale would silently be empty."""
+    dtype = str(mask.dtype).removeprefix("torch.")
+    if dtype in ("uint8", "uint16") and math.prod(mask.shape) > 0 and 0 < mask.max() <= 1:
+        raise ValueError(
+            f"expected {where} of dtype {dtype} at full scale (white = {int(FULL_SCALE[dtype])} = repaint), "
+            "found values in [0, 1]: pass a 0/1 mask as bool, or multiply it by the full scale"
+        )
+    return to_unit_range(mask, where)
 
 
 def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
     """One mask → binary ``(1, H, W)`` float32 (1 = repaint), binarised at :data:`MASK_THRESHOLD`."""
     if isinstance(mask, PIL.Image.Image):
         grey = torch.from_numpy(_pil_mask_to_array(mask, where))[None]
-    else:
-        if isinstance(mask, np.ndarray):
-            tensor = _array_mask_to_tensor(mask, where)
-        elif isinstance(mask, torch.Tensor):
-            tensor = mask.detach().float().cpu()
-            if tensor.ndim == 4 and tensor.shape[0] == 1:
-                tensor = tensor[0]
-            if tensor.ndim == 2:
-                tensor = tensor[None]
-            if tensor.ndim != 3:
-                raise ValueError(f"expected {where} as a tensor (H, W) or (C, H, W), got shape {tuple(mask.shape)}")
-        else:
-            raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(mask).__name__}")
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        tensor = _mask_values_to_unit_range(to_chw(mask, where), where)  # (C, H, W)
         if tensor.shape[0] not in (1, 3):
             raise ValueError(
                 f"expected {where} with 1 (grey) or 3 (RGB, converted to grey) channels, got {tensor.shape[0]} "
                 f"(shape {tuple(tensor.shape)})"
             )
         grey = tensor.mean(dim=0, keepdim=True)
+    else:
+        raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(mask).__name__}")
     return (grey >= MASK_THRESHOLD).float()
 
 
@@ -169,7 +182,7 @@ def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image"
 
 
 def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open a mask file as it is stored (its mode is kept, unlike :func:`stn_diffusers.images.load_image`)."""
+    """Open a mask file upright, its mode kept (unlike :func:`stn_diffusers.images.load_image`)."""
     return open_image(path, "mask image")
 
 
@@ -186,9 +199,25 @@ def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- preprocessing
-def _pick(items: list, index: int):
-    """One shared item (a list of one) or the item of this index."""
-    return items[0] if len(items) == 1 else items[index]
+def _warn_if_masks_stretched(
+    masks: list[torch.Tensor], images: list[torch.Tensor], frame_size: tuple[int, int], mask_frame: str
+) -> None:
+    """One warning when masks differ in aspect ratio from the frame they were drawn on (the reference
+    of ``frame_size``, or their image): resizing them onto it stretches them off what they cover."""
+    frames = [frame_size if mask_frame == "reference" else tuple(image.shape[-2:]) for image in images]
+    stretched = [
+        i for i, frame in enumerate(frames)
+        if aspect_difference(tuple(pick(masks, i).shape[-2:]), frame) > ASPECT_TOLERANCE
+    ]  # fmt: skip
+    if stretched:
+        first = stretched[0]
+        logger.warning(
+            "%d of %d mask(s) differ in aspect ratio from the %s they were drawn on by more than %d%% (mask %s, "
+            "%s %s): the mask is resized (nearest neighbour) to the %s's size, which stretches it off what it "
+            "covers. Crop or pad the mask to the %s's aspect ratio.",
+            len(stretched), len(frames), mask_frame, round(ASPECT_TOLERANCE * 100),
+            format_size(pick(masks, first).shape[-2:]), mask_frame, format_size(frames[first]), mask_frame, mask_frame,
+        )  # fmt: skip
 
 
 def prepare_inpainting_inputs(
@@ -237,6 +266,7 @@ def prepare_inpainting_inputs(
     if len(reference_sizes) != 1:
         raise ValueError(f"expected references of one size (the output frame), got sizes {sorted(reference_sizes)}")
     frame_size = reference_sizes.pop()  # (H_ref, W_ref)
+    _warn_if_masks_stretched(masks, images, frame_size, mask_frame)
 
     # 2. Estimate θ (latent space; no decode)
     aligned = aligner(images, reference=references, output_type="latent", generator=generator, **(align_kwargs or {}))
@@ -249,7 +279,7 @@ def prepare_inpainting_inputs(
         theta_i = theta[i : i + 1]
         warped = geometry.warp(original[None], theta_i, size=frame_size, mode="bicubic")  # (1, 3, H_ref, W_ref)
         warped_images.append(warped[0].clamp(0, 1))
-        mask = _pick(masks, i)
+        mask = pick(masks, i)
         if mask_frame == "reference":
             warped_masks.append(_resize_mask(mask, frame_size))
         else:
@@ -334,7 +364,11 @@ class STNInpaintPipeline(DiffusionPipeline):
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
 
-    def check_inputs(self, image, mask_image, reference_image, output_type, warp_back, overlay_unmasked):
+    def check_inputs(
+        self, image, mask_image, reference_image, output_type, warp_back, overlay_unmasked, inpaint_kwargs
+    ) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the expected value for any bad argument, before
+        the alignment (the image and mask formats are checked as they are converted)."""
         for name, value in (("image", image), ("mask_image", mask_image), ("reference_image", reference_image)):
             if value is None:
                 raise ValueError(f"expected {name}, got None")
@@ -344,6 +378,9 @@ class STNInpaintPipeline(DiffusionPipeline):
             raise TypeError(
                 f"expected warp_back and overlay_unmasked as bools, got {warp_back!r} and {overlay_unmasked!r}"
             )
+        for reserved in ("output_type", "return_dict", "masked_image_latents"):
+            if reserved in inpaint_kwargs:
+                raise ValueError(f"expected no {reserved!r} among the inpainting arguments: this pipeline sets it")
 
     @torch.no_grad()
     def __call__(
@@ -389,10 +426,7 @@ class STNInpaintPipeline(DiffusionPipeline):
             :class:`STNInpaintPipelineOutput` or the tuple ``(images, theta, mask_image, nsfw_content_detected)``.
         """
         # 1. Check inputs
-        self.check_inputs(image, mask_image, reference_image, output_type, warp_back, overlay_unmasked)
-        for reserved in ("output_type", "return_dict", "masked_image_latents"):
-            if reserved in inpaint_kwargs:
-                raise ValueError(f"expected no {reserved!r} among the inpainting arguments: this pipeline sets it")
+        self.check_inputs(image, mask_image, reference_image, output_type, warp_back, overlay_unmasked, inpaint_kwargs)
 
         # 2. Align image and mask into the reference frame (pixel warps at full resolution)
         inputs = prepare_inpainting_inputs(

@@ -12,11 +12,18 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNInpaintPipeline, geometry, prepare_inpainting_inputs
+from stn_diffusers import (
+    SpatialTransformer,
+    STNAlignmentPipeline,
+    STNInpaintPipeline,
+    geometry,
+    prepare_inpainting_inputs,
+)
 from stn_diffusers.cli import main
-from stn_diffusers.inpainting import MASK_THRESHOLD, to_mask_tensor
+from stn_diffusers.inpainting import MASK_THRESHOLD, load_mask, to_mask_tensor
 
 from .conftest import make_tiny_vae
+from .test_images import save_sideways
 
 SIZE = 256
 
@@ -25,9 +32,8 @@ SIZE = 256
 def rotation_shift_theta(degrees: float, shift_x: float, shift_y: float, size: int = SIZE) -> torch.Tensor:
     """θ of a rotation about the centre and a shift in pixels (square ``size × size`` frame)."""
     angle = math.radians(degrees)
-    pixel = torch.tensor(
-        [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64
-    )
+    cos, sin = math.cos(angle), math.sin(angle)
+    pixel = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     centre = (size - 1) / 2
     to_centre = torch.tensor([[1.0, 0, -centre], [0, 1.0, -centre], [0, 0, 1.0]], dtype=torch.float64)
     shift = torch.tensor([[1.0, 0, shift_x], [0, 1.0, shift_y], [0, 0, 1.0]], dtype=torch.float64)
@@ -121,13 +127,29 @@ class TestPrepareInpaintingInputs:
         theta = rotation_shift_theta(0.0, 0.0, 0.0)
         mask = np.zeros((100, 150), np.uint8)  # drawn at a quarter of the coffee photo's 400×600
         mask[40:60, 30:90] = 255
-        inputs = prepare_inpainting_inputs(known_aligner(theta), coffee, mask, photo, mask_frame="image", fill_exposed=False)
+        aligner = known_aligner(theta)
+        inputs = prepare_inpainting_inputs(aligner, coffee, mask, photo, mask_frame="image", fill_exposed=False)
         assert inputs.image.shape == (1, 3, SIZE, SIZE) and inputs.mask_image.shape == (1, 1, SIZE, SIZE)
         # Identity θ: the 600×400 image and its mask are stretched onto the 256×256 reference frame.
-        expected = F.interpolate(torch.from_numpy(mask / 255.0).float()[None, None], size=(SIZE, SIZE), mode="nearest-exact")
+        mask_tensor = torch.from_numpy(mask / 255.0).float()[None, None]
+        expected = F.interpolate(mask_tensor, size=(SIZE, SIZE), mode="nearest-exact")
         assert iou(inputs.mask_image.numpy() > 0.5, expected.numpy() > 0.5) >= 0.95
-        reference_mask = prepare_inpainting_inputs(known_aligner(theta), coffee, mask, photo, fill_exposed=False).mask_image
+        reference_mask = prepare_inpainting_inputs(aligner, coffee, mask, photo, fill_exposed=False).mask_image
         assert iou(reference_mask.numpy() > 0.5, expected.numpy() > 0.5) >= 0.95
+
+    def test_a_mask_of_another_aspect_than_its_frame_warns_once(self, photo, caplog):
+        aligner = known_aligner(geometry.identity_theta(1))
+        wide = np.zeros((SIZE // 2, SIZE), np.uint8)  # 2:1 against the square reference it was drawn on
+        with caplog.at_level("WARNING"):
+            prepare_inpainting_inputs(aligner, [photo, photo], wide, photo)
+        assert caplog.text.count("differ in aspect ratio") == 1
+        assert "2 of 2 mask(s)" in caplog.text and "mask 256×128, reference 256×256" in caplog.text
+        assert "Crop or pad the mask" in caplog.text
+
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            prepare_inpainting_inputs(aligner, photo, np.zeros((SIZE // 2, SIZE // 2), np.uint8), photo)
+        assert "aspect" not in caplog.text  # a smaller mask of the same aspect is resized, not stretched
 
 
 class TestMaskValidation:
@@ -148,6 +170,30 @@ class TestMaskValidation:
             to_mask_tensor(torch.zeros(2, 4, 4))
         with pytest.raises(ValueError, match="mode 'LA'"):
             to_mask_tensor(PIL.Image.new("LA", (4, 4)))
+
+    def test_values_follow_the_image_rule_for_numpy_and_torch(self):
+        grey = np.array([[0, 127, 128, 255]], np.uint8)
+        expected = [0.0, 0.0, 1.0, 1.0]
+        assert to_mask_tensor(torch.from_numpy(grey)).flatten().tolist() == expected  # torch.uint8 is 0–255 too
+        assert to_mask_tensor(grey.astype(np.uint16) * 257).flatten().tolist() == expected
+        assert to_mask_tensor(torch.tensor([[False, True]])).flatten().tolist() == [0.0, 1.0]
+        with pytest.raises(ValueError, match=r"found values in \[0, 255\].*divide by 255"):
+            to_mask_tensor(torch.from_numpy(grey).float())
+        with pytest.raises(ValueError, match="found NaN"):
+            to_mask_tensor(torch.tensor([[0.0, float("nan")]]))
+        # A 0/1 integer mask would be empty at full scale: refused, with the way out.
+        with pytest.raises(ValueError, match=r"found values in \[0, 1\]: pass a 0/1 mask as bool"):
+            to_mask_tensor(torch.tensor([[0, 1]], dtype=torch.uint8))
+
+    def test_mask_files_and_pil_masks_are_read_upright(self, tmp_path):
+        mask = np.zeros((40, 60), np.uint8)  # not symmetric: a turned mask differs in shape and content
+        mask[5:15, 10:50] = 255
+        path = save_sideways(PIL.Image.fromarray(mask), tmp_path / "mask.png")
+        expected = torch.from_numpy(mask / 255.0).float()[None]
+        torch.testing.assert_close(to_mask_tensor(load_mask(path)), expected)
+        with PIL.Image.open(path) as stored:
+            assert stored.size == (40, 60)  # stored sideways
+            torch.testing.assert_close(to_mask_tensor(stored), expected)
 
     def test_mismatched_batches_and_bad_options_raise(self, photo):
         aligner = known_aligner(geometry.identity_theta(1))
@@ -207,7 +253,9 @@ class TestSTNInpaintPipeline:
         assert pipe.vae is inpaint_pipe.vae and pipe.unet is inpaint_pipe.unet
         mask = np.zeros((SIZE, SIZE), np.uint8)
         mask[80:160, 90:170] = 255
-        call = dict(image=photo, mask_image=mask, reference_image=photo, num_inference_steps=2, output_type="np", **embeds)
+        call = dict(
+            image=photo, mask_image=mask, reference_image=photo, num_inference_steps=2, output_type="np", **embeds
+        )
 
         out = pipe(generator=torch.Generator().manual_seed(0), **call)
         assert out.images.shape == (1, SIZE, SIZE, 3) and np.isfinite(out.images).all()
@@ -231,12 +279,14 @@ class TestSTNInpaintPipeline:
                     overlay_unmasked=True, num_inference_steps=2, output_type="np", **embeds)  # fmt: skip
 
         back = pipe(warp_back=True, generator=torch.Generator().manual_seed(0), **call)
-        aligned = prepare_inpainting_inputs(pipe.aligner, photo, call["mask_image"], photo).image[0].permute(1, 2, 0).numpy()
+        aligned = prepare_inpainting_inputs(pipe.aligner, photo, call["mask_image"], photo).image[0]
+        aligned = aligned.permute(1, 2, 0).numpy()
 
         original = np.asarray(photo, dtype=np.float32) / 255
         # Un-masked interior: away from the mask and from the area the reference frame does not reach.
         margin = 4
-        near_mask = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * margin + 1, 1, margin)[0, 0].numpy() > 0
+        grown = F.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * margin + 1, 1, margin)
+        near_mask = grown[0, 0].numpy() > 0
         covered = geometry.valid_mask(geometry.invert_theta(theta), SIZE, SIZE)
         covered = -F.max_pool2d(-covered, 2 * margin + 1, 1, margin)[0, 0].numpy() > 0.5
         interior = covered & ~near_mask
@@ -252,6 +302,9 @@ class TestSTNInpaintPipeline:
             pipe(image=photo, mask_image=np.zeros((SIZE, SIZE, 2), np.uint8), reference_image=photo, **embeds)
         with pytest.raises(ValueError, match="output_type"):
             pipe(image=photo, mask_image=np.zeros((SIZE, SIZE)), reference_image=photo, output_type="latent", **embeds)
+        inputs = dict(image=photo, mask_image=np.zeros((SIZE, SIZE)), reference_image=photo, **embeds)
+        with pytest.raises(ValueError, match="expected no 'masked_image_latents'"):
+            pipe(masked_image_latents=torch.zeros(1, 4, 32, 32), **inputs)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -84,9 +86,39 @@ class TestOutputs:
         assert np.abs(out.warped_images[0] - np.asarray(astronaut) / 255).max() < 1e-6
         assert seed_pipeline(astronaut, min_displacement=0.1).unwarped.tolist() == [False]
 
-    def test_tuple_output(self, seed_pipeline, astronaut):
-        images, warped_images, theta, latents = seed_pipeline(astronaut, return_dict=False)
+    def test_tuple_output_holds_every_field_in_dataclass_order(self, seed_pipeline, astronaut):
+        as_tuple = seed_pipeline(astronaut, min_displacement=1.0, output_type="pt", return_dict=False)
+        images, warped_images, theta, latents, displacement, unwarped, refined = as_tuple
         assert len(images) == 1 and theta.shape == (1, 2, 3) and latents.shape == (1, 4, 64, 64)
+        assert displacement.shape == (1,) and unwarped.tolist() == [True] and refined is None
+        as_dict = seed_pipeline(astronaut, min_displacement=1.0, output_type="pt")
+        for field, value in zip(dataclasses.fields(STNAlignmentPipelineOutput), as_tuple, strict=True):
+            expected = getattr(as_dict, field.name)
+            assert (value is None) == (expected is None), field.name
+            if value is not None:
+                torch.testing.assert_close(value, expected, msg=field.name)
+
+    def test_one_progress_bar_covers_every_chunk_of_a_batch(self, registration_pipeline, coffee, monkeypatch):
+        pipe = registration_pipeline
+        calls = []
+
+        def counted(function):
+            def call(*args, **kwargs):
+                calls.append(function.__name__)
+                return function(*args, **kwargs)
+
+            return call
+
+        for module, name in ((pipe.vae, "encode"), (pipe.stn, "predict_theta"), (pipe.vae, "decode")):
+            monkeypatch.setattr(module, name, counted(getattr(module, name)))
+        bars, make_bar = [], pipe.progress_bar
+        monkeypatch.setattr(pipe, "progress_bar", lambda **kwargs: bars.append(make_bar(**kwargs)) or bars[-1])
+
+        pipe([coffee] * 3, reference=coffee, batch_size=2, height=128, width=192, output_type="pt")
+
+        # 2 chunks of images + 1 shared reference encoded, 2 chunks aligned, 2 decoded.
+        assert sorted(set(calls)) == ["decode", "encode", "predict_theta"] and len(calls) == 7
+        assert len(bars) == 1 and bars[0].total == bars[0].n == len(calls)
 
     def test_autoencoder_tiny(self, astronaut):
         torch.manual_seed(0)
@@ -120,6 +152,8 @@ class TestValidation:
         latents = torch.zeros(2, 4, 64, 64)
         with pytest.raises(ValueError, match=r"reference_latents of shape \(2, 4, 64, 64\)"):
             registration_pipeline(latents=latents, reference_latents=torch.zeros(3, 4, 64, 64))
+        with pytest.raises(ValueError, match=r"expected latents of shape \(B, 4, h, w\), got \(2, 3, 64, 64\)"):
+            registration_pipeline(latents=torch.zeros(2, 3, 64, 64), reference_latents=latents)
 
     def test_bad_image_inputs(self, registration_pipeline, astronaut):
         with pytest.raises(ValueError, match="1, 3 or 4 channels"):
@@ -136,10 +170,41 @@ class TestValidation:
             STNAlignmentPipeline(vae=tiny_vae, stn=SpatialTransformer(in_channels=8))
 
 
+class TestSizeWarnings:
+    def test_an_aspect_mismatch_warns_once_and_says_what_to_do(self, registration_pipeline, coffee, caplog):
+        portrait = coffee.transpose(PIL.Image.Transpose.ROTATE_90)  # 400×600 against the 600×400 reference
+        with caplog.at_level("WARNING"):
+            registration_pipeline([portrait, portrait], reference=coffee, output_type="latent")
+        assert caplog.text.count("differ in aspect ratio") == 1
+        assert "2 of 2 image(s)" in caplog.text and "image[0] is 400×600, its reference 600×400" in caplog.text
+        assert "512×336 (the reference's aspect, longer side 512)" in caplog.text and "Crop or pad" in caplog.text
+
+        caplog.clear()
+        nearly = coffee.resize((606, 400), PIL.Image.BICUBIC)  # 1 % wider: the same aspect within the tolerance
+        with caplog.at_level("WARNING"):
+            registration_pipeline(nearly, reference=coffee, output_type="latent")
+        assert "aspect" not in caplog.text
+
+    def test_inputs_too_small_to_align_warn_with_size_and_minimum(self, registration_pipeline, astronaut, caplog):
+        tiny = astronaut.resize((4, 4), PIL.Image.BICUBIC)
+        with caplog.at_level("WARNING"):
+            registration_pipeline(tiny, reference=tiny, height=128, width=128, output_type="latent")
+        # 16 latents per side at the VAE factor 8.
+        assert caplog.text.count("smaller than 128 px") == 1
+        assert "image is 4×4, reference is 4×4" in caplog.text
+
+        caplog.clear()
+        least = astronaut.resize((128, 128), PIL.Image.BICUBIC)
+        with caplog.at_level("WARNING"):
+            registration_pipeline(least, reference=least, height=128, width=128, output_type="latent")
+        assert "smaller than" not in caplog.text
+
+
 class TestSaveLoad:
     def test_round_trip_offline(self, tmp_path, registration_pipeline, astronaut, coffee):
         registration_pipeline.save_pretrained(tmp_path)
-        for name in ("model_index.json", "vae/config.json", "stn/config.json", "stn/diffusion_pytorch_model.safetensors"):
+        saved = ("model_index.json", "vae/config.json", "stn/config.json", "stn/diffusion_pytorch_model.safetensors")
+        for name in saved:
             assert (tmp_path / name).exists()
         loaded = STNAlignmentPipeline.from_pretrained(tmp_path)
         before = registration_pipeline(coffee, reference=astronaut, output_type="pt")

@@ -12,7 +12,8 @@ from diffusers.utils import BaseOutput
 
 @dataclass
 class STNAlignmentPipelineOutput(BaseOutput):
-    """Output of :class:`~stn_diffusers.STNAlignmentPipeline`.
+    """Output of :class:`~stn_diffusers.STNAlignmentPipeline`; with ``return_dict=False`` the
+    pipeline returns every field below, ``None`` ones included, as a tuple in this order.
 
     Args:
         images: the aligned latents decoded by the VAE (a VAE round trip), at the working size:

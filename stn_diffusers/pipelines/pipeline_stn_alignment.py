@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 
 import numpy as np
 import torch
@@ -13,7 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .. import geometry
-from ..images import ImageInput, tensor_to_pil, to_rgb_list
+from ..images import ASPECT_TOLERANCE, ImageInput, aspect_difference, format_size, pick, tensor_to_pil, to_rgb_list
 from ..models.spatial_transformer import SpatialTransformer
 from ..refine import REFINE_METHODS, import_cv2, refine_theta_ecc
 from .pipeline_output import STNAlignmentPipelineOutput
@@ -21,7 +24,9 @@ from .pipeline_output import STNAlignmentPipelineOutput
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
+# Latents per side below which an input holds too little detail to align meaningfully (128 px at
+# the Stable Diffusion VAE's factor 8). Such inputs are upsampled to the working size, with a warning.
+MIN_LATENT_SIDE = 16
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -60,7 +65,10 @@ class STNAlignmentPipeline(DiffusionPipeline):
     ``sample_size × factor`` square (512×512), else the reference's (or image's) aspect ratio with
     its longer side ``sample_size × factor`` (512), each side rounded down to a multiple of the
     VAE factor (8): a 1000×750 photo is encoded at 512×384. ``warped_images`` keep each input's
-    own size. All inputs of one call share one working size.
+    own size. All inputs of one call share one working size, so an image whose aspect ratio differs
+    from its reference's (beyond ``stn_diffusers.images.ASPECT_TOLERANCE``) is stretched, which reads
+    as false motion: the call warns once; crop or pad such images to the reference's aspect. Inputs
+    under ``MIN_LATENT_SIDE`` (16) latents on the shorter side (128 px at factor 8) warn too.
 
     Args:
         vae: a diffusers VAE with ``encode``/``decode`` (``AutoencoderKL``, ``AutoencoderTiny``).
@@ -88,7 +96,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
         latent_channels = vae.config.latent_channels
         if stn.config.in_channels != latent_channels:
             raise ValueError(
-                f"expected an stn with in_channels={latent_channels} (the VAE's latent_channels), got {stn.config.in_channels}"
+                f"expected an stn with in_channels={latent_channels} (the VAE's latent_channels), "
+                f"got {stn.config.in_channels}"
             )
         trained_for = stn.config.vae_fingerprint
         if trained_for is not None and trained_for != vae_fingerprint(vae):
@@ -101,14 +110,17 @@ class STNAlignmentPipeline(DiffusionPipeline):
             )
 
     # ------------------------------------------------------------------------------------ helpers
-    def working_size(self, size: tuple[int, int], height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    def working_size(
+        self, size: tuple[int, int], height: int | None = None, width: int | None = None
+    ) -> tuple[int, int]:
         """The ``(height, width)`` images of size ``size = (H, W)`` are encoded at (see class docs)."""
         factor = self.vae_scale_factor
         config = self.stn.config
         if height is not None or width is not None:
             if height is None or width is None or height % factor or width % factor or min(height, width) <= 0:
                 raise ValueError(
-                    f"expected both height and width as positive multiples of {factor} (the VAE factor), got {height}×{width}"
+                    f"expected both height and width as positive multiples of {factor} (the VAE factor), "
+                    f"got {height}×{width}"
                 )
             return height, width
         longest = config.sample_size * factor
@@ -141,29 +153,38 @@ class STNAlignmentPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         sample_posterior: bool = False,
         batch_size: int | None = None,
+        progress_bar=None,
     ) -> torch.Tensor:
         """RGB images ``(3, H, W)`` in ``[0, 1]`` (a list, or a ``(B, 3, H, W)`` batch) → scaled latents
         ``(B, C, height/f, width/f)``, each resized (antialiased) to the working size first.
 
         The one encode path of the project (the pipeline, fine-tuning, evaluation and analysis):
-        ``batch_size`` images go through the VAE at once (default: all).
+        ``batch_size`` images go through the VAE at once (default: all); ``progress_bar`` (a tqdm bar)
+        advances by one per chunk.
         """
         batch_size = batch_size or len(images)
         chunks = []
         for start in range(0, len(images), batch_size):
-            chunk = torch.stack([_resize(image.unsqueeze(0), height, width)[0] for image in images[start : start + batch_size]])
-            chunk = self.image_processor.preprocess(chunk, height=height, width=width)  # (b, 3, height, width) in [-1, 1]
+            chunk = torch.cat([_resize(image[None], height, width) for image in images[start : start + batch_size]])
+            chunk = self.image_processor.preprocess(chunk, height=height, width=width)  # (b, 3, height, width), [-1, 1]
             chunks.append(self.encode(chunk, generator, sample_posterior))
+            if progress_bar is not None:
+                progress_bar.update()
         return torch.cat(chunks)
 
     def predict_theta(
-        self, latents: torch.Tensor, reference_latents: torch.Tensor | None = None, batch_size: int | None = None
+        self,
+        latents: torch.Tensor,
+        reference_latents: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        progress_bar=None,
     ) -> torch.Tensor:
         """θ ``(B, 2, 3)`` float32 that aligns ``latents`` ``(B, C, h, w)`` onto ``reference_latents``.
 
         The one θ path of the project: ``batch_size`` pairs at a time (default: all), each chunk moved
-        to the STN's device and dtype. A reference is passed on only to an STN that looks at one, so
-        callers never branch on ``conditioning``. Runs under the caller's grad mode.
+        to the STN's device and dtype; ``progress_bar`` (a tqdm bar) advances by one per chunk. A
+        reference is passed on only to an STN that looks at one, so callers never branch on
+        ``conditioning``. Runs under the caller's grad mode.
         """
         batch_size = batch_size or latents.shape[0]
         uses_reference = self.stn.config.conditioning == "reference"
@@ -173,19 +194,63 @@ class STNAlignmentPipeline(DiffusionPipeline):
         thetas = []
         for start in range(0, latents.shape[0], batch_size):
             moving = latents[start : start + batch_size].to(device=device, dtype=dtype)
-            reference = reference_latents[start : start + batch_size].to(device=device, dtype=dtype) if uses_reference else None
+            reference = None
+            if uses_reference:
+                reference = reference_latents[start : start + batch_size].to(device=device, dtype=dtype)
             thetas.append(self.stn.predict_theta(moving, reference).float())
+            if progress_bar is not None:
+                progress_bar.update()
         return torch.cat(thetas)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents ``(B, C, h, w)`` → images ``(B, 3, h·f, w·f)`` in ``[-1, 1]``."""
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None, progress_bar=None) -> torch.Tensor:
+        """Scaled latents ``(B, C, h, w)`` → images ``(B, 3, h·f, w·f)`` in ``[-1, 1]``, ``batch_size`` at
+        a time (default: all); ``progress_bar`` (a tqdm bar) advances by one per chunk."""
         config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
-        latents = latents.to(self.vae.dtype) / getattr(config, "scaling_factor", 1.0) + shift
-        return self.vae.decode(latents).sample
+        scale = getattr(config, "scaling_factor", 1.0)
+        batch_size = batch_size or latents.shape[0]
+        chunks = []
+        for start in range(0, latents.shape[0], batch_size):
+            chunk = latents[start : start + batch_size].to(self.vae.dtype) / scale + shift
+            chunks.append(self.vae.decode(chunk).sample)
+            if progress_bar is not None:
+                progress_bar.update()
+        return torch.cat(chunks)
 
-    def check_inputs(self, image, reference, latents, reference_latents, output_type, min_displacement, batch_size, refine=None):
-        if image is None and latents is None:
+    def _call_working_size(
+        self,
+        images: list[torch.Tensor] | None,
+        references: list[torch.Tensor] | None,
+        latents: torch.Tensor | None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> tuple[int, int]:
+        """The working ``(height, width)`` of one call: that of ``latents`` when given (what is still
+        to encode must match them), else :meth:`working_size` of the reference (or the image)."""
+        if latents is not None:
+            return latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+        source = references[0] if references is not None and self.stn.config.conditioning == "reference" else images[0]
+        return self.working_size(tuple(source.shape[-2:]), height, width)
+
+    def check_inputs(
+        self,
+        images: list[torch.Tensor] | None,
+        references: list[torch.Tensor] | None,
+        latents: torch.Tensor | None,
+        reference_latents: torch.Tensor | None,
+        height: int | None,
+        width: int | None,
+        output_type: str,
+        min_displacement: float,
+        batch_size: int,
+        refine: str | None = None,
+    ) -> None:
+        """Raise ``ValueError`` naming the expected value for any bad input, before any encode.
+
+        ``images`` and ``references`` are the inputs as lists of ``(3, H, W)`` tensors (converting
+        them checked each one's type, shape and values), so counts and latent shapes can be checked.
+        """
+        if images is None and latents is None:
             raise ValueError("expected an image (or latents) to align, got neither")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES}, got {output_type!r}")
@@ -194,18 +259,144 @@ class STNAlignmentPipeline(DiffusionPipeline):
         if int(batch_size) < 1:
             raise ValueError(f"expected batch_size >= 1, got {batch_size}")
         needs_reference = self.stn.config.conditioning == "reference"
-        if needs_reference and reference is None and reference_latents is None:
+        if needs_reference and references is None and reference_latents is None:
             raise ValueError("expected a reference (or reference_latents): this stn registers onto a reference")
+        if not needs_reference and references is not None and refine is None:
+            logger.warning("This stn has conditioning='none': it ignores the reference.")
+        channels = self.stn.config.in_channels
         for name, tensor in (("latents", latents), ("reference_latents", reference_latents)):
-            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.ndim != 4):
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 4 or tensor.shape[1] != channels:
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise ValueError(f"expected {name} of shape (B, {self.stn.config.in_channels}, h, w), got {shape}")
+                raise ValueError(f"expected {name} of shape (B, {channels}, h, w), got {shape}")
         if refine is not None and refine not in REFINE_METHODS:
             raise ValueError(f"expected refine in {(None, *REFINE_METHODS)}, got {refine!r}")
-        if refine is not None and (image is None or reference is None):
+        if refine is not None and (images is None or references is None):
             raise ValueError(f"expected both image and reference with refine={refine!r}: it refines on their pixels")
         if refine == "ecc":
             import_cv2()  # fail before the encode, naming the extra to install
+
+        num_images = len(images) if images is not None else latents.shape[0]
+        if references is not None and len(references) not in (1, num_images):
+            raise ValueError(f"expected 1 or {num_images} references (one per image), got {len(references)}")
+        if latents is not None and latents.shape[0] != num_images:
+            raise ValueError(
+                f"expected latents with batch size {num_images} (the number of images), got {latents.shape[0]}"
+            )
+        if reference_latents is not None:
+            work_height, work_width = self._call_working_size(images, references, latents, height, width)
+            per_image = (channels, work_height // self.vae_scale_factor, work_width // self.vae_scale_factor)
+            if reference_latents.shape[0] not in (1, num_images) or tuple(reference_latents.shape[1:]) != per_image:
+                raise ValueError(
+                    f"expected reference_latents of shape {(num_images, *per_image)} (the image latents') or "
+                    f"{(1, *per_image)} (one shared), got {tuple(reference_latents.shape)}"
+                )
+        elif images is not None:
+            self._call_working_size(images, references, latents, height, width)  # checks height and width
+
+    def preprocess(
+        self,
+        images: list[torch.Tensor] | None,
+        references: list[torch.Tensor] | None,
+        latents: torch.Tensor | None,
+        height: int | None,
+        width: int | None,
+    ) -> tuple[int, int]:
+        """The working ``(height, width)`` of this call (see the class docs), with one warning each
+        for inputs too small to align and for images whose aspect ratio differs from their
+        reference's (both are resized to one working size, which stretches one of them)."""
+        work_size = self._call_working_size(images, references, latents, height, width)
+        uses_reference = self.stn.config.conditioning == "reference"
+        to_encode = {"image": images if latents is None else None, "reference": references if uses_reference else None}
+        named = [
+            (f"{what}[{i}]" if len(items) > 1 else what, item)
+            for what, items in to_encode.items()
+            for i, item in enumerate(items or [])
+        ]
+        minimum = MIN_LATENT_SIDE * self.vae_scale_factor
+        small = [f"{name} is {format_size(item.shape[-2:])}" for name, item in named if min(item.shape[-2:]) < minimum]
+        if small:
+            more = f" (and {len(small) - 3} more)" if len(small) > 3 else ""
+            logger.warning(
+                "%s%s: smaller than %d px on the shorter side, the least this VAE needs for %d latents per side. "
+                "Too little detail to align: θ will be unreliable. Use larger images.",
+                ", ".join(small[:3]), more, minimum, MIN_LATENT_SIDE,
+            )  # fmt: skip
+        if images is not None and references is not None and uses_reference:
+            stretched = [
+                i for i, image in enumerate(images)
+                if aspect_difference(image.shape[-2:], pick(references, i).shape[-2:]) > ASPECT_TOLERANCE
+            ]  # fmt: skip
+            if stretched:
+                first = stretched[0]
+                if latents is not None:
+                    chosen = "the latents' size"
+                elif height is not None:
+                    chosen = "the height and width given"
+                elif self.stn.fixed_sample_size is not None:
+                    chosen = "this stn's fixed input size"
+                else:
+                    chosen = f"the reference's aspect, longer side {max(work_size)}"
+                logger.warning(
+                    "%d of %d image(s) differ in aspect ratio from their reference by more than %d%% (%s is %s, "
+                    "its reference %s): both are resized to one working size, %s (%s), which stretches the image "
+                    "and reads as false motion. Crop or pad the image to the reference's aspect ratio.",
+                    len(stretched), len(images), round(ASPECT_TOLERANCE * 100),
+                    f"image[{first}]" if len(images) > 1 else "image",
+                    format_size(images[first].shape[-2:]), format_size(pick(references, first).shape[-2:]),
+                    format_size(work_size), chosen,
+                )  # fmt: skip
+        return work_size
+
+    def _progress_bar(self, batch_size: int, batches: list[int]):
+        """One bar over every chunk of the call's work, ``batches`` being the size of each batch that
+        goes in chunks of ``batch_size`` (images and references to encode, pairs to align, latents to
+        decode); shown only when there is more than one chunk, a do-nothing context otherwise."""
+        chunks = [math.ceil(size / batch_size) for size in batches]
+        if max(chunks) <= 1:
+            return contextlib.nullcontext()
+        return self.progress_bar(total=sum(chunks))
+
+    def _refine_ecc(
+        self,
+        theta: torch.Tensor,
+        images: list[torch.Tensor],
+        references: list[torch.Tensor],
+        refine_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ ``(B, 2, 3)`` refined by ECC on the pixels (see :mod:`stn_diffusers.refine`), and ``(B,)``
+        bool, True where ECC converged (elsewhere the STN's θ is kept)."""
+        targets = references * len(images) if len(references) == 1 else references
+        result = refine_theta_ecc(targets, images, theta.cpu(), **(refine_kwargs or {}))
+        refined = result.converged
+        if not refined.all():
+            failed = int((~refined).sum())
+            logger.warning("ECC refinement failed on %d of %d image(s); kept the STN's θ there.", failed, len(images))
+        return result.theta.to(theta.device), refined
+
+    def _hold_small_motions(
+        self, theta: torch.Tensor, pixel_sizes: list[tuple[int, int]], min_displacement: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ ``(B, 2, 3)`` set to the identity where its mean corner motion at ``pixel_sizes[i] = (H, W)``
+        is below ``min_displacement`` pixels; returns ``(theta, displacement (B,), unwarped (B,) bool)``."""
+        identity = geometry.identity_theta(theta.shape[0], theta.device)
+        displacement = torch.stack([
+            geometry.corner_error(theta[i : i + 1], identity[i : i + 1], *size)[0] for i, size in enumerate(pixel_sizes)
+        ])  # fmt: skip
+        unwarped = displacement < min_displacement
+        return torch.where(unwarped.view(-1, 1, 1), identity, theta), displacement, unwarped
+
+    def _warp_originals(
+        self, images: list[torch.Tensor], theta: torch.Tensor, unwarped: torch.Tensor, output_type: str
+    ):
+        """Each ``(3, H, W)`` input warped by its θ at its own size (bicubic, no VAE loss), in ``output_type``."""
+        warped = []
+        for i, original in enumerate(images):
+            if not unwarped[i]:
+                original = geometry.warp(original[None], theta[i : i + 1].cpu(), mode="bicubic")[0].clamp(0, 1)
+            warped.append(original)
+        return self._postprocess_originals(warped, output_type)
 
     def _postprocess_originals(self, images: list[torch.Tensor], output_type: str):
         if output_type == "pil":
@@ -260,103 +451,70 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 (``levels``, ``iterations``, ``epsilon``, ``max_side``, ``max_correction``).
 
         Returns:
-            :class:`STNAlignmentPipelineOutput` or the tuple ``(images, warped_images, theta, latents)``.
+            :class:`STNAlignmentPipelineOutput`, or with ``return_dict=False`` the tuple of its fields in
+            order: ``(images, warped_images, theta, latents, displacement, unwarped, refined)``.
         """
-        # 1. Check inputs
-        self.check_inputs(image, reference, latents, reference_latents, output_type, min_displacement, batch_size, refine)
+        # 1. Check inputs (on RGB lists: converting them checks each image's type, shape and values)
         uses_reference = self.stn.config.conditioning == "reference"
-        if reference is not None and not uses_reference:
-            logger.warning("This stn has conditioning='none': it ignores the reference.")
-
-        # 2. Preprocess
         originals = to_rgb_list(image, "image") if image is not None else None
-        references = to_rgb_list(reference, "reference") if reference is not None and uses_reference else None
+        references = to_rgb_list(reference, "reference") if reference is not None else None
+        self.check_inputs(
+            originals, references, latents, reference_latents, height, width, output_type, min_displacement,
+            batch_size, refine,
+        )  # fmt: skip
         num_images = len(originals) if originals is not None else latents.shape[0]
-        if references is not None and len(references) not in (1, num_images):
-            raise ValueError(f"expected 1 or {num_images} references (one per image), got {len(references)}")
-        if latents is not None and latents.shape[0] != num_images:
-            raise ValueError(f"expected latents with batch size {num_images} (the number of images), got {latents.shape[0]}")
-        size_source = references[0] if references is not None else originals[0] if originals is not None else None
-        if size_source is not None:
-            work_height, work_width = self.working_size(tuple(size_source.shape[-2:]), height, width)
 
-        # 3. Encode
-        def encode_all(images: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat(
-                [
-                    self.encode_images(images[start : start + batch_size], work_height, work_width, generator, sample_posterior)
-                    for start in range(0, len(images), batch_size)
-                ]
-            )
+        # 2. Preprocess: the working size (images are resized to it as they are encoded)
+        work_height, work_width = self.preprocess(originals, references, latents, height, width)
 
-        if latents is None:
-            latents = encode_all(originals)  # (B, C, h, w)
-        if uses_reference and reference_latents is None:
-            reference_latents = encode_all(references)
-        if reference_latents is not None and reference_latents.shape[0] == 1 and num_images > 1:
-            reference_latents = reference_latents.expand(num_images, -1, -1, -1)
-        if reference_latents is not None and reference_latents.shape != latents.shape:
-            raise ValueError(
-                f"expected reference_latents of shape {tuple(latents.shape)} (the image latents'), got {tuple(reference_latents.shape)}"
-            )
+        encode_references = uses_reference and reference_latents is None
+        batches = [
+            num_images if latents is None else 0,  # images to encode
+            len(references) if encode_references else 0,  # references to encode
+            num_images,  # pairs to align
+            num_images if output_type != "latent" else 0,  # latents to decode
+        ]
+        with self._progress_bar(batch_size, batches) as progress:
+            # 3. Encode what was not given as latents
+            if latents is None:
+                latents = self.encode_images(
+                    originals, work_height, work_width, generator, sample_posterior, batch_size, progress
+                )  # (B, C, h, w)
+            if encode_references:
+                reference_latents = self.encode_images(
+                    references, work_height, work_width, generator, sample_posterior, batch_size, progress
+                )  # (1 or B, C, h, w)
+            if reference_latents is not None and reference_latents.shape[0] == 1 and num_images > 1:
+                reference_latents = reference_latents.expand(num_images, -1, -1, -1)  # one shared reference
 
-        # 4. Align
-        stn_dtype = self.stn.dtype
-        thetas = []
-        chunks = range(0, num_images, batch_size)
-        progress = self.progress_bar(total=len(chunks)) if len(chunks) > 1 else None
-        for start in chunks:
-            moving = latents[start : start + batch_size].to(device=self.stn.device, dtype=stn_dtype)
-            ref = None
-            if uses_reference:
-                ref = reference_latents[start : start + batch_size].to(device=self.stn.device, dtype=stn_dtype)
-            thetas.append(self.stn.predict_theta(moving, ref).float())
-            if progress is not None:
-                progress.update()
-        if progress is not None:
-            progress.close()
-        theta = torch.cat(thetas)  # (B, 2, 3)
-        refined = None
-        if refine == "ecc":
-            targets = references if references is not None else to_rgb_list(reference, "reference")
-            targets = targets * num_images if len(targets) == 1 else targets
-            result = refine_theta_ecc(targets, originals, theta.cpu(), **(refine_kwargs or {}))
-            theta, refined = result.theta.to(theta.device), result.converged
-            if not refined.all():
-                logger.warning("ECC refinement failed on %d of %d image(s); kept the STN's θ there.", int((~refined).sum()), num_images)
-        pixel_sizes = [tuple(o.shape[-2:]) for o in originals] if originals is not None else [
-            (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
-        ] * num_images
-        identity = geometry.identity_theta(num_images, theta.device)
-        displacement = torch.stack(
-            [geometry.corner_error(theta[i : i + 1], identity[i : i + 1], *pixel_sizes[i])[0] for i in range(num_images)]
-        )
-        unwarped = displacement < min_displacement
-        theta = torch.where(unwarped.view(-1, 1, 1), identity, theta)
-        aligned_latents = geometry.warp(latents.float(), theta.to(latents.device), padding_mode=self.stn.config.padding_mode)
-        aligned_latents = aligned_latents.to(latents.dtype)
+            # 4. Align
+            theta = self.predict_theta(latents, reference_latents, batch_size, progress)  # (B, 2, 3)
+            refined = None
+            if refine == "ecc":
+                theta, refined = self._refine_ecc(theta, originals, references, refine_kwargs)
+            if originals is not None:
+                pixel_sizes = [tuple(original.shape[-2:]) for original in originals]
+            else:
+                pixel_sizes = [(work_height, work_width)] * num_images
+            theta, displacement, unwarped = self._hold_small_motions(theta, pixel_sizes, min_displacement)
+            aligned_latents = geometry.warp(
+                latents.float(), theta.to(latents.device), padding_mode=self.stn.config.padding_mode
+            ).to(latents.dtype)
 
-        # 5. Decode
-        images = None
-        if output_type != "latent":
-            decoded = torch.cat([self.decode(aligned_latents[s : s + batch_size]) for s in chunks])
-            # 6. Postprocess
+            # 5. Decode
+            decoded = None
+            if output_type != "latent":
+                decoded = self.decode(aligned_latents, batch_size, progress)  # (B, 3, h·f, w·f) in [-1, 1]
+
+        # 6. Postprocess
+        images = warped_images = None
+        if decoded is not None:
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
-
-        warped_images = None
-        if originals is not None and output_type != "latent":
-            warped = [
-                geometry.warp(original.unsqueeze(0), theta[i : i + 1].cpu(), mode="bicubic")[0].clamp(0, 1)
-                if not unwarped[i]
-                else original
-                for i, original in enumerate(originals)
-            ]
-            warped_images = self._postprocess_originals(warped, output_type)
+            if originals is not None:
+                warped_images = self._warp_originals(originals, theta, unwarped, output_type)
 
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, warped_images, theta, aligned_latents)
-        return STNAlignmentPipelineOutput(
+        output = STNAlignmentPipelineOutput(
             images=images,
             warped_images=warped_images,
             theta=theta,
@@ -365,4 +523,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
             unwarped=unwarped,
             refined=refined,
         )
-
+        if not return_dict:
+            # Every field in dataclass order; BaseOutput.to_tuple() would drop the ones that are None.
+            return tuple(getattr(output, field.name) for field in dataclasses.fields(output))
+        return output
