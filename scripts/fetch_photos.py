@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger("fetch_photos")
 
@@ -327,6 +327,7 @@ def load_photo(path: Path, decoder: str) -> Image.Image:
     elif decoder == "pil":
         image = Image.open(path)
         image.load()
+        image = ImageOps.exif_transpose(image)  # photos are stored upright, as a viewer shows them
     else:
         raise ValueError(f"expected decoder 'pil', 'npz' or 'scipy-face', got {decoder!r}")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
