@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from stn_diffusers import finetune
+from stn_diffusers.analysis import read_metrics
+from stn_diffusers.metrics import SUMMARY_HEADER, markdown_table, summary_cells
 
 RECIPES: dict[str, list[str]] = {
     # The default preset and flags: correlation cascade, pixel-warped pairs, curriculum, corner loss.
@@ -64,27 +66,22 @@ def main() -> None:
         ]  # fmt: skip
         print(f"## {name}: python -m stn_diffusers.finetune {' '.join(argv)}", flush=True)
         finetune.main(finetune.parse_args(argv))
-        records = [json.loads(line) for line in (output / finetune.METRICS_FILE).read_text().splitlines() if line.strip()]
+        records = read_metrics(output / finetune.METRICS_FILE)
         curves[name] = {r["step"]: r["val_corner_error"] for r in records if "val_corner_error" in r}
         finals[name] = json.loads((output / finetune.SUMMARY_FILE).read_text())
 
     steps = sorted({step for curve in curves.values() for step in curve})
     print("\nValidation mean corner error (px) by step:\n")
-    print("| step | " + " | ".join(args.recipes) + " |")
-    print("|---|" + "---|" * len(args.recipes))
-    for step in steps:
-        print(f"| {step} | " + " | ".join(f"{curves[n].get(step, float('nan')):.2f}" for n in args.recipes) + " |")
-    print("\nFinal held-out figures:\n")
-    print("| recipe | mean (px) | median (px) | < 5 px | training (s) | encoding (s) |")
-    print("|---|---|---|---|---|---|")
+    rows = [[step, *(f"{curves[n].get(step, float('nan')):.2f}" for n in args.recipes)] for step in steps]
+    print(markdown_table(("step", *args.recipes), rows))
+    print("\nFinal held-out figures (corner error in pixels):\n")
     identity = next(iter(finals.values()))["identity"]
-    print(f"| identity | {identity['mean']:.2f} | {identity['median']:.2f} | {100 * identity['under_5px']:.0f} % | | |")
+    rows = [["identity", *summary_cells(identity), "", ""]]
     for name in args.recipes:
-        final, summary = finals[name]["final"], finals[name]
-        print(
-            f"| {name} | {final['mean']:.2f} | {final['median']:.2f} | {100 * final['under_5px']:.0f} % | "
-            f"{summary['train_seconds']:.0f} | {summary['cache_seconds']:.0f} |"
-        )
+        summary = finals[name]
+        times = [f"{summary['train_seconds']:.0f}", f"{summary['cache_seconds']:.0f}"]
+        rows.append([name, *summary_cells(summary["final"]), *times])
+    print(markdown_table(("recipe", *SUMMARY_HEADER, "training (s)", "encoding (s)"), rows))
 
 
 if __name__ == "__main__":

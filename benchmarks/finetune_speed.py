@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 
 from stn_diffusers import finetune
+from stn_diffusers.metrics import markdown_table
 
 
-def run(vae: str, train: str, validation: str, output: Path, steps: int, batch_size: int, cache: bool, extra: list[str]) -> dict:
+def run(
+    vae: str, train: str, validation: str, output: Path, steps: int, batch_size: int, cache: bool, extra: list[str]
+) -> dict:
     argv = [
         "--pretrained_vae_name_or_path", vae, "--train_data_dir", train, "--validation_data_dir", validation,
         "--output_dir", str(output), "--max_train_steps", str(steps), "--train_batch_size", str(batch_size),
@@ -49,11 +52,12 @@ def main() -> None:
             summary = run(args.vae, args.train_data_dir, args.validation_data_dir, Path(tmp) / name.replace(" ", "_"),
                           args.steps, args.batch_size, cache, args.extra)  # fmt: skip
             rows[name] = summary
-    print(f"| mode | steps | batch | one-off encoding (s) | training (s) | steps/s |")
-    print("|---|---|---|---|---|---|")
+    table = []
     for name, summary in rows.items():
         rate = summary["global_step"] / summary["train_seconds"]
-        print(f"| {name} | {summary['global_step']} | {args.batch_size} | {summary['cache_seconds']:.1f} | {summary['train_seconds']:.1f} | {rate:.3f} |")
+        seconds = [f"{summary['cache_seconds']:.1f}", f"{summary['train_seconds']:.1f}"]
+        table.append([name, summary["global_step"], args.batch_size, *seconds, f"{rate:.3f}"])
+    print(markdown_table(("mode", "steps", "batch", "one-off encoding (s)", "training (s)", "steps/s"), table))
     cached, uncached = rows["latent cache"], rows["encode every step"]
     speedup = (cached["global_step"] / cached["train_seconds"]) / (uncached["global_step"] / uncached["train_seconds"])
     print(f"\nspeed-up of the training loop from the cache: {speedup:.1f}×")

@@ -1,4 +1,4 @@
-"""Re-create the embedded default pipeline shipped in ``stn_diffusers/default/``.
+"""Re-create the embedded default pipeline shipped in ``stn_diffusers/weights/default/``.
 
 Three stages, seeded, on a 2-core CPU (about an hour in all; each stage's time is printed)::
 
@@ -9,7 +9,7 @@ Three stages, seeded, on a 2-core CPU (about an hour in all; each stage's time i
    (8× downsampling, 4 latent channels, ``scaling_factor`` set from the data) → ``data/default_vae``.
 2. ``stn_diffusers.finetune`` trains the registration STN on top of that frozen VAE
    → ``data/default_stn_run`` (a saved pipeline, checkpoints, ``metrics.jsonl``).
-3. Export: the pipeline is stored in fp16 safetensors in ``stn_diffusers/default/``, where
+3. Export: the pipeline is stored in fp16 safetensors in ``stn_diffusers/weights/default/``, where
    ``stn_diffusers.load_default()`` finds it. The STN's config records the VAE's fingerprint.
 
 ``--skip_vae`` / ``--skip_stn`` reuse an existing stage's output.

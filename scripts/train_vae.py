@@ -33,6 +33,12 @@ deviation of the posterior-mode latents of training crops (``shift_factor`` stay
 evaluated on the held-out photos: shorter side resized to 512, 512x512 centre crop, posterior mode,
 decode, PSNR on [0, 1]. Writes ``<output_dir>/config.json``, ``diffusion_pytorch_model.safetensors``
 (fp32) and ``train_log.json`` (settings, wall time, final losses, held-out PSNR per image).
+
+``--seed`` seeds the initial weights, the crops and the posterior samples: the same command gives the
+same weights (bit for bit on the same machine) unless ``--max_train_minutes`` ends training first.
+Every ``--checkpointing_steps`` the training state is saved atomically as ``<output_dir>/checkpoint-N``
+(see ``stn_diffusers.checkpoints``; only the newest is kept), and ``--resume_from_checkpoint latest``
+continues from it.
 """
 
 import argparse
@@ -41,30 +47,33 @@ import logging
 import math
 import os
 import platform
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from PIL import Image
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
-import diffusers
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stn_diffusers import data  # noqa: E402
+from stn_diffusers.checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint  # noqa: E402
 
 logger = get_logger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Stable Diffusion's latent layout: 8x downsampling needs four levels (three downsamples).
 NUM_LEVELS = 4
 LATENT_CHANNELS = 4
@@ -193,11 +202,11 @@ def _init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
         vae.quant_conv.bias[LATENT_CHANNELS:].fill_(logvar)
 
 
-def list_images(folder: str) -> list[Path]:
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"expected images ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}, found none")
-    return paths
+def load_photos(folder: str) -> tuple[list[Image.Image], list[Path]]:
+    """The readable photos under ``folder`` as RGB PIL images, and their paths (see
+    :func:`stn_diffusers.data.load_images`). Kept as PIL images, not float tensors, for the Lanczos
+    resizes below and a quarter of the memory."""
+    return data.load_images(data.list_images(folder))
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -209,7 +218,7 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> uint8 tensor (3, H, W)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -217,22 +226,21 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def load_scaled_photos(paths: list[Path], scales: list[int]) -> list[torch.Tensor]:
+def scaled_photos(images: list[Image.Image], scales: list[int]) -> list[torch.Tensor]:
     """Every photo at every scale in ``scales`` not above its own shorter side, as uint8 (3, H, W)."""
     pyramid = []
-    for path in paths:
-        image = Image.open(path).convert("RGB")
+    for image in images:
         for scale in scales:
             if scale <= min(image.size):
                 pyramid.append(to_tensor(resize_shorter_side(image, scale)))
     return pyramid
 
 
-def load_center_crops(paths: list[Path], resolution: int) -> torch.Tensor:
+def center_crops(images: list[Image.Image], resolution: int) -> torch.Tensor:
     """Shorter side resized to ``resolution``, then the centred square: uint8 (N, 3, resolution, resolution)."""
     crops = []
-    for path in paths:
-        image = resize_shorter_side(Image.open(path).convert("RGB"), resolution)
+    for image in images:
+        image = resize_shorter_side(image, resolution)
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
         crops.append(to_tensor(image.crop((left, top, left + resolution, top + resolution))))
     return torch.stack(crops)
@@ -341,16 +349,19 @@ def main(args):
     torch.set_num_threads(args.num_threads)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     start_time = time.time()
+    # Before anything is written: checkpoints that exist but are all incomplete stop the run here.
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
 
     # 1. Data.
-    train_paths = list_images(args.train_data_dir)
-    validation_paths = list_images(args.validation_data_dir)
-    photos = load_scaled_photos(train_paths, args.train_scales)
+    train_images, train_paths = load_photos(args.train_data_dir)
+    validation_images, validation_paths = load_photos(args.validation_data_dir)
+    photos = scaled_photos(train_images, args.train_scales)
+    del train_images  # the scaled copies replace them
+    output_dir.mkdir(parents=True, exist_ok=True)
     sampler = CropSampler(photos, args.resolution, seed=args.seed)
     # A fixed, cheap probe for progress: 256x256 centre crops of up to 8 held-out photos.
-    probe = to_model_range(load_center_crops(validation_paths[:: max(1, len(validation_paths) // 8)][:8], 256))
+    probe = to_model_range(center_crops(validation_images[:: max(1, len(validation_images) // 8)][:8], 256))
     logger.info(f"{len(train_paths)} training photos ({len(photos)} scaled copies), {len(validation_paths)} held out")
 
     # 2. Model and optimiser.
@@ -367,17 +378,12 @@ def main(args):
     accelerator.register_for_checkpointing(sampler)
 
     global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = args.resume_from_checkpoint
-        if checkpoint == "latest":
-            candidates = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            checkpoint = str(candidates[-1]) if candidates else None
-        if checkpoint is None:
-            logger.info("no checkpoint found; starting from scratch")
-        else:
-            accelerator.load_state(checkpoint)
-            global_step = int(Path(checkpoint).name.split("-")[1])
-            logger.info(f"resumed from {checkpoint} at step {global_step}")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint found; starting from scratch")
 
     # 3. Train.
     history, window = [], {"l1": 0.0, "gradient": 0.0, "kl": 0.0}
@@ -424,10 +430,7 @@ def main(args):
             progress.set_postfix({k: v for k, v in record.items() if k in ("l1", "probe_psnr")})
             window = dict.fromkeys(window, 0.0)
         if global_step % args.checkpointing_steps == 0:
-            accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-            for old in output_dir.glob("checkpoint-*"):
-                if old.name != f"checkpoint-{global_step}":
-                    shutil.rmtree(old)
+            save_checkpoint(accelerator, output_dir, global_step, total_limit=1)
     train_seconds = time.time() - train_start
 
     # 4. scaling_factor from the data, as Stable Diffusion: 1 / std of the posterior-mode latents.
@@ -437,7 +440,7 @@ def main(args):
     logger.info(f"latent mean {latent_mean:.4f}, std {latent_std:.4f} -> scaling_factor {1 / latent_std:.5f}")
 
     # 5. Evaluate on the held-out photos.
-    targets = to_model_range(load_center_crops(validation_paths, args.eval_resolution))
+    targets = to_model_range(center_crops(validation_images, args.eval_resolution))
     scores = psnr(reconstruct(vae, targets), targets)
     per_image = {path.name: round(score.item(), 3) for path, score in zip(validation_paths, scores)}
     logger.info(f"held-out PSNR {scores.mean().item():.2f} dB (min {scores.min().item():.2f}, {len(scores)} photos)")

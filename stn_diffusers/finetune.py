@@ -13,12 +13,15 @@ Turns a folder of photos into a saved :class:`~stn_diffusers.STNAlignmentPipelin
 The VAE is frozen, so every photo is encoded once: a pool of views per photo (the reference crop
 and ``--pairs_per_image`` pixel-warped views, or only the crop with ``--warp_space latent``) is cached
 under the output folder, keyed by file and settings, and every training pair is drawn from it.
-Batches are drawn from a generator seeded by ``(--seed, step)``, so a run resumed with
-``--resume_from_checkpoint latest`` retraces the uninterrupted run.
+``--seed`` seeds the STN's initial weights and every random number after them (batches come from a
+generator seeded by ``(--seed, step)``), so the same command gives the same weights, and a run
+killed at any moment and resumed with ``--resume_from_checkpoint latest`` ends with the weights of
+the uninterrupted run (bit for bit on a CPU).
 
 The output folder ends as a saved pipeline (``model_index.json``, ``vae/``, ``stn/``) with
 ``checkpoints/checkpoint-N``, ``metrics.jsonl`` (step, loss, validation corner error) and a model
-card ``README.md``. See ``docs/finetune.md``.
+card ``README.md``. Mistakes in the input (an empty folder, a resolution the models cannot take)
+are reported before anything is written. See ``docs/finetune.md``.
 """
 
 from __future__ import annotations
@@ -28,33 +31,35 @@ import json
 import logging
 import math
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import data, geometry
-from .images import to_rgb_tensor
+from .checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint
+from .errors import run_reporting_errors
 from .losses import ThetaCascade, training_loss, unwrap_stn
+from .metrics import SUMMARY_HEADER, markdown_table, summarize_errors, summary_cells
 from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-PARTIAL_PREFIX = ".partial-"
+CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "training_summary.json"
 CACHE_DIR = "latent_cache"
-# Step seeds are spread far apart so that (step, micro-batch, process) never collide.
-STEP_SEED_STRIDE = 1_000_003
+# Images per VAE encode while caching views, and pairs per STN call in validation.
+ENCODE_BATCH_SIZE = 8
+VALIDATION_BATCH_SIZE = 16
+# The encoder's downsampling factor of a VAE whose config does not say.
+DEFAULT_VAE_FACTOR = 8
 
 
 # ------------------------------------------------------------------------------------------- args
@@ -63,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fine-tune a SpatialTransformer on a frozen VAE.")
     add = parser.add_argument
     # Models
-    add("--pretrained_vae_name_or_path", required=True, help="VAE hub id or local folder (AutoencoderKL or any diffusers VAE).")
+    add("--pretrained_vae_name_or_path", required=True,
+        help="VAE hub id or local folder (AutoencoderKL or any diffusers VAE).")
     add("--vae_subfolder", default=None, help="Subfolder of the VAE, e.g. `vae` of a full Stable Diffusion checkpoint.")
     add("--revision", default=None, help="Hub revision of the VAE.")
     add("--stn_config", default="registration", help="`registration` (default), `seed`, or a path to a config.json.")
@@ -73,26 +79,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--validation_data_dir", default=None, help="Folder of held-out images; default: training images, other seeds.")
     add("--resolution", type=int, default=512, help="Side of the square training crops in pixels.")
     add("--strict", action="store_true", help="Fail on an unreadable image instead of skipping it with a warning.")
-    add("--warp_space", choices=data.WARP_SPACES, default="pixel", help="Warp photos then encode (`pixel`) or warp latents.")
+    add("--warp_space", choices=data.WARP_SPACES, default="pixel",
+        help="Warp photos then encode (`pixel`) or warp latents.")
     add("--pairs_per_image", type=int, default=8, help="Pixel-warped views encoded once per photo and reused.")
-    add("--photometric", choices=("none", "realistic"), default="realistic", help="Jitter moving views like a second shot.")
+    add("--photometric", choices=data.PHOTOMETRIC_MODES, default="realistic",
+        help="Jitter moving views like a second shot.")
     add("--warp_preset", choices=tuple(geometry.WARP_PRESETS), default="standard", help="Base warp range.")
     add("--max_rotation", type=float, default=None, help="Degrees; overrides the preset.")
     add("--scale_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="Per-axis scale; overrides.")
-    add("--anisotropy_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="Aspect change; overrides.")
+    add("--anisotropy_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help="Aspect change; overrides.")
     add("--max_shear", type=float, default=None, help="Shear factor; overrides the preset.")
     add("--max_translation", type=float, default=None, help="Fraction of the image; overrides the preset.")
     add("--curriculum_start", type=float, default=0.25, help="Warp amount (fraction of the range) at step 0.")
-    add("--curriculum_steps", type=int, default=None, help="Steps over which the amount ramps to 1 (default: 40%% of training; 0 = off).")
+    add("--curriculum_steps", type=int, default=None,
+        help="Steps over which the amount ramps to 1 (default: 40%% of training; 0 = off).")
     add("--reference_rate", type=float, default=0.5, help="How often a pixel-space pair's reference is the clean crop.")
-    add("--cache_latents", action=argparse.BooleanOptionalAction, default=True, help="Encode once (default) or every step.")
-    add("--cache_dir", default=None, help="Where encoded views are kept (default: <output_dir>/latent_cache); runs may share one.")
-    add("--dataloader_num_workers", type=int, default=0, help="Workers that load and warp photos while the cache is built.")
+    add("--cache_latents", action=argparse.BooleanOptionalAction, default=True,
+        help="Encode once (default) or every step.")
+    add("--cache_dir", default=None,
+        help="Where encoded views are kept (default: <output_dir>/latent_cache); runs may share one.")
+    add("--dataloader_num_workers", type=int, default=0,
+        help="Workers that load and warp photos while the cache is built.")
     # Losses
     add("--corner_loss_weight", type=float, default=1.0, help="Mean corner error (pixels) against the known transform.")
     add("--latent_loss_weight", type=float, default=0.0, help="Masked MSE between aligned and reference latents.")
     add("--theta_loss_weight", type=float, default=0.0, help="MSE between predicted and true θ entries.")
-    add("--pixel_loss_weight", type=float, default=0.0, help="MSE between decoded aligned and decoded reference latents.")
+    add("--pixel_loss_weight", type=float, default=0.0,
+        help="MSE between decoded aligned and decoded reference latents.")
     # Optimisation
     add("--train_batch_size", type=int, default=16)
     add("--max_train_steps", type=int, default=None, help="Total optimiser steps; overrides --num_train_epochs.")
@@ -108,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--adam_epsilon", type=float, default=1e-8)
     add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0 disables it.")
     add("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's configuration.")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0,
+        help="Seeds the STN's initial weights and every batch: same command, same weights.")
     # Output, checkpoints, validation
     add("--output_dir", required=True)
     add("--checkpointing_steps", type=int, default=500)
@@ -120,18 +135,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--logging_steps", type=int, default=10, help="Steps between loss records in metrics.jsonl.")
     add("--report_to", default="tensorboard", help="`tensorboard`, `wandb`, `all` or `none`.")
     add("--logging_dir", default="logs", help="Inside --output_dir.")
+    add("--debug", action="store_true", help="Print the traceback of an input error, not only its one-line message.")
     args = parser.parse_args(argv)
     _check_args(args)
     return args
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "pairs_per_image", "checkpointing_steps", "validation_steps", "logging_steps")
+    positive = (
+        "resolution", "train_batch_size", "gradient_accumulation_steps", "pairs_per_image", "checkpointing_steps",
+        "validation_steps", "logging_steps",
+    )  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"expected --{name} >= 1, got {getattr(args, name)}")
-    if args.resolution % 8:
-        raise ValueError(f"expected --resolution to be a multiple of 8, got {args.resolution}")
+    # The resolution is checked against the VAE and the STN once they are loaded (`check_resolution`).
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"expected --checkpoints_total_limit >= 1, got {args.checkpoints_total_limit}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"expected --max_train_steps >= 1, got {args.max_train_steps}")
     if not 0.0 <= args.curriculum_start <= 1.0:
@@ -178,10 +198,42 @@ def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | No
     return vae.eval()
 
 
+def vae_factor(vae) -> int:
+    """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
+    if hasattr(vae.config, "block_out_channels"):
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+    return DEFAULT_VAE_FACTOR
+
+
+def check_resolution(resolution: int, stn: SpatialTransformer, factor: int) -> None:
+    """Raise ``ValueError`` unless crops of ``resolution`` pixels encode to latents ``stn`` takes.
+
+    The seed design takes exactly ``stn.fixed_sample_size`` latents per side; the registration
+    design at least ``stn.min_sample_size`` (two cells at its coarsest matching stride).
+    """
+    if resolution % factor:
+        raise ValueError(
+            f"expected --resolution to be a multiple of {factor} (the VAE's downsampling factor), got {resolution}"
+        )
+    latents = resolution // factor
+    if stn.fixed_sample_size is not None and latents != stn.fixed_sample_size:
+        size = stn.fixed_sample_size
+        raise ValueError(
+            f"expected --resolution {size * factor} for the seed STN design (it takes only {size}×{size} latents), "
+            f"got {resolution}"
+        )
+    if latents < stn.min_sample_size:
+        size = stn.min_sample_size
+        raise ValueError(
+            f"expected --resolution >= {size * factor} pixels for this STN (it needs at least {size}×{size} latents, "
+            f"the VAE encodes {factor}×{factor} pixels to one), got {resolution}"
+        )
+
+
 def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
-    """The STN to train, checked against the VAE before any encoding starts."""
+    """The STN to train, checked against the VAE and ``--resolution`` before any encoding starts."""
     latent_channels = vae.config.latent_channels
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if hasattr(vae.config, "block_out_channels") else 8
+    factor = vae_factor(vae)
     if args.pretrained_stn is not None:
         folder = Path(args.pretrained_stn)
         subfolder = "stn" if (folder / "stn" / "config.json").is_file() else None
@@ -192,32 +244,38 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
         elif Path(args.stn_config).is_file():
             config = {k: v for k, v in json.loads(Path(args.stn_config).read_text()).items() if not k.startswith("_")}
         else:
-            raise ValueError(f"expected --stn_config in {tuple(STN_PRESETS)} or a config.json path, got {args.stn_config!r}")
+            raise ValueError(
+                f"expected --stn_config in {tuple(STN_PRESETS)} or a config.json path, got {args.stn_config!r}"
+            )
         config.pop("vae_fingerprint", None)
         if config.get("architecture", "seed") == "seed":
             if latent_channels != 4:
                 raise ValueError(
-                    f"expected a VAE with 4 latent channels for the seed STN design (fixed 4×64×64 input), got latent_channels={latent_channels}"
+                    "expected a VAE with 4 latent channels for the seed STN design (fixed 4×64×64 input), "
+                    f"got latent_channels={latent_channels}"
                 )
         else:
             config["in_channels"] = latent_channels
             config["sample_size"] = args.resolution // factor
         stn = SpatialTransformer(**config)
     if stn.config.in_channels != latent_channels:
-        raise ValueError(f"expected an STN with in_channels={latent_channels} (the VAE's latent_channels), got {stn.config.in_channels}")
-    if stn.config.architecture == "seed" and args.resolution != stn.config.sample_size * factor:
         raise ValueError(
-            f"expected --resolution {stn.config.sample_size * factor} for the seed STN design (it takes only "
-            f"{stn.config.sample_size}×{stn.config.sample_size} latents), got {args.resolution}"
+            f"expected an STN with in_channels={latent_channels} (the VAE's latent_channels), "
+            f"got {stn.config.in_channels}"
         )
+    check_resolution(args.resolution, stn, factor)
     stn.register_to_config(vae_fingerprint=vae_fingerprint(vae))
     return stn
 
 
 # ------------------------------------------------------------------------------------------- data
-def _load_folder(folder: str, strict: bool) -> tuple[list[torch.Tensor], list[Path]]:
-    images, paths = data.load_images(data.list_images(folder), strict=strict)
-    return [to_rgb_tensor(image) for image in images], paths
+def load_photos(flag: str, folder: str, strict: bool) -> tuple[list[torch.Tensor], list[Path]]:
+    """:func:`data.load_photo_folder`, with the flag that named the folder in a ``ValueError``
+    (e.g. every file unreadable), so the user knows which of the two folders to fix."""
+    try:
+        return data.load_photo_folder(folder, strict=strict)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from error
 
 
 class _ViewDataset(torch.utils.data.Dataset):
@@ -234,20 +292,20 @@ class _ViewDataset(torch.utils.data.Dataset):
         return index, data.render_views(self.sources[index], self.settings, index)
 
 
-def _encoder(pipe: STNAlignmentPipeline, batch_size: int = 8):
+def _encoder(pipe: STNAlignmentPipeline, resolution: int):
     """``(N, 3, S, S)`` in ``[0, 1]`` → scaled latents ``(N, C, h, w)`` float32 on the CPU."""
 
     @torch.no_grad()
     def encode(images: torch.Tensor) -> torch.Tensor:
-        chunks = [pipe.encode(images[s : s + batch_size] * 2 - 1).float().cpu() for s in range(0, len(images), batch_size)]
-        return torch.cat(chunks)
+        latents = pipe.encode_images(images, resolution, resolution, batch_size=ENCODE_BATCH_SIZE)
+        return latents.float().cpu()
 
     return encode
 
 
 def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> data.LatentPairPool:
     """The pool every batch is drawn from: cached encodings, or encode-on-demand without cache."""
-    encode = _encoder(pipe)
+    encode = _encoder(pipe, args.resolution)
     thetas = [data.view_thetas(settings, i) for i in range(len(sources))]
     if not args.cache_latents:
 
@@ -273,23 +331,25 @@ def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> da
             raise RuntimeError(f"expected views of photo {index} from the loader, got {got}")
         return views
 
-    bar = tqdm(total=len(range(shard[0], len(keys), shard[1])), desc="Encoding views", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=len(range(shard[0], len(keys), shard[1])), desc="Encoding views",
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
     pool = data.build_latent_pool(
-        views_of, keys, settings, encode, cache_dir, shard=shard, barrier=accelerator.wait_for_everyone, progress=bar.update
-    )
+        views_of, keys, settings, encode, cache_dir,
+        shard=shard, barrier=accelerator.wait_for_everyone, progress=bar.update,
+    )  # fmt: skip
     bar.close()
     return pool
 
 
-def validation_set(args, pipe, accelerator) -> dict:
-    """Fixed, seeded held-out pairs, encoded once: ``{"moving", "reference", "theta"}``."""
-    folder = args.validation_data_dir or args.train_data_dir
-    sources, paths = _load_folder(folder, args.strict)
+def validation_set(args, pipe, sources: list[torch.Tensor], paths: list[Path]) -> dict:
+    """Fixed, seeded held-out pairs of ``sources``, encoded once: ``{"moving", "reference", "theta"}``."""
     pairs = data.seeded_pairs(
         sources, args.num_validation_pairs, args.resolution, warp="standard", seed=args.validation_seed,
         names=[p.name for p in paths],
     )
-    encode = _encoder(pipe)
+    encode = _encoder(pipe, args.resolution)
     return {
         "moving": encode(torch.stack([p.moving for p in pairs])),
         "reference": encode(torch.stack([p.reference for p in pairs])),
@@ -298,65 +358,10 @@ def validation_set(args, pipe, accelerator) -> dict:
 
 
 @torch.no_grad()
-def validation_corner_error(stn: SpatialTransformer, pairs: dict, resolution: int, batch_size: int = 16) -> torch.Tensor:
-    """Corner error in pixels at ``resolution`` of every validation pair, ``(N,)``."""
-    errors = []
-    device = stn.device
-    for start in range(0, len(pairs["theta"]), batch_size):
-        moving = pairs["moving"][start : start + batch_size].to(device)
-        reference = pairs["reference"][start : start + batch_size].to(device)
-        condition = reference if stn.config.conditioning == "reference" else None
-        theta = stn.predict_theta(moving, condition).float().cpu()
-        errors.append(geometry.corner_error(theta, pairs["theta"][start : start + batch_size], resolution, resolution))
-    return torch.cat(errors)
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first (partial writes ignored)."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """``accelerator.save_state`` into a partial folder, then an atomic rename to ``checkpoint-<step>``,
-    so an interrupted write never leaves a folder that ``latest`` would pick up."""
-    folder = Path(output_dir) / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{step}"
-    partial = folder / f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if total_limit is not None:
-            existing = [p for p in list_checkpoints(output_dir) if p != final]
-            for old in existing[: max(0, len(existing) - total_limit + 1)]:
-                shutil.rmtree(old)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        logger.info(f"Saved {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
-    """The checkpoint folder to resume from: a path, or ``latest`` (``None`` if there is none yet)."""
-    if resume_from is None:
-        return None
-    if resume_from == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from)
-    if not path.is_dir() or not path.name.startswith(CHECKPOINT_PREFIX):
-        raise FileNotFoundError(f"expected --resume_from_checkpoint to be `latest` or a {CHECKPOINT_PREFIX}N folder, got {resume_from!r}")
-    return path
+def validation_corner_error(pipe: STNAlignmentPipeline, pairs: dict, resolution: int) -> torch.Tensor:
+    """Corner error in pixels at ``resolution`` of every validation pair with ``pipe.stn``, ``(N,)``."""
+    theta = pipe.predict_theta(pairs["moving"], pairs["reference"], batch_size=VALIDATION_BATCH_SIZE).cpu()
+    return geometry.corner_error(theta, pairs["theta"], resolution, resolution)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -366,15 +371,26 @@ def _append_metrics(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step`` (a resumed run rewrites them)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Drop records after ``step`` (a resumed run rewrites them), and a last line cut short by a kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    # Rewritten beside and renamed over, so that a kill now cannot lose the records kept.
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict) -> str:
     """The ``README.md`` of the output folder: what was trained, on what, and how well."""
-    settings = {k: v for k, v in sorted(vars(args).items())}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k != "debug"}
     lines = [
         "---",
         "library_name: diffusers",
@@ -383,8 +399,9 @@ def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict)
         "",
         "# STN alignment pipeline",
         "",
-        f"A `SpatialTransformer` ({stn.config.architecture} design, {sum(p.numel() for p in stn.parameters()):,} parameters) "
-        f"fine-tuned with `stn_diffusers.finetune` in the latent space of the frozen VAE `{args.pretrained_vae_name_or_path}`"
+        f"A `SpatialTransformer` ({stn.config.architecture} design, {sum(p.numel() for p in stn.parameters()):,} "
+        "parameters) fine-tuned with `stn_diffusers.finetune` in the latent space of the frozen VAE "
+        f"`{args.pretrained_vae_name_or_path}`"
         + (f" (subfolder `{args.vae_subfolder}`)" if args.vae_subfolder else "")
         + ".",
         "",
@@ -396,17 +413,17 @@ def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict)
         "",
         "## Validation",
         "",
-        f"Mean corner error in pixels at {args.resolution}×{args.resolution} on {summary.get('num_validation_pairs')} seeded "
-        f"pairs (`standard` warp) from `{args.validation_data_dir or args.train_data_dir}`:",
+        f"Corner error in pixels at {args.resolution}×{args.resolution} on {summary.get('num_validation_pairs')} "
+        f"seeded pairs (`standard` warp) from `{args.validation_data_dir or args.train_data_dir}`:",
         "",
-        "| | mean | median | < 5 px |",
-        "|---|---|---|---|",
     ]
-    for label, key in (("identity (no alignment)", "identity"), ("this STN", "final")):
-        stats = summary.get(key)
-        if stats:
-            lines.append(f"| {label} | {stats['mean']:.2f} | {stats['median']:.2f} | {100 * stats['under_5px']:.0f} % |")
+    rows = [
+        [label, *summary_cells(summary[key])]
+        for label, key in (("identity (no alignment)", "identity"), ("this STN", "final"))
+        if summary.get(key)
+    ]
     lines += [
+        markdown_table(("", *SUMMARY_HEADER), rows),
         "",
         "## Training",
         "",
@@ -419,10 +436,6 @@ def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict)
         "",
     ]
     return "\n".join(lines)
-
-
-def _error_stats(errors: torch.Tensor) -> dict:
-    return {"mean": float(errors.mean()), "median": float(errors.median()), "under_5px": float((errors < 5).float().mean())}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -441,15 +454,31 @@ def main(args: argparse.Namespace) -> Path:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
     logger.info(accelerator.state, main_process_only=False)
+    # Every random number of the run follows from --seed: the STN's initial weights drawn below, and
+    # then the batches, whose generators are seeded by (seed, step) so that a resumed run retraces them.
+    set_seed(args.seed)
+
+    # 1. Check the input before anything is written: the checkpoint to resume from, the models and
+    # the resolution they take, readable photos. A user's mistake leaves no output folder behind.
+    checkpoints_dir = output_dir / CHECKPOINTS_DIR
+    checkpoint = resolve_checkpoint(checkpoints_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint is not None and checkpoint is None:
+        logger.info(f"No checkpoint to resume from in {checkpoints_dir}; starting a new run.")
+    vae = load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
+    stn = build_stn(args, vae)
+    sources, paths = load_photos("--train_data_dir", args.train_data_dir, args.strict)
+    held_out = (sources, paths)  # without a held-out folder, other crops and warps of the training photos
+    if args.validation_data_dir is not None:
+        held_out = load_photos("--validation_data_dir", args.validation_data_dir, args.strict)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. Models: a frozen VAE in the weight dtype, a trainable STN in float32 master weights.
-    vae = load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
-    stn = build_stn(args, vae)
+    # 2. Models on the device: the frozen VAE in the weight dtype, the STN in float32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if vae.dtype != weight_dtype:
         vae.to(dtype=weight_dtype)
@@ -457,8 +486,7 @@ def main(args: argparse.Namespace) -> Path:
     stn.to(accelerator.device).train()
     pipe = STNAlignmentPipeline(vae=vae, stn=stn)
 
-    # 2. Data: every photo encoded once (or on demand), validation pairs encoded once.
-    sources, paths = _load_folder(args.train_data_dir, args.strict)
+    # 3. Data: every photo encoded once (or on demand), validation pairs encoded once.
     settings = data.PoolSettings(
         resolution=args.resolution, warp=warp_range_from_args(args), warp_space=args.warp_space,
         pairs_per_image=args.pairs_per_image, photometric=args.photometric, seed=args.seed,
@@ -466,14 +494,16 @@ def main(args: argparse.Namespace) -> Path:
     cache_started = time.perf_counter()
     pool = build_training_pool(args, pipe, sources, paths, settings, accelerator)
     cache_seconds = time.perf_counter() - cache_started
-    validation = validation_set(args, pipe, accelerator) if accelerator.is_main_process else None
+    validation = validation_set(args, pipe, *held_out) if accelerator.is_main_process else None
     identity_errors = None
     if validation is not None:
-        identity_errors = geometry.corner_error(geometry.identity_theta(len(validation["theta"])), validation["theta"], args.resolution, args.resolution)
+        identity = geometry.identity_theta(len(validation["theta"]))
+        identity_errors = geometry.corner_error(identity, validation["theta"], args.resolution, args.resolution)
 
-    # 3. Optimiser: the small head that turns matches into θ learns faster than the trunk.
+    # 4. Optimiser: the small head that turns matches into θ learns faster than the trunk.
     pairs_per_epoch = len(pool) * max(1, settings.num_views - 1)
-    steps_per_epoch = math.ceil(pairs_per_epoch / (args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps))
+    pairs_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(pairs_per_epoch / pairs_per_step)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     head = {id(p) for p in stn.head_parameters()}
     groups = [
@@ -493,35 +523,41 @@ def main(args: argparse.Namespace) -> Path:
     )
     model, optimizer, lr_scheduler = accelerator.prepare(ThetaCascade(stn), optimizer, lr_scheduler)
 
-    # 4. Resume.
+    # 5. Resume: the model, optimiser, scheduler and random states come back from the checkpoint, the
+    # batches follow from (seed, step), the latents were read back from the cache: the run goes on as
+    # if it had never stopped.
     global_step = 0
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint is not None and checkpoint is None:
-        logger.info("No checkpoint to resume from in %s; starting a new run.", output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+        global_step = checkpoint_step(checkpoint)
         logger.info(f"Resumed from {checkpoint} at step {global_step}")
     metrics_path = output_dir / METRICS_FILE
     if accelerator.is_main_process:
         if checkpoint is None and metrics_path.exists():
             metrics_path.unlink()
         _truncate_metrics(metrics_path, global_step)
-        accelerator.init_trackers("stn-finetune", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("stn-finetune", config=tracked)
 
-    # 5. Train.
+    # 6. Train.
     logger.info(
         f"{len(pool)} photos, {settings.num_views} views each, {max_train_steps} steps of "
-        f"{args.train_batch_size} × {accelerator.num_processes} process(es) × {args.gradient_accumulation_steps} accumulation"
+        f"{args.train_batch_size} × {accelerator.num_processes} process(es) × "
+        f"{args.gradient_accumulation_steps} accumulation"
     )
     decode = pipe.decode if args.pixel_loss_weight > 0 else None
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     running: dict[str, list[float]] = {}
     started = time.perf_counter()
     while global_step < max_train_steps:
         amount = curriculum_amount(global_step, args, max_train_steps)
         for micro in range(args.gradient_accumulation_steps):
-            seed = ((args.seed * STEP_SEED_STRIDE + global_step) * args.gradient_accumulation_steps + micro) * 1_009 + accelerator.process_index
+            # Spread like data's view seeds (SEED_STRIDE per run, PHOTO_STRIDE per draw, then the process),
+            # so that no two (step, micro-batch, process) share a seed.
+            draw = (args.seed * data.SEED_STRIDE + global_step) * args.gradient_accumulation_steps + micro
+            seed = draw * data.PHOTO_STRIDE + accelerator.process_index
             batch = pool.sample(args.train_batch_size, torch.Generator().manual_seed(seed), amount, args.reference_rate)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -551,29 +587,36 @@ def main(args: argparse.Namespace) -> Path:
                 _append_metrics(metrics_path, record)
         if global_step % args.validation_steps == 0 or global_step == max_train_steps:
             if accelerator.is_main_process:
-                errors = validation_corner_error(unwrap_stn(accelerator.unwrap_model(model)), validation, args.resolution)
-                stats = _error_stats(errors)
-                record = {"step": global_step, "val_corner_error": stats["mean"], "val_corner_error_median": stats["median"], "val_under_5px": stats["under_5px"]}
+                stats = summarize_errors(validation_corner_error(pipe, validation, args.resolution))
+                record = {
+                    "step": global_step, "val_corner_error": stats["mean"], "val_corner_error_median": stats["median"],
+                    "val_under_5px": stats["under_5px"],
+                }  # fmt: skip
                 accelerator.log(record, step=global_step)
                 _append_metrics(metrics_path, record)
-                logger.info(f"step {global_step}: validation corner error {stats['mean']:.2f} px (median {stats['median']:.2f})")
+                logger.info(
+                    f"step {global_step}: validation corner error {stats['mean']:.2f} px (median {stats['median']:.2f})"
+                )
         if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, checkpoints_dir, global_step, args.checkpoints_total_limit)
     progress.close()
     train_seconds = time.perf_counter() - started
 
-    # 6. Save the pipeline, with the VAE exactly as it was given (it was only ever read).
+    # 7. Save the pipeline, with the VAE exactly as it was given (it was only ever read).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = unwrap_stn(accelerator.unwrap_model(model)).to("cpu")
-        final_errors = validation_corner_error(trained, validation, args.resolution)
-        original_vae = vae if weight_dtype == torch.float32 else load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
+        final_errors = validation_corner_error(pipe, validation, args.resolution)
+        original_vae = vae
+        if weight_dtype != torch.float32:
+            original_vae = load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
         STNAlignmentPipeline(vae=original_vae.to("cpu"), stn=trained).save_pretrained(output_dir)
         summary = {
             "num_validation_pairs": len(validation["theta"]), "num_train_images": len(pool), "global_step": global_step,
-            "train_seconds": train_seconds, "identity": _error_stats(identity_errors), "final": _error_stats(final_errors),
+            "train_seconds": train_seconds, "identity": summarize_errors(identity_errors),
+            "final": summarize_errors(final_errors),
         }
-        summary.update(cache_seconds=cache_seconds, resumed_from_step=int(checkpoint.name[len(CHECKPOINT_PREFIX) :]) if checkpoint else 0)
+        summary.update(cache_seconds=cache_seconds, resumed_from_step=checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         (output_dir / "README.md").write_text(model_card(args, trained, summary))
         logger.info(f"Saved the pipeline to {output_dir}: validation corner error {summary['final']['mean']:.2f} px")
@@ -582,6 +625,15 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m stn_diffusers.finetune``: an input error ends the run with one ``error: ...`` line
+    and exit status 2 (its traceback too with ``--debug``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    return run_reporting_errors(lambda: main(parse_args(argv)), debug="--debug" in argv)
+
+
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    main(parse_args())
+    sys.exit(cli())

@@ -76,7 +76,8 @@ def training_loss(
     loss = final.new_zeros(())
     if corner_weight > 0:
         weights = [k + 1 for k in range(len(thetas))]
-        corner = sum(w * geometry.corner_error(t, true, resolution, resolution).mean() for w, t in zip(weights, thetas)) / sum(weights)
+        errors = [geometry.corner_error(theta, true, resolution, resolution).mean() for theta in thetas]
+        corner = sum(w * error for w, error in zip(weights, errors)) / sum(weights)
         parts["corner_loss"] = corner
         loss = loss + corner_weight * corner
     if theta_weight > 0:

@@ -1,13 +1,17 @@
-"""Fine-tuning: real photos from scikit-image, a tiny local VAE, a few steps at 128×128."""
+"""Fine-tuning: real photos from scikit-image, a tiny local VAE, a few steps at 128×128 (or 64×64
+with a smaller STN where a test needs dozens of steps)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import PIL.Image
@@ -15,13 +19,21 @@ import pytest
 import skimage.data
 import torch
 from diffusers import AutoencoderKL
+from safetensors.torch import load_file
 
-from stn_diffusers import STNAlignmentPipeline, SpatialTransformer, data, finetune, geometry, losses
+from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, checkpoints, data, finetune, geometry, losses
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 128
+# A registration STN that matches at stride 2 only, so it takes latents from 4×4 up: runs of 64×64
+# crops with it take a few tens of milliseconds a step.
+SMALL_REGISTRATION = {
+    **TINY_REGISTRATION,
+    "feature_channels": (8, 16), "iteration_strides": (2,), "search_radius": (2,), "num_iterations": 2,
+}  # fmt: skip
+SMALL_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +47,7 @@ def workspace(tmp_path_factory) -> Path:
     PIL.Image.fromarray(skimage.data.chelsea()).save(photos / "nested" / "chelsea.jpg")
     make_tiny_vae().save_pretrained(root / "vae")
     (root / "stn.json").write_text(json.dumps(TINY_REGISTRATION))
+    (root / "stn_small.json").write_text(json.dumps(SMALL_REGISTRATION))
     return root
 
 
@@ -57,12 +70,56 @@ def train_argv(workspace: Path, output_dir: Path, *extra: str, data_dir: Path | 
     ]  # fmt: skip
 
 
+def small_argv(workspace: Path, output_dir: Path, *extra: str) -> list[str]:
+    """SMALL_STEPS steps of 64×64 crops with the small STN, a checkpoint every 2 steps (the newest 2
+    kept), the loss of every step in metrics.jsonl, validation at the end only."""
+    return train_argv(
+        workspace, output_dir, "--stn_config", str(workspace / "stn_small.json"), "--resolution", "64",
+        "--train_batch_size", "2", "--max_train_steps", str(SMALL_STEPS), "--checkpoints_total_limit", "2",
+        "--logging_steps", "1", "--validation_steps", "1000", "--num_validation_pairs", "2", *extra,
+    )  # fmt: skip
+
+
 def run(argv: list[str]) -> Path:
     return finetune.main(finetune.parse_args(argv))
 
 
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+def stn_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "stn" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_bit_identical(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    differing = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not differing, f"{len(differing)} of {len(first)} tensors differ, e.g. {differing[:3]}"
+
+
+def read_records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / finetune.METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory) -> Path:
+    """The small run, uninterrupted, in this process on one thread like the subprocesses below
+    (``OMP_NUM_THREADS=1``): the same float operations in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(small_argv(workspace, tmp_path_factory.mktemp("uninterrupted") / "out"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
 
 class TestFinetune:
@@ -82,7 +139,8 @@ class TestFinetune:
         records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "val_corner_error" in r] == [2, 4]
         assert all(r["loss"] >= 0 for r in records if "loss" in r)
-        assert [p.name for p in finetune.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+        saved = checkpoints.list_checkpoints(output / finetune.CHECKPOINTS_DIR)
+        assert [p.name for p in saved] == ["checkpoint-2", "checkpoint-4"]
         card = (output / "README.md").read_text()
         assert "validation" in card.lower() and "--resolution" not in card and '"resolution": 128' in card
 
@@ -96,8 +154,9 @@ class TestFinetune:
         (interrupted / "checkpoints" / ".partial-checkpoint-4").mkdir()
         shutil.copytree(uninterrupted / "latent_cache", interrupted / "latent_cache")
         lines = (uninterrupted / "metrics.jsonl").read_text().splitlines()
-        (interrupted / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 2) + "\n")
-        assert finetune.resolve_checkpoint(interrupted, "latest").name == "checkpoint-2"
+        kept = [line for line in lines if json.loads(line)["step"] <= 2]
+        (interrupted / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+        assert checkpoints.resolve_checkpoint(interrupted / "checkpoints", "latest").name == "checkpoint-2"
 
         resumed = run(train_argv(workspace, interrupted, "--resume_from_checkpoint", "latest"))
 
@@ -106,11 +165,13 @@ class TestFinetune:
         assert all(torch.allclose(full_stn[k], resumed_stn[k], atol=1e-6) for k in full_stn)
         steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
         assert max(steps) == 4 and steps == sorted(steps)
-        assert [p.name for p in finetune.list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-4"]
+        saved = checkpoints.list_checkpoints(resumed / finetune.CHECKPOINTS_DIR)
+        assert [p.name for p in saved] == ["checkpoint-2", "checkpoint-4"]
 
     def test_two_processes_with_torchrun_on_cpu(self, workspace, tmp_path):
         output = tmp_path / "ddp"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+        # --standalone: a free port on this machine, so that runs side by side never collide.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         command += ["-m", "stn_diffusers.finetune", *train_argv(workspace, output, "--train_batch_size", "2")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -165,11 +226,178 @@ class TestFinetune:
 
     def test_bad_flags(self, workspace, tmp_path):
         with pytest.raises(ValueError, match="multiple of 8"):
-            finetune.parse_args(train_argv(workspace, tmp_path, "--resolution", "100"))
+            run(train_argv(workspace, tmp_path / "out", "--resolution", "100"))
         with pytest.raises(ValueError, match="loss weights"):
             finetune.parse_args(train_argv(workspace, tmp_path, "--corner_loss_weight", "0"))
         with pytest.raises(ValueError, match="stn_config"):
             run(train_argv(workspace, tmp_path / "out", "--stn_config", "no-such-preset"))
+
+
+class TestReproducibility:
+    def test_the_same_command_twice_gives_bit_identical_stn_weights(
+        self, workspace, uninterrupted, tmp_path, one_thread
+    ):
+        again = run(small_argv(workspace, tmp_path / "out"))
+        assert_bit_identical(stn_weights(uninterrupted), stn_weights(again))
+
+    def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(
+        self, workspace, uninterrupted, tmp_path, one_thread
+    ):
+        output = tmp_path / "killed"
+        command = [sys.executable, "-m", "stn_diffusers.finetune", *small_argv(workspace, output)]
+        log = tmp_path / "killed.log"
+        with log.open("w") as handle:
+            process = subprocess.Popen(
+                command, stdout=handle, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=tmp_path
+            )
+            deadline = time.monotonic() + 300
+            # A checkpoint-N folder only ever appears complete (renamed from its partial write).
+            while not checkpoints.list_checkpoints(output / "checkpoints"):
+                assert process.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        assert not (output / "model_index.json").exists(), "killed too late: the run had finished"
+
+        run(small_argv(workspace, output, "--resume_from_checkpoint", "latest"))
+        summary = json.loads((output / finetune.SUMMARY_FILE).read_text())
+        assert 0 < summary["resumed_from_step"] < SMALL_STEPS
+        assert_bit_identical(stn_weights(uninterrupted), stn_weights(output))
+        # Every step's loss is logged once, as in the uninterrupted run (a line cut by the kill is dropped).
+        assert read_records(output) == read_records(uninterrupted)
+
+
+class FakeAccelerator:
+    """What ``save_checkpoint`` asks of an ``Accelerator``: one process whose state is two small files."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, output_dir: str) -> None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"weights")
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"moments")
+
+
+class Killed(Exception):
+    """Stands for a kill at one point of a checkpoint write."""
+
+
+class TestCheckpoints:
+    def save(self, folder: Path, step: int, total_limit: int | None = None) -> Path:
+        return checkpoints.save_checkpoint(FakeAccelerator(), folder, step, total_limit)
+
+    def names(self, folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir())
+
+    def test_a_crash_before_the_new_checkpoint_is_renamed_leaves_the_old_one(self, tmp_path, monkeypatch):
+        self.save(tmp_path, 2, total_limit=1)
+        rename = os.replace
+
+        def crash_on_the_final_rename(source, target):
+            if Path(source).name == f"{checkpoints.PARTIAL_PREFIX}{checkpoints.CHECKPOINT_PREFIX}4":
+                raise Killed
+            rename(source, target)
+
+        monkeypatch.setattr(checkpoints.os, "replace", crash_on_the_final_rename)
+        with pytest.raises(Killed):
+            self.save(tmp_path, 4, total_limit=1)
+        assert checkpoints.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+    def test_a_crash_while_deleting_the_old_checkpoint_leaves_the_new_one(self, tmp_path, monkeypatch):
+        self.save(tmp_path, 2, total_limit=1)
+        delete = shutil.rmtree
+
+        def crash_on_the_old_checkpoint(path, *args, **kwargs):
+            if Path(path).name.endswith(f"{checkpoints.CHECKPOINT_PREFIX}2"):
+                raise Killed
+            delete(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoints.shutil, "rmtree", crash_on_the_old_checkpoint)
+        with pytest.raises(Killed):
+            self.save(tmp_path, 4, total_limit=1)
+        # The half-deleted folder no longer has a checkpoint's name.
+        assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-4"]
+        assert checkpoints.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-4"
+
+    def test_rotation_keeps_the_newest_and_clears_partial_writes(self, tmp_path):
+        (tmp_path / f"{checkpoints.PARTIAL_PREFIX}checkpoint-3").mkdir()  # a write cut short earlier
+        for step in (2, 4, 6):
+            self.save(tmp_path, step, total_limit=2)
+        assert self.names(tmp_path) == ["checkpoint-4", "checkpoint-6"]
+        assert all(checkpoints.is_complete(p) for p in checkpoints.list_checkpoints(tmp_path))
+
+    def test_latest_skips_incomplete_checkpoints_and_fails_when_none_is_complete(self, tmp_path):
+        assert checkpoints.resolve_checkpoint(tmp_path / "none-yet", "latest") is None
+        self.save(tmp_path, 2)
+        self.save(tmp_path, 4)
+        (tmp_path / "checkpoint-4" / "optimizer.bin").write_bytes(b"cut")  # not the size in the manifest
+        assert checkpoints.resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-2"
+        with pytest.raises(ValueError, match="expected a complete checkpoint"):
+            checkpoints.resolve_checkpoint(tmp_path, tmp_path / "checkpoint-4")
+        (tmp_path / "checkpoint-2" / checkpoints.MANIFEST_FILE).unlink()
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*checkpoint-2, checkpoint-4"):
+            checkpoints.resolve_checkpoint(tmp_path, "latest")
+
+    def test_resume_without_a_complete_checkpoint_fails_before_anything_is_touched(self, workspace, tmp_path):
+        output = tmp_path / "out"
+        (output / "checkpoints" / f"{checkpoints.PARTIAL_PREFIX}checkpoint-4").mkdir(parents=True)
+        metrics = output / finetune.METRICS_FILE
+        metrics.write_text('{"step": 2, "loss": 1.5}\n{"step": 4, "loss": 1.2}\n')
+        with pytest.raises(ValueError, match=re.escape(str(output / "checkpoints"))):
+            run(train_argv(workspace, output, "--resume_from_checkpoint", "latest"))
+        assert metrics.read_text() == '{"step": 2, "loss": 1.5}\n{"step": 4, "loss": 1.2}\n'
+        assert self.names(output) == ["checkpoints", finetune.METRICS_FILE]
+
+
+class TestInputErrors:
+    def test_each_input_error_is_one_line_and_leaves_no_output_folder(self, workspace, tmp_path, capsys):
+        empty, unreadable = tmp_path / "empty", tmp_path / "unreadable"
+        empty.mkdir()
+        unreadable.mkdir()
+        (unreadable / "notes.png").write_text("not an image")
+        (unreadable / "cut.jpg").write_bytes(b"\xff\xd8\xff")
+        cases = {
+            "empty": (["--train_data_dir", str(empty)], "expected image files"),
+            "unreadable": (["--train_data_dir", str(unreadable)], "--train_data_dir: expected at least one readable"),
+            "heldout": (["--validation_data_dir", str(unreadable)], "--validation_data_dir: expected at least one"),
+            "not_a_multiple": (["--resolution", "100"], "multiple of 8 (the VAE's downsampling factor), got 100"),
+            "too_small": (["--resolution", "64"], "expected --resolution >= 128 pixels"),
+            "seed_design": (["--stn_config", "seed", "--resolution", "256"], "expected --resolution 512"),
+        }
+        for name, (flags, message) in cases.items():
+            output = tmp_path / "runs" / name
+            assert finetune.cli(train_argv(workspace, output, *flags)) == 2, name
+            errors = capsys.readouterr().err
+            assert "Traceback" not in errors, name
+            lines = [line for line in errors.splitlines() if line.startswith("error: ")]
+            assert len(lines) == 1 and message in lines[0], (name, lines)
+            assert not output.exists(), name
+
+    def test_debug_adds_the_traceback(self, workspace, tmp_path, capsys):
+        argv = train_argv(workspace, tmp_path / "out", "--resolution", "100", "--debug")
+        assert finetune.cli(argv) == 2
+        errors = capsys.readouterr().err
+        assert "Traceback" in errors and "error: expected --resolution to be a multiple of 8" in errors
+
+    def test_python_dash_m_prints_one_error_line_without_a_traceback(self, workspace, tmp_path):
+        (tmp_path / "empty").mkdir()
+        command = [sys.executable, "-m", "stn_diffusers.finetune", *train_argv(workspace, tmp_path / "out")]
+        command[command.index("--train_data_dir") + 1] = str(tmp_path / "empty")
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=tmp_path
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+            f"error: --train_data_dir: expected image files ({', '.join(data.IMAGE_EXTENSIONS)}) "
+            f"under {str(tmp_path / 'empty')!r}, found none"
+        ]
+        assert not (tmp_path / "out").exists()
 
 
 class TestTrainingLoss:
@@ -187,7 +415,8 @@ class TestTrainingLoss:
         loss, parts = losses.training_loss(stn, self.batch(moved), RESOLUTION, latent_weight=1.0, theta_weight=1.0)
         assert float(still.detach()) == pytest.approx(0.0, abs=1e-5)
         assert parts["corner_error"] > 1.0 and parts["latent_loss"] > 0 and parts["theta_loss"] > 0
-        assert parts["loss"] == pytest.approx(parts["corner_loss"] + parts["latent_loss"] + parts["theta_loss"], rel=1e-5)
+        total = parts["corner_loss"] + parts["latent_loss"] + parts["theta_loss"]
+        assert parts["loss"] == pytest.approx(total, rel=1e-5)
 
     def test_gradient_reaches_the_gates_that_start_at_zero(self):
         torch.manual_seed(0)
@@ -202,7 +431,8 @@ class TestTrainingLoss:
         moved = geometry.random_theta(2, "standard", 512, 512, torch.Generator().manual_seed(1))
         generator = torch.Generator().manual_seed(0)
         reference = torch.randn(2, 4, 64, 64, generator=generator)
-        batch = {"moving": geometry.warp(reference, geometry.invert_theta(moved)), "reference": reference, "theta": moved}
+        moving = geometry.warp(reference, geometry.invert_theta(moved))
+        batch = {"moving": moving, "reference": reference, "theta": moved}
         loss, parts = losses.training_loss(stn, batch, 512, corner_weight=0.0, latent_weight=1.0, theta_weight=1.0)
         loss.backward()
         assert "corner_loss" not in parts and stn.fc_loc[2].bias.grad.abs().sum() > 0
@@ -226,11 +456,15 @@ class TestLatentPairPool:
     def settings(self, **overrides) -> data.PoolSettings:
         return data.PoolSettings(**{"resolution": RESOLUTION, "pairs_per_image": 3, "min_amount": 0.5, **overrides})
 
+    def views(self, sources: list[torch.Tensor], settings: data.PoolSettings):
+        """The ``views_of`` of ``build_latent_pool``: the rendered views of photo ``i``."""
+        return lambda i: data.render_views(sources[i], settings, i)
+
     def test_sampled_theta_aligns_moving_onto_reference(self, sources):
         # With the identity as "encoder" the pool holds pixels, so θ can be checked on the image.
         settings = self.settings()
         keys = ["a.pt"]
-        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), keys, settings, lambda x: x)
+        pool = data.build_latent_pool(self.views(sources, settings), keys, settings, lambda x: x)
         batch = pool.sample(6, torch.Generator().manual_seed(0), reference_rate=0.3)
         aligned = geometry.warp(batch["moving"], batch["theta"])
         mask = geometry.valid_mask(batch["theta"], RESOLUTION, RESOLUTION)
@@ -242,7 +476,7 @@ class TestLatentPairPool:
 
     def test_same_generator_same_batch_and_curriculum_limits_warps(self, sources):
         settings = self.settings()
-        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), ["a.pt"], settings, lambda x: x)
+        pool = data.build_latent_pool(self.views(sources, settings), ["a.pt"], settings, lambda x: x)
         first = pool.sample(4, torch.Generator().manual_seed(3))
         second = pool.sample(4, torch.Generator().manual_seed(3))
         assert all(torch.equal(first[k], second[k]) for k in first)
@@ -261,7 +495,8 @@ class TestLatentPairPool:
 
         settings = self.settings()
         keys = [data.cache_key(photo, settings, "vae-a")]
-        first = data.build_latent_pool(lambda i: views_of(i, settings), keys, settings, lambda x: x[:, :, ::8, ::8], tmp_path / "cache")
+        subsample = lambda x: x[:, :, ::8, ::8]  # noqa: E731
+        first = data.build_latent_pool(lambda i: views_of(i, settings), keys, settings, subsample, tmp_path / "cache")
         again = data.build_latent_pool(lambda i: views_of(i, settings), keys, settings, lambda x: x, tmp_path / "cache")
         assert calls == [0] and torch.equal(first.latents[0], again.latents[0])
         assert data.cache_key(photo, self.settings(seed=1), "vae-a") != keys[0]
@@ -270,7 +505,7 @@ class TestLatentPairPool:
 
     def test_latent_space_pool_warps_the_reference_latents(self, sources):
         settings = self.settings(warp_space="latent")
-        pool = data.build_latent_pool(lambda i: data.render_views(sources[i], settings, i), ["a.pt"], settings, lambda x: x)
+        pool = data.build_latent_pool(self.views(sources, settings), ["a.pt"], settings, lambda x: x)
         assert pool.latents[0].shape[0] == 1  # only the reference crop is encoded
         batch = pool.sample(2, torch.Generator().manual_seed(0))
         expected = geometry.warp(batch["reference"], geometry.invert_theta(batch["theta"]))
