@@ -21,8 +21,6 @@ KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3
 SETUP = """\
 import os
 
-from IPython.display import Image, Markdown, display
-
 # A saved STNAlignmentPipeline folder; unset loads the embedded default pipeline.
 PIPELINE = os.environ.get("STN_DIFFUSERS_PIPELINE")"""
 
@@ -53,8 +51,10 @@ QUICKSTART = [
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n\n"
-        "panels = {'reference': reference, 'moving': moving, 'aligned (pixel warp)': out.warped_images[0], "
-        "'aligned (decoded)': out.images[0]}\n"
+        "panels = {\n"
+        "    'reference': reference, 'moving': moving,\n"
+        "    'aligned (pixel warp)': out.warped_images[0], 'aligned (decoded)': out.images[0],\n"
+        "}\n"
         "figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))\n"
         "for axis, (title, image) in zip(axes, panels.items()):\n"
         "    axis.imshow(image)\n"
@@ -73,7 +73,7 @@ ANALYZE = [
         "pipeline folder holds `metrics.jsonl`."
     ),
     new_code_cell(
-        SETUP + "\n"
+        SETUP.replace("import os\n", "import os\n\nfrom IPython.display import Image, Markdown, display\n") + "\n"
         "# A folder of photos to cut pairs from; unset uses the photos bundled with the package.\n"
         "DATA = os.environ.get(\"STN_DIFFUSERS_DATA\")\n"
         "NUM_PAIRS = int(os.environ.get(\"STN_DIFFUSERS_NUM_PAIRS\", \"16\"))\n"
