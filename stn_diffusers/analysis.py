@@ -14,8 +14,9 @@ For any :class:`STNAlignmentPipeline` this measures, on seeded synthetic pairs f
 * **training curves**: loss and validation corner error against step, when the pipeline folder
   holds the ``metrics.jsonl`` that fine-tuning writes.
 
-:func:`analyze` writes ``report.json``, ``report.md`` and PNG figures and returns the report. θ
-follows the convention in :mod:`stn_diffusers.geometry`.
+:func:`analyze` computes every measurement and figure first, then writes ``report.json``,
+``report.md`` and the PNG figures all or none (:func:`stn_diffusers.files.write_outputs`), and
+returns the report. θ follows the convention in :mod:`stn_diffusers.geometry`.
 
     stn-diffusers analyze --pipeline my-aligner --data photos/heldout --output report
 """
@@ -24,13 +25,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from . import geometry, metrics
+from . import files, geometry, metrics
 from .data import Pair, bundled_photos, seeded_pairs
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, so the CLI starts fast
+    from matplotlib.figure import Figure
 
 # A θ entry within this of the identity's counts as identity (the seed report's criterion).
 IDENTITY_TOLERANCE = 1e-3
@@ -39,6 +44,9 @@ DEFAULT_NUM_VISUAL = 3
 # Pairs encoded and aligned at once, and the size of the gradient-flow batch.
 BATCH_SIZE = 8
 METRICS_FILE = "metrics.jsonl"
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+FIGURE_DPI = 100
 THETA_ENTRIES = [f"θ[{row},{column}]" for row in range(2) for column in range(3)]
 FIGURES = {
     "gradient_flow": "gradient_flow.png",
@@ -262,15 +270,16 @@ def _subplots(rows: int, columns: int, figsize: tuple[float, float]):
     """A figure and its ``rows × columns`` axes (always 2-D), drawn with Agg.
 
     ``matplotlib.figure.Figure`` rather than pyplot: figures are files, and the caller's pyplot
-    backend (a notebook's inline one) is left alone. Imported here so the CLI starts fast.
+    backend (a notebook's inline one) is left alone. Imported here so the CLI starts fast. The tight
+    layout is applied when the figure is saved, once every label is on it.
     """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=figsize)
+    figure = Figure(figsize=figsize, layout="tight")
     return figure, figure.subplots(rows, columns, squeeze=False)
 
 
-def plot_gradient_flow(flow: dict, path: str | Path) -> Path:
+def gradient_flow_figure(flow: dict) -> Figure:
     """Horizontal bars of per-parameter gradient norms (log scale); zero gradients in red at the floor."""
     rows = flow["parameters"]
     norms = np.array([row["grad_norm"] for row in rows])
@@ -285,10 +294,10 @@ def plot_gradient_flow(flow: dict, path: str | Path) -> Path:
     axis.set_xscale("log")
     axis.set_xlabel("gradient norm (red: exactly zero)")
     axis.set_title(f"Gradient flow, corner-error loss {flow['loss']:.3f} px")
-    return _save(figure, path)
+    return figure
 
 
-def plot_theta_scatter(predicted: torch.Tensor, true: torch.Tensor, stats: dict, path: str | Path) -> Path:
+def theta_scatter_figure(predicted: torch.Tensor, true: torch.Tensor, stats: dict) -> Figure:
     """Predicted against true value of each θ entry, ``(B, 2, 3)`` each, with the diagonal."""
     figure, axes = _subplots(2, 3, (10, 6.5))
     mae = stats["mae_per_entry"]
@@ -303,10 +312,10 @@ def plot_theta_scatter(predicted: torch.Tensor, true: torch.Tensor, stats: dict,
             axis.set_xlabel("true", fontsize=8)
             axis.set_ylabel("predicted", fontsize=8)
     figure.suptitle(f"Predicted vs true θ ({stats['num_pairs']} pairs, mean absolute error {stats['mae']:.4f})")
-    return _save(figure, path)
+    return figure
 
 
-def plot_corner_error(stats: dict, path: str | Path) -> Path:
+def corner_error_figure(stats: dict) -> Figure:
     """Histogram of corner errors for the model and for doing nothing, with median and p90."""
     figure, axes = _subplots(1, 1, (7, 4))
     axis = axes[0][0]
@@ -320,7 +329,7 @@ def plot_corner_error(stats: dict, path: str | Path) -> Path:
     axis.set_xlabel(f"corner error (px, {stats['image_size'][1]}×{stats['image_size'][0]})")
     axis.set_ylabel("pairs")
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return figure
 
 
 def _show(axis, image: torch.Tensor, title: str) -> None:
@@ -330,20 +339,22 @@ def _show(axis, image: torch.Tensor, title: str) -> None:
 
 
 @torch.no_grad()
-def plot_grid(
-    pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor, directory: str | Path
-) -> tuple[Path, Path]:
-    """``grid.png`` (one row per pair: reference | moving | aligned (pixel warp) | aligned (decoded)
-    | difference before | difference after) and ``latents.png`` (the latent channels of the
-    reference, the moving latents and the aligned ones), aligned through ``pipe`` itself."""
-    directory = Path(directory)
+def grid_figures(
+    pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor
+) -> tuple[Figure, Figure]:
+    """The grid (one row per pair: reference | moving | aligned (pixel warp) | aligned (decoded) |
+    difference before | difference after) and the latents figure (the latent channels of the
+    reference, the moving latents and the aligned ones), aligned through ``pipe`` itself.
+
+    Latents ``(B, C, h, w)``, one per pair. Returns ``(grid, latents)``.
+    """
     output = pipe(
         [pair.moving for pair in pairs],
         latents=moving_latents,
         reference_latents=reference_latents,
         output_type="pt",
     )
-    figure, axes = _subplots(len(pairs), 6, (15, 2.6 * len(pairs)))
+    grid, axes = _subplots(len(pairs), 6, (15, 2.6 * len(pairs)))
     for index, pair in enumerate(pairs):
         warped, decoded = output.warped_images[index], output.images[index]
         before = ((pair.moving - pair.reference).abs() * 3).clamp(0, 1)
@@ -359,10 +370,9 @@ def plot_grid(
         ]
         for axis, (image, title) in zip(axes[index], panels):
             _show(axis, image, f"{pair.name}: {title}" if axis is axes[index][0] else title)
-    grid = _save(figure, directory / FIGURES["grid"])
 
     channels = moving_latents.shape[1]
-    figure, axes = _subplots(3 * len(pairs), channels, (2.2 * channels, 6.6 * len(pairs)))
+    latents, axes = _subplots(3 * len(pairs), channels, (2.2 * channels, 6.6 * len(pairs)))
     for index in range(len(pairs)):
         rows = (
             ("reference", reference_latents[index]),
@@ -376,7 +386,6 @@ def plot_grid(
                 axis.imshow(latent[channel].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
                 axis.set_title(f"pair {index} {label}, channel {channel}", fontsize=7)
                 axis.axis("off")
-    latents = _save(figure, directory / FIGURES["latents"])
     return grid, latents
 
 
@@ -398,7 +407,7 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_training_curves(records: list[dict], path: str | Path) -> tuple[Path, dict]:
+def training_curves_figure(records: list[dict]) -> tuple[Figure, dict]:
     """Loss (every key with ``loss`` in its name) and validation corner error (every key with
     ``corner`` or ``mace``) against ``step``; returns the figure and each series' last value."""
     keys = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
@@ -420,15 +429,54 @@ def plot_training_curves(records: list[dict], path: str | Path) -> tuple[Path, d
         axis.set_xlabel("step")
         axis.set_ylabel(title)
         axis.legend(fontsize=8)
-    return _save(figure, path), last
+    return figure, last
 
 
-def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+def _figure_writers(figures: dict[Path, Figure]) -> dict[Path, files.Writer]:
+    """``{path: figure}`` → :func:`~stn_diffusers.files.write_outputs` writers, each in its path's format."""
+    return {path: files.figure_writer(figure, path, dpi=FIGURE_DPI) for path, figure in figures.items()}
+
+
+# ------------------------------------------------------------------------------ one figure to a file
+# analyze writes its figures together with the report; these draw and write the figures of one
+# measurement (a notebook's view of it), all or none, making the folder when it is missing.
+def _write_figures(figures: dict[str | Path, Figure]) -> list[Path]:
+    paths = {Path(path): figure for path, figure in figures.items()}
+    for path in paths:
+        files.check_writable_folder(path.parent, f"the figure {str(path)!r}")
+    files.write_outputs(_figure_writers(paths))
+    return list(paths)
+
+
+def plot_gradient_flow(flow: dict, path: str | Path) -> Path:
+    """:func:`gradient_flow_figure` written to ``path``."""
+    return _write_figures({path: gradient_flow_figure(flow)})[0]
+
+
+def plot_theta_scatter(predicted: torch.Tensor, true: torch.Tensor, stats: dict, path: str | Path) -> Path:
+    """:func:`theta_scatter_figure` written to ``path``."""
+    return _write_figures({path: theta_scatter_figure(predicted, true, stats)})[0]
+
+
+def plot_corner_error(stats: dict, path: str | Path) -> Path:
+    """:func:`corner_error_figure` written to ``path``."""
+    return _write_figures({path: corner_error_figure(stats)})[0]
+
+
+def plot_grid(
+    pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor, directory: str | Path
+) -> tuple[Path, Path]:
+    """:func:`grid_figures` written to ``grid.png`` and ``latents.png`` in ``directory``, both or neither."""
+    grid, latents = grid_figures(pipe, pairs, moving_latents, reference_latents)
+    directory = Path(directory)
+    paths = _write_figures({directory / FIGURES["grid"]: grid, directory / FIGURES["latents"]: latents})
+    return paths[0], paths[1]
+
+
+def plot_training_curves(records: list[dict], path: str | Path) -> tuple[Path, dict]:
+    """:func:`training_curves_figure` written to ``path``; returns the path and each series' last value."""
+    figure, last = training_curves_figure(records)
+    return _write_figures({path: figure})[0], last
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -444,6 +492,9 @@ def analyze(
     pipeline_dir: str | Path | None = None,
 ) -> dict:
     """Analyse ``pipe``'s STN and write ``report.json``, ``report.md`` and figures to ``output_dir``.
+
+    ``output_dir`` is made and checked first; the files are written only once everything is
+    measured and drawn, all or none (:func:`stn_diffusers.files.write_outputs`).
 
     Args:
         pipe: an :class:`~stn_diffusers.STNAlignmentPipeline`.
@@ -462,10 +513,10 @@ def analyze(
         raise ValueError(f"expected num_pairs >= 1, got {num_pairs}")
     if int(num_visual) < 0:
         raise ValueError(f"expected num_visual >= 0, got {num_visual}")
+    output_dir = Path(output_dir)
+    files.check_output_folder(output_dir, "output_dir")
     if sources is None:
         sources, names = bundled_photos()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     stn = pipe.stn
     resolution = analysis_resolution(pipe)
 
@@ -494,29 +545,27 @@ def analyze(
         predicted = pipe.predict_theta(moving, references, batch_size=BATCH_SIZE).cpu()
     report["theta"] = theta_statistics(predicted, true_theta, resolution, resolution)
 
-    # 3. Figures
+    # 3. Figures, drawn in memory
     figures = {
-        "gradient_flow": plot_gradient_flow(report["gradient_flow"], output_dir / FIGURES["gradient_flow"]),
-        "theta_scatter": plot_theta_scatter(
-            predicted, true_theta, report["theta"], output_dir / FIGURES["theta_scatter"]
-        ),
-        "corner_error": plot_corner_error(report["theta"], output_dir / FIGURES["corner_error"]),
+        "gradient_flow": gradient_flow_figure(report["gradient_flow"]),
+        "theta_scatter": theta_scatter_figure(predicted, true_theta, report["theta"]),
+        "corner_error": corner_error_figure(report["theta"]),
     }
     shown = min(int(num_visual), len(pairs))
     if shown:
-        figures["grid"], figures["latents"] = plot_grid(
-            pipe, pairs[:shown], moving[:shown], references[:shown], output_dir
-        )
-    metrics = Path(pipeline_dir) / METRICS_FILE if pipeline_dir is not None else None
-    if metrics is not None and metrics.is_file():
-        records = read_metrics(metrics)
-        figures["training_curves"], last = plot_training_curves(records, output_dir / FIGURES["training_curves"])
-        report["training"] = {"metrics": str(metrics), "records": len(records), "last": last}
-    report["figures"] = {name: path.name for name, path in figures.items()}
+        figures["grid"], figures["latents"] = grid_figures(pipe, pairs[:shown], moving[:shown], references[:shown])
+    metrics_path = Path(pipeline_dir) / METRICS_FILE if pipeline_dir is not None else None
+    if metrics_path is not None and metrics_path.is_file():
+        records = read_metrics(metrics_path)
+        figures["training_curves"], last = training_curves_figure(records)
+        report["training"] = {"metrics": str(metrics_path), "records": len(records), "last": last}
+    report["figures"] = {name: FIGURES[name] for name in figures}
 
-    # 4. Write
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(format_markdown(report))
+    # 4. Write the figures and the report, all or none
+    writers = _figure_writers({output_dir / FIGURES[name]: figure for name, figure in figures.items()})
+    writers[output_dir / REPORT_JSON] = files.text_writer(json.dumps(report, indent=2))
+    writers[output_dir / REPORT_MARKDOWN] = files.text_writer(format_markdown(report))
+    files.write_outputs(writers)
     return report
 
 
@@ -615,9 +664,12 @@ def format_markdown(report: dict) -> str:
 
 __all__ = [
     "analyze",
+    "corner_error_figure",
     "corner_error_loss",
     "format_markdown",
+    "grid_figures",
     "gradient_flow",
+    "gradient_flow_figure",
     "identity_check",
     "layer_table",
     "plot_corner_error",
@@ -626,5 +678,7 @@ __all__ = [
     "plot_theta_scatter",
     "plot_training_curves",
     "read_metrics",
+    "theta_scatter_figure",
     "theta_statistics",
+    "training_curves_figure",
 ]

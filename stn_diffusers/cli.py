@@ -3,10 +3,10 @@
     stn-diffusers align --pipeline DIR --image moving.jpg --reference reference.jpg --output aligned.png
 
 Every verb checks its device, inputs and outputs before it computes anything, and writes its
-outputs only once all are computed, each atomically (:func:`write_outputs`), so that a failure
-leaves no half-written file and no half set. A user's mistake (a missing or corrupt file, a device
-torch cannot use, an output that cannot be written or would replace an input) is reported as one
-``error: ...`` line with exit status 2; ``--debug`` adds the traceback.
+outputs only once all are computed, all or none (:func:`stn_diffusers.files.write_outputs`), so that
+a failure leaves no half-written file and no half set. A user's mistake (a missing or corrupt file,
+a device torch cannot use, an output that cannot be written or would replace an input) is reported
+as one ``error: ...`` line with exit status 2; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import PIL.Image
 import torch
 
-from . import data, geometry, refine
+from . import data, files, geometry, refine
 from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
 from .images import load_image
 
@@ -30,8 +28,6 @@ from .images import load_image
 MODEL_INDEX = "model_index.json"
 COMPONENT_CONFIG = "config.json"
 COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# Suffix of the temporary file an output is written to before it is renamed into place.
-PARTIAL_SUFFIX = ".partial"
 # A benchmark of alignment needs a misalignment: every preset but the identity one.
 EVALUATION_WARPS = tuple(name for name in geometry.WARP_PRESETS if name != "none")
 DEBUG_HELP = "on an error, print the traceback as well as the one-line message"
@@ -117,119 +113,6 @@ def _is_hub_id(name_or_path: str) -> bool:
     return not Path(name_or_path).exists() and name_or_path.count("/") == 1
 
 
-# ----------------------------------------------------------------------------------------- outputs
-def image_format(path: str | os.PathLike, flag: str = "--output") -> str:
-    """The Pillow format that writes ``path``, chosen from its extension; ``ValueError`` when Pillow
-    cannot write that extension."""
-    formats = PIL.Image.registered_extensions()  # {".png": "PNG", ...}; loads every plugin
-    name = formats.get(Path(path).suffix.lower())
-    if name not in PIL.Image.SAVE:
-        writable = [extension for extension, known in formats.items() if known in PIL.Image.SAVE]
-        common = [extension for extension in data.IMAGE_EXTENSIONS if extension in writable]
-        raise ValueError(
-            f"expected {flag} to end in an image extension Pillow can write ({', '.join(common)} or "
-            f"{len(writable) - len(common)} more), got {str(path)!r}"
-        )
-    return name
-
-
-def _same_file(first: Path, second: Path) -> bool:
-    if first.resolve() == second.resolve():
-        return True
-    return first.exists() and second.exists() and os.path.samefile(first, second)  # hard links, case-insensitive disks
-
-
-def _check_writable_folder(folder: Path, what: str) -> None:
-    """Make ``folder`` if it is missing and check that a file can be created in it."""
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
-    if not existing.is_dir():
-        raise NotADirectoryError(f"expected {what} in a folder, but {str(existing)!r} is a file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # permissions, read-only disks, /proc: only trying tells
-            pass
-    except OSError as error:
-        reason = f"{error.strerror}: {error.filename!r}" if error.strerror else str(error)
-        raise OSError(f"expected {what} in a folder that can be written, got {reason}") from error
-
-
-def check_outputs(
-    outputs: dict[str, str | None],
-    inputs: dict[str, str | None] | None = None,
-    images: tuple[str, ...] = (),
-    overwrite: bool = False,
-) -> None:
-    """Check a command's output files before it computes anything.
-
-    Args:
-        outputs: ``{flag: path}`` of the output files; ``None`` paths (flags not given) are skipped.
-        inputs: ``{flag: path}`` of the input files, which no output may be unless ``overwrite``.
-        images: the output flags that are images: their extension must be one Pillow can write.
-        overwrite: allow an output to replace an input (``--overwrite``).
-
-    Each output's folder is created when missing and must be writable; no two outputs may be one file.
-    """
-    given_inputs = {flag: Path(path) for flag, path in (inputs or {}).items() if path is not None}
-    checked: dict[str, Path] = {}
-    for flag, path in ((flag, Path(path)) for flag, path in outputs.items() if path is not None):
-        if flag in images:
-            image_format(path, flag)
-        if path.is_dir():
-            raise IsADirectoryError(f"expected {flag} to name a file, got the folder {str(path)!r}")
-        for other_flag, other in checked.items():
-            if _same_file(path, other):
-                raise ValueError(f"expected distinct output files, got {str(path)!r} for both {other_flag} and {flag}")
-        for input_flag, source in given_inputs.items():
-            if not overwrite and _same_file(path, source):
-                raise ValueError(
-                    f"expected {flag} to differ from {input_flag}, got {str(path)!r} for both; "
-                    "pass --overwrite to replace the input"
-                )
-        _check_writable_folder(path.parent, f"{flag} {str(path)!r}")
-        checked[flag] = path
-
-
-def check_output_folder(folder: str | os.PathLike, flag: str = "--output") -> None:
-    """Check, before computing, that a command's output folder can be made and written to."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"expected {flag} to name a folder, got the file {str(folder)!r}")
-    _check_writable_folder(folder, f"{flag} folder {str(folder)!r}")
-
-
-def write_outputs(writers: dict[str | os.PathLike, Callable[[Path], None]]) -> None:
-    """Write all of a command's outputs, or none of them.
-
-    ``writers`` maps each output path to ``write(temporary_path)``; every one first writes a
-    temporary file beside its output, and only when all have succeeded are they renamed into place
-    (``os.replace``, atomic on one file system). A failure while writing removes the temporary files
-    and leaves every output as it was.
-    """
-    partials: dict[Path, Path] = {}
-    try:
-        for path, write in writers.items():
-            path = Path(path)
-            partials[path] = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-            write(partials[path])
-        for path, partial in partials.items():
-            os.replace(partial, path)
-    finally:
-        for partial in partials.values():
-            partial.unlink(missing_ok=True)
-
-
-def image_writer(picture: PIL.Image.Image, path: str | os.PathLike) -> Callable[[Path], None]:
-    """A :func:`write_outputs` writer that saves ``picture`` in the format of ``path``'s extension
-    (the temporary file's own name has no meaningful extension)."""
-    name = image_format(path)
-    return lambda partial: picture.save(partial, format=name)
-
-
-def text_writer(text: str) -> Callable[[Path], None]:
-    """A :func:`write_outputs` writer of a UTF-8 text file."""
-    return lambda partial: partial.write_text(text, encoding="utf-8")
-
-
 def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
     pixel = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0]
     return {
@@ -252,11 +135,12 @@ def run_align(args: argparse.Namespace) -> dict:
         from .inpainting import load_mask  # lazily: it imports Stable Diffusion's inpainting parts
 
         mask = load_mask(args.mask)
-    check_outputs(
+    files.check_outputs(
         {"--output": args.output, "--output-mask": args.output_mask, "--json": args.json},
         inputs={"--image": args.image, "--reference": args.reference, "--mask": args.mask},
         images=("--output", "--output-mask"),
         overwrite=args.overwrite,
+        overwrite_label="--overwrite",
     )
 
     # 2. Align
@@ -267,10 +151,10 @@ def run_align(args: argparse.Namespace) -> dict:
         pictures, report = _align_image(args, pipe, image, reference)
 
     # 3. Write every output at once
-    writers = {path: image_writer(picture, path) for path, picture in pictures.items()}
+    writers = {path: files.image_writer(picture, path) for path, picture in pictures.items()}
     if args.json:
-        writers[args.json] = text_writer(json.dumps(report, indent=2))
-    write_outputs(writers)
+        writers[args.json] = files.text_writer(json.dumps(report, indent=2))
+    files.write_outputs(writers)
     if mask is not None:
         repaint = report["masked_fraction"]
         print(f"wrote {args.output} and {args.output_mask} ({repaint:.1%} to repaint, reference frame)")
@@ -366,15 +250,17 @@ def _align_with_mask(args: argparse.Namespace, pipe, image, mask, reference) -> 
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    from .demo import ALIGNED_FOLDER, GRID_FILE, RESULTS_JSON, RESULTS_MARKDOWN
     from .demo import run_demo as demo
 
     device = check_device(args.device)
-    check_output_folder(args.output)
+    files.check_output_folder(args.output, "--output")
     pipe = load_pipeline(args.pipeline, device)
     summary = demo(args.output, pipe)
     output = Path(args.output)
-    print((output / "results.md").read_text())
-    print(f"wrote {output / 'grid.png'}, {output / 'results.md'}, {output / 'results.json'} and {output / 'aligned'}/")
+    print((output / RESULTS_MARKDOWN).read_text(encoding="utf-8"))
+    written = ", ".join(str(output / name) for name in (GRID_FILE, RESULTS_MARKDOWN, RESULTS_JSON))
+    print(f"wrote {written} and {output / ALIGNED_FOLDER}/")
     return summary
 
 
@@ -390,7 +276,7 @@ def _add_demo(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> dict:
-    from .analysis import analyze
+    from .analysis import REPORT_JSON, REPORT_MARKDOWN, analyze
 
     device = check_device(args.device)
     # Without --data, analyze cuts its pairs from the bundled photos.
@@ -398,15 +284,15 @@ def run_analyze(args: argparse.Namespace) -> dict:
     if args.data:
         sources, paths = data.load_photo_folder(args.data)
         names = [path.name for path in paths]
-    check_output_folder(args.output)
+    files.check_output_folder(args.output, "--output")
     pipe = load_pipeline(args.pipeline, device)
     report = analyze(
         pipe, args.output, sources, names, num_pairs=args.num_pairs, warp=args.warp, seed=args.seed,
         num_visual=args.num_visual, pipeline_dir=args.pipeline,
     )  # fmt: skip
     output = Path(args.output)
-    print((output / "report.md").read_text())
-    print(f"wrote {output / 'report.md'}, {output / 'report.json'} and {len(report['figures'])} figures to {output}/")
+    print((output / REPORT_MARKDOWN).read_text(encoding="utf-8"))
+    print(f"wrote {output / REPORT_MARKDOWN}, {output / REPORT_JSON} and {len(report['figures'])} figures to {output}/")
     return report
 
 
@@ -462,16 +348,16 @@ def _named_pipelines(specs: list[str] | None, device: torch.device) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
-    from .evaluation import evaluate, markdown_table, parse_methods
+    from .evaluation import STN_METHODS, evaluate, markdown_table, parse_methods
 
     # 1. Check the device, the flags, the photos and the outputs before anything is computed
     device = check_device(args.device)
     methods = parse_methods(args.methods)
-    check_outputs({"--json": args.json, "--markdown": args.markdown})
+    files.check_outputs({"--json": args.json, "--markdown": args.markdown})
     sources, paths = data.load_photo_folder(args.data)
 
     # 2. Evaluate
-    uses_stn = any(m in ("stn", "stn+ecc") for m in methods)
+    uses_stn = any(m in STN_METHODS for m in methods)
     pipelines = _named_pipelines(args.pipeline, device) if uses_stn else {}
     report = evaluate(
         pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
@@ -484,17 +370,17 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     # 3. Write every output at once
     writers = {}
     if args.json:
-        writers[args.json] = text_writer(json.dumps(report, indent=2))
+        writers[args.json] = files.text_writer(json.dumps(report, indent=2))
     if args.markdown:
-        writers[args.markdown] = text_writer(table + "\n")
-    write_outputs(writers)
+        writers[args.markdown] = files.text_writer(table + "\n")
+    files.write_outputs(writers)
     for path in writers:
         print(f"wrote {path}")
     return report
 
 
 def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
-    from .evaluation import DEFAULT_METHODS
+    from .evaluation import DEFAULT_METHODS, DEFAULT_NUM_PAIRS
 
     parser = subparsers.add_parser(
         "evaluate", parents=[common], help="benchmark STN pipelines against ECC, SIFT, ORB, phase correlation, kornia"
@@ -505,7 +391,8 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--data", required=True, help="folder of photos the pipelines never trained on")
     parser.add_argument(
-        "--num-pairs", type=_integer_at_least(1), default=24, help="seeded pairs (cycling over the photos)"
+        "--num-pairs", type=_integer_at_least(1), default=DEFAULT_NUM_PAIRS,
+        help="seeded pairs (cycling over the photos)",
     )
     parser.add_argument("--resolution", type=_integer_at_least(1), default=512, help="pixel side of the square pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
@@ -552,7 +439,6 @@ def _common_options() -> argparse.ArgumentParser:
     # SUPPRESS: after the verb, --debug must not reset the value given before it.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return common
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,9 @@ benchmark's compare (see :mod:`stn_diffusers.metrics`): :data:`~stn_diffusers.me
 is estimation with the latents given (the STN on both latents, ECC on the pixels, ``stn+ecc`` the two
 in turn) and :data:`~stn_diffusers.metrics.TIME_PER_PAIR_WITH_ENCODE` adds the VAE encode of both
 images. The aligned images come from the pipeline itself, given the latents already encoded.
+
+Every pair is aligned and tabulated first; the files are written last, all or none
+(:func:`write_results`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from . import geometry, metrics
+from . import files, geometry, metrics
 from .data import ASSETS, REAL_PAIR, bundled_photos, seeded_pairs
 from .evaluation import estimate_stn, method_unavailable
 from .images import load_image, tensor_to_pil, to_rgb_tensor
@@ -32,6 +35,10 @@ from .refine import OPENCV_INSTALL_HINT, refine_theta_ecc
 DEMO_RESOLUTION = 512
 DEMO_SEED = 0
 TILE = 256
+ALIGNED_FOLDER = "aligned"
+GRID_FILE = "grid.png"
+RESULTS_MARKDOWN = "results.md"
+RESULTS_JSON = "results.json"
 
 
 @dataclass
@@ -175,40 +182,59 @@ def _markdown(rows: list[DemoRow], methods: list[str], summaries: dict[str, dict
 
 def run_demo(output_dir: str | Path = "stn-diffusers-demo", pipe=None) -> dict:
     """Align the bundled pairs with ``pipe`` (default: the embedded pipeline) and write
-    ``aligned/*.png``, ``grid.png``, ``results.md`` and ``results.json`` under ``output_dir``."""
+    ``aligned/*.png``, ``grid.png``, ``results.md`` and ``results.json`` under ``output_dir``
+    (checked first, written last, all or none). Returns what ``results.json`` holds."""
     from .default import load_default
 
-    pipe = pipe if pipe is not None else load_default()
+    # 1. Check the output folder before anything is loaded or computed
     output_dir = Path(output_dir)
-    (output_dir / "aligned").mkdir(parents=True, exist_ok=True)
+    files.check_output_folder(output_dir / ALIGNED_FOLDER, "output_dir")
+    pipe = pipe if pipe is not None else load_default()
     refine_theta = _ecc_refiner()
+
+    # 2. Align the synthetic pairs, then the real one
     photos, names = bundled_photos()
     pairs = seeded_pairs(photos, len(photos), DEMO_RESOLUTION, "standard", DEMO_SEED, names=names)
-
-    rows, grid_rows = [], []
+    rows, grid_rows, aligned_images = [], [], {}
     for pair in pairs:
         name = Path(pair.name).stem
         row, aligned, _ = _align_pair(pipe, name, pair.reference, pair.moving, pair.theta[None], refine_theta)
         rows.append(row)
         grid_rows.append(_grid_row(pair.reference, pair.moving, aligned))
-        tensor_to_pil(aligned).save(output_dir / "aligned" / f"{name}.png")
+        aligned_images[name] = tensor_to_pil(aligned)
 
     reference, moving = (to_rgb_tensor(load_image(ASSETS / name)) for name in REAL_PAIR)
     row, aligned, _ = _align_pair(pipe, "aloe (real pair)", reference, moving, None, refine_theta)
     rows.append(row)
     grid_rows.append(_grid_row(reference, moving, aligned))
-    tensor_to_pil(aligned).save(output_dir / "aligned" / "aloe.png")
+    aligned_images["aloe"] = tensor_to_pil(aligned)
 
+    # 3. Tabulate
     methods = ["identity", "stn"] + (["ecc", "stn+ecc"] if refine_theta is not None else [])
     summaries = _summaries(rows, methods)
     table = _markdown(rows, methods, summaries)
     if refine_theta is None:
         table += f"\nOpenCV is not installed: `{OPENCV_INSTALL_HINT}` adds the ECC columns.\n"
-    _grid(grid_rows).save(output_dir / "grid.png")
-    (output_dir / "results.md").write_text(table)
     summary = {"rows": [row.__dict__ for row in rows], "methods": methods, "summary": summaries}
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+
+    # 4. Write every file at once
+    write_results(output_dir, aligned_images, _grid(grid_rows), table, summary)
     return summary
+
+
+def write_results(
+    output_dir: str | Path, aligned: dict[str, PIL.Image.Image], grid: PIL.Image.Image, table: str, summary: dict
+) -> None:
+    """Write ``aligned/<name>.png`` for each of ``aligned`` (``{name: image}``), ``grid.png``,
+    ``results.md`` (``table``) and ``results.json`` (``summary``) under ``output_dir``, all or none
+    (:func:`stn_diffusers.files.write_outputs`); the folders must exist."""
+    output_dir = Path(output_dir)
+    pictures = {output_dir / ALIGNED_FOLDER / f"{name}.png": image for name, image in aligned.items()}
+    pictures[output_dir / GRID_FILE] = grid
+    writers = {path: files.image_writer(picture, path) for path, picture in pictures.items()}
+    writers[output_dir / RESULTS_MARKDOWN] = files.text_writer(table)
+    writers[output_dir / RESULTS_JSON] = files.text_writer(json.dumps(summary, indent=2))
+    files.write_outputs(writers)
 
 
 def _grid_row(reference: torch.Tensor, moving: torch.Tensor, aligned: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -30,7 +30,10 @@ from .refine import OPENCV_INSTALL_HINT, import_cv2, refine_theta_ecc, to_gray
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("identity", "stn", "stn+ecc", "ecc", "sift", "orb", "phase", "kornia")
+# The methods a learned pipeline runs: the STN alone, and followed by ECC from its θ.
+STN_METHODS = ("stn", "stn+ecc")
+DEFAULT_METHODS = ("identity", *STN_METHODS, "ecc", "sift", "orb", "phase", "kornia")
+DEFAULT_NUM_PAIRS = 24
 # kornia's gradient-descent registration runs a few seconds per 512×512 pair on a CPU: cap its
 # iterations per pyramid level so the benchmark finishes, and say so in the table.
 KORNIA_ITERATIONS = 50
@@ -317,7 +320,7 @@ def evaluate(
     sources: list[torch.Tensor],
     *,
     names: list[str] | None = None,
-    num_pairs: int = 24,
+    num_pairs: int = DEFAULT_NUM_PAIRS,
     resolution: int = 512,
     seed: int = 0,
     warp: str = "standard",
@@ -330,7 +333,7 @@ def evaluate(
 
     Args:
         pipelines: ``{name: STNAlignmentPipeline}``; each gives the methods ``name`` and ``name+ecc``
-            when ``"stn"`` / ``"stn+ecc"`` are in ``methods``.
+            when the :data:`STN_METHODS` ``"stn"`` / ``"stn+ecc"`` are in ``methods``.
         sources: photos ``(3, H, W)`` in ``[0, 1]``; pairs cycle over them (see :func:`seeded_pairs`).
         names: a name per source, for logs.
         num_pairs, resolution, seed, warp, photometric: the pairs (identical across methods and runs);
@@ -357,7 +360,7 @@ def evaluate(
     skipped: dict[str, str] = {}
     try:
         for method in methods:
-            if method in ("stn", "stn+ecc"):
+            if method in STN_METHODS:
                 if method == "stn+ecc" and "stn" in methods:
                     continue  # measured together with "stn"
                 refine = "stn+ecc" in methods

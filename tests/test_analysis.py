@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import PIL.Image
 import pytest
 import torch
 
-from stn_diffusers import STN_PRESETS, SpatialTransformer, STNAlignmentPipeline, analysis, cli, geometry, metrics
+from stn_diffusers import STN_PRESETS, SpatialTransformer, STNAlignmentPipeline, analysis, cli, files, geometry, metrics
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
@@ -67,6 +68,8 @@ class TestAnalyzeSeed:
     def test_writes_markdown_figures_and_training_curves(self, seed_report):
         output, report = seed_report
         assert set(report["figures"]) == set(analysis.FIGURES)
+        written = {analysis.REPORT_JSON, analysis.REPORT_MARKDOWN, *analysis.FIGURES.values()}
+        assert {p.name for p in output.iterdir()} == written  # and no temporary file
         for name in report["figures"].values():
             with PIL.Image.open(output / name) as figure:
                 assert figure.format == "PNG" and min(figure.size) > 100
@@ -167,6 +170,32 @@ class TestLayerTable:
         # stem, then each stride's block output and its 64-d matching features (merged where equal)
         expected = [[32, 48, 48], [48, 24, 24], [64, 24, 24], [64, 12, 12], [96, 6, 6], [64, 6, 6]]
         assert table["activation_shapes"] == expected
+
+
+class TestWriting:
+    def test_a_failed_figure_leaves_the_previous_report_and_no_temporary_file(self, tmp_path, monkeypatch):
+        stn = SpatialTransformer(**{**TINY_REGISTRATION, "sample_size": 32})  # 256-pixel pairs: fast
+        pipe = STNAlignmentPipeline(vae=make_tiny_vae(), stn=stn)
+        output = tmp_path / "report"
+        output.mkdir()
+        (output / analysis.REPORT_MARKDOWN).write_text("the previous report")
+        figure_writer = files.figure_writer
+
+        def failing_for_corner_error(figure, path, **options):
+            if Path(path).name != analysis.FIGURES["corner_error"]:
+                return figure_writer(figure, path, **options)
+
+            def fail(partial):  # the figures before it are already written to their temporary files
+                partial.write_bytes(b"half a png")
+                raise OSError("disk full")
+
+            return fail
+
+        monkeypatch.setattr(files, "figure_writer", failing_for_corner_error)
+        with pytest.raises(OSError, match="disk full"):
+            analysis.analyze(pipe, output, num_pairs=1, num_visual=0)
+        assert [p.name for p in output.iterdir()] == [analysis.REPORT_MARKDOWN]
+        assert (output / analysis.REPORT_MARKDOWN).read_text() == "the previous report"
 
 
 class TestInputs:

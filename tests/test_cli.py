@@ -181,25 +181,6 @@ def test_debug_flag_adds_the_traceback(tmp_path, photo_files, monkeypatch, capsy
 
 
 # ------------------------------------------------------------------------------------- outputs
-def test_write_outputs_writes_all_or_none(tmp_path, astronaut):
-    first, second = tmp_path / "first.txt", tmp_path / "second.jpg"
-    first.write_text("old")
-
-    def fail(partial):
-        partial.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        cli.write_outputs({first: cli.text_writer("new"), second: fail})
-    assert first.read_text() == "old" and not second.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.txt"]  # no temporary file left behind
-
-    cli.write_outputs({first: cli.text_writer("new"), second: cli.image_writer(astronaut, second)})
-    assert first.read_text() == "new"
-    with PIL.Image.open(second) as written:
-        assert written.format == "JPEG"  # chosen from the final name, not the temporary one
-
-
 def test_align_overwrite_replaces_the_input_atomically(tmp_path, saved_pipeline, coffee):
     image = tmp_path / "photo.png"
     coffee.resize((192, 128)).save(image)  # the smallest this VAE aligns without a warning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from stn_diffusers import evaluation, geometry, metrics
-from stn_diffusers.cli import main
+from stn_diffusers.cli import build_parser, main
 from stn_diffusers.data import Pair, seeded_pairs
 from stn_diffusers.evaluation import (
     DEFAULT_METHODS,
+    DEFAULT_NUM_PAIRS,
     estimate_ecc,
     estimate_features,
     estimate_phase,
@@ -127,6 +129,11 @@ class TestPairsAndMethods:
 
 
 class TestCli:
+    def test_defaults_are_the_librarys(self):
+        args = build_parser().parse_args(["evaluate", "--data", "photos"])
+        assert args.num_pairs == inspect.signature(evaluate).parameters["num_pairs"].default == DEFAULT_NUM_PAIRS
+        assert parse_methods(args.methods) == list(DEFAULT_METHODS)
+
     def test_evaluate_writes_json_and_markdown(self, registration_pipeline, astronaut, tmp_path, capsys):
         pipeline_dir, data_dir = tmp_path / "pipe", tmp_path / "photos"
         registration_pipeline.save_pretrained(pipeline_dir)
