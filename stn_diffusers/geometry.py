@@ -354,6 +354,37 @@ def random_theta(
     return fit_homography(corners, moved, regularization=0.0).float()
 
 
+def _match_weights(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Check matched points ``(B, N, 2)`` × 2 and return their weights ``(B, N)``, summing to one."""
+    if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 2:
+        raise ValueError(
+            "expected source and target of the same shape (B, N, 2), "
+            f"got {tuple(source.shape)} and {tuple(target.shape)}"
+        )
+    if weights is None:
+        weights = source.new_ones(source.shape[:2])
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _solve_weighted(
+    rows_u: torch.Tensor,
+    rows_v: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    prior: torch.Tensor,
+    regularization: float,
+) -> torch.Tensor:
+    """Weighted linear least squares ``rows · params ≈ target`` for both coordinates, pulled towards
+    ``prior`` by ``regularization``: rows ``(B, N, K)`` × 2, target ``(B, N, 2)`` → params ``(B, K)``."""
+    design = torch.cat([rows_u, rows_v], dim=1)  # (B, 2N, K)
+    values = torch.cat([target[..., 0], target[..., 1]], dim=1)  # (B, 2N)
+    w = torch.cat([weights, weights], dim=1)
+    normal = design.transpose(1, 2) @ (w.unsqueeze(-1) * design)
+    rhs = design.transpose(1, 2) @ (w * values).unsqueeze(-1)
+    eye = torch.eye(design.shape[-1], device=design.device, dtype=design.dtype)
+    return torch.linalg.solve(normal + regularization * eye, rhs + regularization * prior.unsqueeze(-1)).squeeze(-1)
+
+
 def fit_affine(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -372,15 +403,8 @@ def fit_affine(
             isotropic in pixels, hence ``aspect = W / H``) or ``"translation"``.
         regularization: a small pull towards the identity that keeps degenerate point sets solvable.
     """
-    if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 2:
-        raise ValueError(
-            "expected source and target of the same shape (B, N, 2), "
-            f"got {tuple(source.shape)} and {tuple(target.shape)}"
-        )
-    batch_size, num_points, _ = source.shape
-    if weights is None:
-        weights = source.new_ones(batch_size, num_points)
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    weights = _match_weights(source, target, weights)
+    batch_size = source.shape[0]
     if transform == "translation":
         shift = (weights.unsqueeze(-1) * (target - source)).sum(dim=1)  # (B, 2)
         theta = identity_theta(batch_size, source.device, source.dtype)
@@ -404,13 +428,7 @@ def fit_affine(
         prior = source.new_tensor([1.0, 0.0, 0.0, 0.0])
     else:
         raise ValueError(f"expected transform in ('affine', 'similarity', 'translation'), got {transform!r}")
-    design = torch.cat([rows_u, rows_v], dim=1)  # (B, 2N, K)
-    values = torch.cat([dst[..., 0], dst[..., 1]], dim=1)  # (B, 2N)
-    w = torch.cat([weights, weights], dim=1)
-    normal = design.transpose(1, 2) @ (w.unsqueeze(-1) * design)
-    rhs = design.transpose(1, 2) @ (w * values).unsqueeze(-1)
-    eye = torch.eye(design.shape[-1], device=design.device, dtype=design.dtype)
-    params = torch.linalg.solve(normal + regularization * eye, rhs + regularization * prior.unsqueeze(-1)).squeeze(-1)
+    params = _solve_weighted(rows_u, rows_v, dst, weights, prior, regularization)
     if transform == "affine":
         matrix = params.view(batch_size, 2, 3)
     else:
@@ -440,31 +458,18 @@ def fit_homography(
         weights: ``(B, N)`` non-negative weights (default: all ones).
         regularization: a small pull towards the identity that keeps degenerate point sets solvable.
     """
-    if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 2:
-        raise ValueError(
-            "expected source and target of the same shape (B, N, 2), "
-            f"got {tuple(source.shape)} and {tuple(target.shape)}"
-        )
+    weights = _match_weights(source, target, weights)
     batch_size, num_points, _ = source.shape
     if num_points < 4:
         raise ValueError(f"expected at least 4 points for a homography (8 unknowns), got {num_points}")
-    if weights is None:
-        weights = source.new_ones(batch_size, num_points)
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
     x, y = source[..., 0], source[..., 1]
     u, v = target[..., 0], target[..., 1]
     ones, zeros = torch.ones_like(x), torch.zeros_like(x)
     # Unknowns (h11, h12, h13, h21, h22, h23, h31, h32): u (h31 x + h32 y + 1) = h11 x + h12 y + h13, same for v.
     rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -x * u, -y * u], -1)
     rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -x * v, -y * v], -1)
-    design = torch.cat([rows_u, rows_v], dim=1)  # (B, 2N, 8)
-    values = torch.cat([u, v], dim=1)  # (B, 2N)
-    w = torch.cat([weights, weights], dim=1)
-    normal = design.transpose(1, 2) @ (w.unsqueeze(-1) * design)
-    rhs = design.transpose(1, 2) @ (w * values).unsqueeze(-1)
-    eye = torch.eye(8, device=design.device, dtype=design.dtype)
     prior = source.new_tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-    params = torch.linalg.solve(normal + regularization * eye, rhs + regularization * prior.unsqueeze(-1)).squeeze(-1)
+    params = _solve_weighted(rows_u, rows_v, target, weights, prior, regularization)
     return torch.cat([params, params.new_ones(batch_size, 1)], dim=1).view(batch_size, 3, 3)
 
 
