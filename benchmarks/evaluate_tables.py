@@ -17,11 +17,14 @@ from stn_diffusers.evaluation import markdown_table
 
 
 def merge_reports(paths: list[Path]) -> list[dict]:
-    """Reports grouped by setting (pairs, resolution, warp, photometric, seed), methods merged."""
+    """Reports grouped by setting (pairs, resolution, warp, photometric, local change, seed), methods merged."""
     merged: dict[tuple, dict] = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
-        key = (report["pairs"], report["resolution"], report["warp"], report["photometric"], report.get("seed", 0))
+        key = (
+            report["pairs"], report["resolution"], report["warp"], report["photometric"],
+            report.get("local_change", 0.0), report.get("seed", 0),
+        )  # fmt: skip
         target = merged.setdefault(key, {**report, "methods": {}, "skipped": {}})
         for name, summary in report["methods"].items():
             target["methods"].setdefault(name, summary)

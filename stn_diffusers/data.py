@@ -130,12 +130,16 @@ def crop_theta(
 @dataclass
 class Pair:
     """A misaligned pair: ``reference`` and ``moving`` ``(3, S, S)`` in ``[0, 1]``; ``theta`` ``(2, 3)``
-    aligns ``moving`` onto ``reference``; ``name`` is the source photo."""
+    aligns ``moving`` onto ``reference``; ``name`` is the source photo. ``changed`` ``(1, S, S)``, when
+    set, marks the pixels of ``moving`` replaced by other content (a local change, see
+    :func:`paste_local_change`); ``warp(changed[None], theta[None])`` is the same region in the
+    reference frame."""
 
     reference: torch.Tensor
     moving: torch.Tensor
     theta: torch.Tensor
     name: str = ""
+    changed: torch.Tensor | None = None
 
 
 def make_pair(
@@ -181,6 +185,46 @@ def photometric_jitter(image: torch.Tensor, generator: torch.Generator | None = 
         return to_rgb_tensor(jpeg)
 
 
+# Local changes draw from generators of their own, offset so that they never meet a pair's seed.
+LOCAL_CHANGE_SEED_OFFSET = SEED_STRIDE // 2
+# A pasted region's aspect ratio (width / height) is drawn from this range.
+LOCAL_CHANGE_ASPECT = (0.5, 2.0)
+
+
+def paste_local_change(
+    moving: torch.Tensor, donor: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a random rectangle covering ``fraction`` of ``moving`` ``(3, S, S)`` by content of
+    ``donor`` ``(3, H, W)`` (another photo): an object that moved, a pasted patch, an edit.
+
+    Returns ``(changed_moving, mask)`` with ``mask`` ``(1, S, S)`` set to 1 on the replaced pixels.
+    Deterministic for a given ``generator`` state.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"expected a local change fraction in (0, 1), got {fraction}")
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand(1, generator=generator).item()
+
+    height, width = moving.shape[-2:]
+    aspect = uniform(*LOCAL_CHANGE_ASPECT)
+    box_height = min(height, max(1, round((fraction * height * width / aspect) ** 0.5)))
+    box_width = min(width, max(1, round(fraction * height * width / box_height)))
+    top = int(uniform(0, height - box_height + 1 - 1e-9))
+    left = int(uniform(0, width - box_width + 1 - 1e-9))
+    # The donor's content at the patch size, from a random window of the donor.
+    donor = fit_shorter_side(donor, max(box_height, box_width), 2 * max(box_height, box_width, 1))
+    donor_top = int(uniform(0, donor.shape[-2] - box_height + 1 - 1e-9))
+    donor_left = int(uniform(0, donor.shape[-1] - box_width + 1 - 1e-9))
+    changed = moving.clone()
+    changed[:, top : top + box_height, left : left + box_width] = donor[
+        :, donor_top : donor_top + box_height, donor_left : donor_left + box_width
+    ]
+    mask = torch.zeros(1, height, width, dtype=moving.dtype)
+    mask[:, top : top + box_height, left : left + box_width] = 1
+    return changed, mask
+
+
 def seeded_pairs(
     sources: list[torch.Tensor],
     num_pairs: int,
@@ -189,14 +233,21 @@ def seeded_pairs(
     seed: int = 0,
     photometric: str = "none",
     names: list[str] | None = None,
+    local_change: float = 0.0,
 ) -> list[Pair]:
     """``num_pairs`` pairs cycling over ``sources`` ``(3, H, W)``; identical for the same arguments.
 
     Each pair has its own generator seeded from ``(seed, index)``, so pair ``i`` does not depend on
     how many pairs are drawn. ``photometric``: one of :data:`PHOTOMETRIC_MODES` (see :func:`photometric_jitter`).
+    ``local_change`` ``∈ [0, 1)``: the fraction of each moving image replaced by content of the next
+    source photo (:func:`paste_local_change`, marked in ``Pair.changed``); drawn from a generator of
+    its own, so the pairs are otherwise those drawn without it. With ``warp="none"`` these are
+    zero-motion pairs with a local change: the true answer is the identity.
     """
     if photometric not in PHOTOMETRIC_MODES:
         raise ValueError(f"expected photometric in {PHOTOMETRIC_MODES}, got {photometric!r}")
+    if not 0.0 <= local_change < 1.0:
+        raise ValueError(f"expected local_change in [0, 1), got {local_change}")
     if not sources:
         raise ValueError("expected at least one source image, got none")
     warp_range = geometry.get_warp_range(warp)
@@ -209,8 +260,15 @@ def seeded_pairs(
         reference, moving = make_pair(source, resolution, theta, generator)
         if photometric == "realistic":
             moving = photometric_jitter(moving, generator)
+        changed = None
+        if local_change > 0:
+            change_generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index + LOCAL_CHANGE_SEED_OFFSET)
+            donor = sources[(source_index + 1) % len(sources)]
+            if len(sources) == 1:
+                donor = donor.flip(-2)  # one photo only: its upside-down view is other content
+            moving, changed = paste_local_change(moving, donor, local_change, change_generator)
         name = names[source_index] if names is not None else f"image{source_index}"
-        pairs.append(Pair(reference=reference, moving=moving, theta=theta[0], name=name))
+        pairs.append(Pair(reference=reference, moving=moving, theta=theta[0], name=name, changed=changed))
     return pairs
 
 

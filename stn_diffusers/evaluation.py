@@ -325,6 +325,7 @@ def evaluate(
     seed: int = 0,
     warp: str = "standard",
     photometric: str = "none",
+    local_change: float = 0.0,
     methods: str | list[str] = DEFAULT_METHODS,
     kornia_budget: float | None = 600.0,
     single_thread: bool = True,
@@ -338,19 +339,21 @@ def evaluate(
         names: a name per source, for logs.
         num_pairs, resolution, seed, warp, photometric: the pairs (identical across methods and runs);
             ``num_pairs >= 1``, ``photometric`` one of :data:`~stn_diffusers.data.PHOTOMETRIC_MODES`.
+        local_change: the share of each moving image replaced by other content (an object that moved,
+            an edit); with ``warp="none"``, zero-motion pairs whose only change is local.
         methods: which methods to run (``DEFAULT_METHODS``).
         kornia_budget: seconds kornia may take over all pairs before it is reported as skipped.
         single_thread: one thread for OpenCV and torch, so timings compare like with like.
 
     Returns:
-        ``{"pairs", "resolution", "warp", "photometric", "seed", "methods": {name: summary},
+        ``{"pairs", "resolution", "warp", "photometric", "local_change", "seed", "methods": {name: summary},
         "skipped": {name: reason}}``; a summary is :meth:`MethodResult.summary`.
     """
     # Zero pairs would run every method for nothing and leave no errors to summarise.
     if int(num_pairs) < 1:
         raise ValueError(f"expected num_pairs >= 1, got {num_pairs}")
     methods = parse_methods(methods)
-    pairs = seeded_pairs(sources, num_pairs, resolution, warp, seed, photometric, names)
+    pairs = seeded_pairs(sources, num_pairs, resolution, warp, seed, photometric, names, local_change)
     threads = torch.get_num_threads()
     if single_thread:
         torch.set_num_threads(1)
@@ -397,10 +400,16 @@ def evaluate(
         "resolution": resolution,
         "warp": warp,
         "photometric": photometric,
+        "local_change": local_change,
         "seed": seed,
         "methods": results,
         "skipped": skipped,
     }
+
+
+def _local_change_note(report: dict) -> str:
+    share = report.get("local_change", 0.0)
+    return f", {share:.0%} of each moving image replaced by other content" if share else ""
 
 
 def markdown_table(report: dict) -> str:
@@ -419,7 +428,8 @@ def markdown_table(report: dict) -> str:
     ]
     lines = [
         f"{report['pairs']} pairs, {report['resolution']}×{report['resolution']}, warp `{report['warp']}`, "
-        f"photometric `{report['photometric']}`, seed {report.get('seed', 0)}. MACE in pixels.",
+        f"photometric `{report['photometric']}`{_local_change_note(report)}, seed {report.get('seed', 0)}. "
+        "MACE in pixels.",
         "",
         metrics.markdown_table(header, rows),
     ]

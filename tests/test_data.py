@@ -48,7 +48,31 @@ class TestPairs:
             difference = (a.moving - b.moving).abs().mean()
             assert 0.005 < difference < 0.2
 
+    def test_local_change_replaces_the_requested_share_and_nothing_else(self, sources):
+        plain = data.seeded_pairs(sources, 4, resolution=128, warp="none", seed=6)
+        edited = data.seeded_pairs(sources, 4, resolution=128, warp="none", seed=6, local_change=0.2)
+        for a, b in zip(plain, edited):
+            assert a.changed is None and b.changed.shape == (1, 128, 128)
+            assert torch.equal(a.theta, b.theta) and torch.equal(a.reference, b.reference)
+            assert torch.equal(a.theta, geometry.identity_theta(1)[0])  # zero motion
+            assert b.changed.mean().item() == pytest.approx(0.2, abs=0.02)
+            outside = b.changed.expand(3, -1, -1) == 0
+            assert torch.equal(a.moving[outside], b.moving[outside])
+            inside = ~outside
+            assert (a.moving[inside] - b.moving[inside]).abs().mean() > 0.05  # other content
+
+    def test_local_change_in_the_reference_frame_follows_theta(self, sources):
+        pair = data.seeded_pairs(sources, 1, resolution=128, warp="standard", seed=2, local_change=0.25)[0]
+        in_reference = geometry.warp(pair.changed[None], pair.theta[None], mode="nearest")[0]
+        aligned = geometry.warp(pair.moving[None], pair.theta[None], mode="nearest")[0]
+        # Where the changed region lands after alignment, the aligned image differs from the reference.
+        region = in_reference.bool().expand(3, -1, -1)
+        assert region.any()
+        assert (aligned - pair.reference)[region].abs().mean() > 0.05
+
     def test_bad_arguments(self, sources):
+        with pytest.raises(ValueError, match=re.escape("expected local_change in [0, 1), got 1.5")):
+            data.seeded_pairs(sources, 1, local_change=1.5)
         with pytest.raises(ValueError, match="photometric in"):
             data.seeded_pairs(sources, 1, photometric="film")
         with pytest.raises(ValueError, match=re.escape(f"photometric in {data.PHOTOMETRIC_MODES}, got 'film'")):

@@ -115,6 +115,16 @@ class TestPairsAndMethods:
         # Both time columns say what they include.
         assert f"| {metrics.TIME_PER_PAIR} | {metrics.TIME_PER_PAIR_WITH_ENCODE} |" in table
 
+    def test_zero_motion_pairs_with_local_changes_score_the_reported_motion(self, photo_tensor, coffee):
+        sources = [photo_tensor[0], torch.from_numpy(np.array(coffee)).permute(2, 0, 1).float() / 255]
+        report = evaluate(
+            {}, sources, num_pairs=4, resolution=128, warp="none", local_change=0.2, methods="identity,phase"
+        )
+        assert report["local_change"] == 0.2 and report["warp"] == "none"
+        # The truth is the identity: doing nothing is exact, any reported motion is the error.
+        assert report["methods"]["identity"]["mean"] == 0 and report["methods"]["identity"]["under_1px"] == 1
+        assert "20% of each moving image replaced" in markdown_table(report)
+
     def test_zero_pairs_is_a_value_error_before_any_work(self, photo_tensor, monkeypatch):
         def no_pairs(*args, **kwargs):
             raise AssertionError("pairs were drawn before num_pairs was checked")
