@@ -31,8 +31,11 @@ from .refine import OPENCV_INSTALL_HINT, import_cv2, refine_theta_ecc, to_gray
 logger = logging.getLogger(__name__)
 
 # The methods a learned pipeline runs: the STN alone, and followed by ECC from its θ.
-STN_METHODS = ("stn", "stn+ecc")
+# Methods that need an STN pipeline: the STN alone, the STN then ECC, and the latent floor of its VAE.
+STN_METHODS = ("stn", "stn+ecc", "latent-floor")
 DEFAULT_METHODS = ("identity", *STN_METHODS, "ecc", "sift", "orb", "phase", "kornia")
+# The latent floor: L-BFGS on the latent alignment error, started at the true θ (see latent_floor_theta).
+LATENT_FLOOR_ITERATIONS = 50
 DEFAULT_NUM_PAIRS = 24
 # kornia's gradient-descent registration runs a few seconds per 512×512 pair on a CPU: cap its
 # iterations per pyramid level so the benchmark finishes, and say so in the table.
@@ -276,16 +279,47 @@ def estimate_stn(pipe, reference: torch.Tensor, moving: torch.Tensor) -> StnEsti
     return StnEstimate(theta, latents, metrics.seconds_since(start), encode_seconds)
 
 
+def latent_floor_theta(
+    moving: torch.Tensor, reference: torch.Tensor, theta_true: torch.Tensor, iterations: int = LATENT_FLOOR_ITERATIONS
+) -> torch.Tensor:
+    """The best θ the latents themselves support, found from the truth: an oracle, not an estimator.
+
+    Minimises the mean squared difference between ``warp(moving, θ)`` and ``reference`` (latents
+    ``(1, C, h, w)``, over the cells the warp covers) with L-BFGS started at ``theta_true``
+    ``(1, 2, 3)`` or ``(1, 3, 3)``. Were latents of a warped image the warped latents, the answer
+    would be the truth; how far it drifts is the floor of any aligner that looks only at latents.
+    Returns θ of ``theta_true``'s shape, float32 on the CPU.
+    """
+    moving, reference = moving.detach().float().cpu(), reference.detach().float().cpu()
+    theta = theta_true.detach().double().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([theta], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        warped = geometry.warp(moving.double(), theta, padding_mode="zeros")
+        covered = geometry.valid_mask(theta.detach(), *moving.shape[-2:])  # (1, 1, h, w)
+        loss = (((warped - reference.double()) ** 2) * covered).sum() / covered.sum().clamp_min(1.0)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return theta.detach().float()
+
+
 @torch.no_grad()
 def evaluate_stn(
-    pipe, pairs: list[Pair], refine: bool = True, refine_kwargs: dict | None = None
-) -> tuple[MethodResult, MethodResult | None]:
-    """The STN alone and, with ``refine``, followed by ECC from its θ. Returns ``(stn, stn_ecc)``.
+    pipe, pairs: list[Pair], refine: bool = True, refine_kwargs: dict | None = None, floor: bool = False
+) -> dict[str, MethodResult]:
+    """The STN alone and, with ``refine``, followed by ECC from its θ; with ``floor``, the latent floor
+    of the pipeline's VAE (:func:`latent_floor_theta`) on the same encodes.
 
+    Returns ``{"stn": ..., "stn+ecc": ... (with refine), "latent-floor": ... (with floor)}``.
     ``seconds`` is estimation with the latents given; ``seconds_with_encode`` adds the VAE encode of both
     images (see :func:`estimate_stn`).
     """
     stn_result, ecc_result = MethodResult(), (MethodResult() if refine else None)
+    floor_result = MethodResult(note="oracle: started at the true θ") if floor else None
     for pair in pairs:
         estimate = estimate_stn(pipe, pair.reference, pair.moving)
         theta, seconds, encode_seconds = estimate.theta, estimate.seconds, estimate.encode_seconds
@@ -293,6 +327,11 @@ def evaluate_stn(
         stn_result.seconds_with_encode.append(seconds + encode_seconds)
         finite = bool(torch.isfinite(theta).all())
         _score(stn_result, theta if finite else None, pair)
+        if floor_result is not None:
+            start = time.perf_counter()
+            best = latent_floor_theta(estimate.latents[:1], estimate.latents[1:], pair.theta[None])
+            floor_result.seconds.append(time.perf_counter() - start)
+            floor_result.errors.append(pair_error(best, pair))
         if ecc_result is None:
             continue
         start = time.perf_counter()
@@ -303,7 +342,12 @@ def evaluate_stn(
         if not bool(refined.converged[0]):
             ecc_result.failures += 1  # scored with the STN's θ, which the refinement kept
         ecc_result.errors.append(pair_error(refined.theta if finite else geometry.identity_theta(1), pair))
-    return stn_result, ecc_result
+    results = {"stn": stn_result}
+    if ecc_result is not None:
+        results["stn+ecc"] = ecc_result
+    if floor_result is not None:
+        results["latent-floor"] = floor_result
+    return results
 
 
 def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -364,21 +408,23 @@ def evaluate(
     try:
         for method in methods:
             if method in STN_METHODS:
-                if method == "stn+ecc" and "stn" in methods:
-                    continue  # measured together with "stn"
+                if method != next(m for m in methods if m in STN_METHODS):
+                    continue  # measured together with the first of them, on the same encodes
                 refine = "stn+ecc" in methods
                 reason = method_unavailable("stn+ecc") if refine else None
                 if reason:
                     skipped["stn+ecc"] = reason
                     refine = False
                 for name, pipe in pipelines.items():
-                    stn_result, ecc_result = evaluate_stn(pipe, pairs, refine=refine)
-                    if "stn" in methods:
-                        results[name] = stn_result.summary()
-                    if ecc_result is not None:
-                        results[f"{name}+ecc"] = ecc_result.summary()
+                    measured = evaluate_stn(pipe, pairs, refine=refine, floor="latent-floor" in methods)
+                    labels = {"stn": name, "stn+ecc": f"{name}+ecc", "latent-floor": f"{name} latent floor"}
+                    for key, result in measured.items():
+                        if key in methods:
+                            results[labels[key]] = result.summary()
                 if not pipelines:
-                    skipped[method] = "no --pipeline given"
+                    for key in STN_METHODS:
+                        if key in methods:
+                            skipped[key] = "no --pipeline given"
                 continue
             reason = method_unavailable(method)
             if reason:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stn_diffusers import evaluation, geometry, metrics
 from stn_diffusers.cli import build_parser, main
@@ -19,6 +20,7 @@ from stn_diffusers.evaluation import (
     estimate_features,
     estimate_phase,
     evaluate,
+    latent_floor_theta,
     markdown_table,
     method_unavailable,
     pair_error,
@@ -92,7 +94,7 @@ class TestPairsAndMethods:
             {"tiny": registration_pipeline}, [photo_tensor[0]], num_pairs=2, resolution=SIZE, warp="small",
             methods=DEFAULT_METHODS, kornia_budget=120,
         )  # fmt: skip
-        expected = {"identity", "tiny", "tiny+ecc", "ecc", "sift", "orb", "phase", "kornia"}
+        expected = {"identity", "tiny", "tiny+ecc", "tiny latent floor", "ecc", "sift", "orb", "phase", "kornia"}
         for method in DEFAULT_METHODS:
             reason = method_unavailable(method)
             if reason:  # only an absent optional dependency may skip a method, with the reason shown
@@ -124,6 +126,30 @@ class TestPairsAndMethods:
         # The truth is the identity: doing nothing is exact, any reported motion is the error.
         assert report["methods"]["identity"]["mean"] == 0 and report["methods"]["identity"]["under_1px"] == 1
         assert "20% of each moving image replaced" in markdown_table(report)
+
+    def test_latent_floor_stays_at_the_truth_when_latents_warp_exactly(self):
+        generator = torch.Generator().manual_seed(0)
+        # Smooth random "latents": a warped copy is exactly what the floor's model assumes.
+        reference = F.interpolate(torch.randn(1, 4, 8, 8, generator=generator), size=(64, 64), mode="bicubic")
+        theta = geometry.random_theta(1, "standard", 512, 512, generator)
+        moving = geometry.warp(reference, geometry.invert_theta(theta), padding_mode="border")
+        best = latent_floor_theta(moving, reference, theta)
+        assert geometry.corner_error(best, theta, 512, 512).item() < 0.5
+        # Started off the truth, it pulls back towards it: the objective's minimum is near the truth.
+        nudged = theta.clone()
+        nudged[:, :, 2] += 0.02  # 5 px at 512
+        back = latent_floor_theta(moving, reference, nudged)
+        assert geometry.corner_error(back, theta, 512, 512) < geometry.corner_error(nudged, theta, 512, 512) / 4
+
+    def test_latent_floor_is_reported_beside_the_stn(self, registration_pipeline, photo_tensor):
+        report = evaluate(
+            {"tiny": registration_pipeline}, [photo_tensor[0]], num_pairs=2, resolution=SIZE, warp="small",
+            methods="identity,latent-floor",
+        )  # fmt: skip
+        assert set(report["methods"]) == {"identity", "tiny latent floor"}
+        floor = report["methods"]["tiny latent floor"]
+        assert floor["mean"] < report["methods"]["identity"]["mean"]
+        assert "oracle" in floor["note"]
 
     def test_zero_pairs_is_a_value_error_before_any_work(self, photo_tensor, monkeypatch):
         def no_pairs(*args, **kwargs):
