@@ -7,11 +7,16 @@ precise one. OpenCV is an optional extra (``pip install "stn-diffusers[opencv]"`
 Convention:
     θ as in :mod:`stn_diffusers.geometry`. Its pixel matrix ``P`` (pixel centres at integers) maps a
     reference pixel ``x`` to the moving-image position ``P x`` it shows, which is exactly the warp
-    ``W`` that ``cv2.findTransformECC(template=reference, input=moving, W)`` estimates
-    (``reference(x) ≈ moving(W x)``). Swapping the two images would estimate ``W⁻¹``.
+    ``W`` that ``cv2.findTransformECC(template=R, input=M, W)`` estimates: ``R(x) ≈ M(W x)``, with
+    ``R`` the reference and ``M`` the moving image. Swapping the two images would estimate ``W⁻¹``.
+    ``motion="affine"`` (``cv2.MOTION_AFFINE``) works on the 2×3 ``P[:2]`` and returns θ ``(B, 2, 3)``;
+    ``motion="homography"`` (``cv2.MOTION_HOMOGRAPHY``) on the 3×3 ``P``, with the projective
+    division ``W x = π(P [x, 1])``, and returns θ ``(B, 3, 3)``.
     θ is normalised, so the pyramid only changes the pixel matrix: each level converts θ with its
-    own size, and the moving image may have any size (it is resized to the reference's size; the
-    normalised θ does not change).
+    own size. Between a level and the next coarser one (``s`` = 1/2) that is ``P' = S P S⁻¹`` with
+    ``S = [[s, 0, (s-1)/2], [0, s, (s-1)/2], [0, 0, 1]]``: ``diag(s, s, 1)`` plus the half-pixel shift
+    of pixel centres (and the exact per-axis ratio for odd sizes). The moving image may have any
+    size (it is resized to the reference's size; the normalised θ does not change).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from . import geometry
 
 OPENCV_INSTALL_HINT = 'pip install "stn-diffusers[opencv]"'
 REFINE_METHODS = ("ecc",)
+# ECC's motion models, named after the θ shape each returns (geometry.MATRIX_TRANSFORMS):
+# "affine" (6 dof, (B, 2, 3)) and "homography" (8 dof, (B, 3, 3)).
+ECC_MOTIONS = ("affine", "homography")
 
 # ECC's Gaussian pre-filter (pixels) on the coarse levels: widens the basin of convergence. The
 # finest level runs unfiltered: blurring both images biases a scaled or sheared fit by 0.1–0.2 px.
@@ -51,7 +59,8 @@ class RefinementResult:
     """Result of :func:`refine_theta_ecc`.
 
     Args:
-        theta (`torch.Tensor` of shape `(B, 2, 3)`): the refined θ where ``converged``, else the initial θ.
+        theta (`torch.Tensor` of shape `(B, 2, 3)`, or `(B, 3, 3)` for ``motion="homography"``): the
+            refined θ where ``converged``, else the initial θ (in that shape).
         converged (`torch.Tensor` of shape `(B,)`, bool): True where ECC converged to an accepted result.
         correlation (`torch.Tensor` of shape `(B,)`): ECC's correlation coefficient of the returned θ
             at full resolution (1 = perfect up to brightness and contrast); NaN where it could not be computed.
@@ -96,38 +105,62 @@ def _pyramid(gray: np.ndarray, levels: int) -> list[np.ndarray]:
     return images
 
 
+def _pixel_matrix(theta: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """The float32 pixel matrix OpenCV takes for ``theta`` at ``height × width``: 2×3 for an affine
+    θ ``(1, 2, 3)``, 3×3 for a homography ``(1, 3, 3)``."""
+    matrix = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0]  # (3, 3)
+    rows = 3 if geometry.is_homography(theta) else 2
+    return np.ascontiguousarray(matrix[:rows].numpy(), dtype=np.float32)
+
+
+def _warp_inverse_map(image: np.ndarray, matrix: np.ndarray, interpolation: int) -> np.ndarray:
+    """``output(p) = image(matrix p)`` at the image's size: ``cv2.warpAffine`` for a 2×3 pixel
+    matrix, ``cv2.warpPerspective`` for a 3×3 one (both with ``WARP_INVERSE_MAP``)."""
+    cv2 = import_cv2()
+    height, width = image.shape[:2]
+    warp = cv2.warpPerspective if matrix.shape[0] == 3 else cv2.warpAffine
+    return warp(image, matrix, (width, height), flags=interpolation | cv2.WARP_INVERSE_MAP)
+
+
 def correlation(reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor) -> float:
-    """ECC's correlation coefficient between ``reference`` and ``moving`` warped by ``theta`` ``(1, 2, 3)``,
-    over the pixels the warped moving image covers. Gray float32 images of one size."""
+    """ECC's correlation coefficient between ``reference`` and ``moving`` warped by ``theta`` ``(1, 2, 3)``
+    or ``(1, 3, 3)``, over the pixels the warped moving image covers. Gray float32 images of one size."""
     cv2 = import_cv2()
     height, width = reference.shape
-    matrix = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0, :2].numpy().astype(np.float32)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpAffine(moving, matrix, (width, height), flags=flags)
-    ones = np.ones_like(moving, dtype=np.uint8)
-    mask = cv2.warpAffine(ones, matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    matrix = _pixel_matrix(theta, height, width)
+    warped = _warp_inverse_map(moving, matrix, cv2.INTER_LINEAR)
+    mask = _warp_inverse_map(np.ones_like(moving, dtype=np.uint8), matrix, cv2.INTER_NEAREST)
     if mask.sum() < 16:
         return float("nan")
     return float(cv2.computeECC(reference, warped, mask))
 
 
 def _ecc_one(
-    reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor, levels: int, iterations: int, epsilon: float
+    reference: np.ndarray,
+    moving: np.ndarray,
+    theta: torch.Tensor,
+    levels: int,
+    iterations: int,
+    epsilon: float,
+    motion: str,
 ) -> torch.Tensor:
-    """Coarse-to-fine ECC from ``theta`` ``(1, 2, 3)``; raises ``cv2.error`` where OpenCV gives up."""
+    """Coarse-to-fine ECC from ``theta``, ``(1, 2, 3)`` for ``motion="affine"`` and ``(1, 3, 3)`` for
+    ``"homography"``, returned in the same shape; raises ``cv2.error`` where OpenCV gives up."""
     cv2 = import_cv2()
+    motion_type = {"affine": cv2.MOTION_AFFINE, "homography": cv2.MOTION_HOMOGRAPHY}[motion]
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, epsilon)
     theta = theta.double()
     ref_pyramid, mov_pyramid = _pyramid(reference, levels)[::-1], _pyramid(moving, levels)[::-1]
     for index, (ref_level, mov_level) in enumerate(zip(ref_pyramid, mov_pyramid)):
         height, width = ref_level.shape
         gaussian_size = 1 if index == len(ref_pyramid) - 1 else ECC_GAUSSIAN_SIZE
-        # θ is normalised: the same θ has this level's own pixel matrix.
-        warp_matrix = geometry.theta_to_pixel_matrix(theta, height, width)[0, :2].numpy().astype(np.float32)
+        # θ is normalised: the same θ has this level's own pixel matrix (S P S⁻¹ of the finer one).
+        warp_matrix = _pixel_matrix(theta, height, width)  # (2, 3) or (3, 3)
         _, warp_matrix = cv2.findTransformECC(
-            ref_level, mov_level, warp_matrix, cv2.MOTION_AFFINE, criteria, None, gaussian_size
+            ref_level, mov_level, warp_matrix, motion_type, criteria, None, gaussian_size
         )
-        theta = geometry.pixel_matrix_to_theta(torch.from_numpy(warp_matrix).double()[None], height, width)
+        matrix = torch.from_numpy(warp_matrix).double()[None]
+        theta = geometry.pixel_matrix_to_theta(matrix, height, width, transform=motion)
     return theta.float()
 
 
@@ -141,26 +174,35 @@ def refine_theta_ecc(
     epsilon: float = 1e-5,
     max_side: int | None = 1024,
     max_correction: float | None = None,
+    motion: str = "affine",
 ) -> RefinementResult:
-    r"""Refine θ with OpenCV's ECC (``MOTION_AFFINE``), coarse to fine, and keep it only when it helps.
+    r"""Refine θ with OpenCV's ECC, coarse to fine, and keep it only when it helps.
 
     Args:
         reference: ``(B, 3, H, W)`` / ``(3, H, W)`` tensors in ``[0, 1]`` (or a list of them, or
             ``(H, W, 3)`` arrays): the image(s) the moving ones are aligned onto.
         moving: the moving image(s), same count; any size (resized to the reference's, see the module docs).
-        theta (`torch.Tensor` of shape `(B, 2, 3)`): the initial estimate; identity when ``None``.
+        theta (`torch.Tensor` of shape `(B, 2, 3)`, or `(B, 3, 3)` for ``motion="homography"``): the
+            initial estimate; identity when ``None``. An affine θ starts a homography refinement as
+            the homography with last row ``[0, 0, 1]``.
         levels: pyramid levels (1 = full resolution only); each halves the size.
         iterations, epsilon: ECC's stopping criteria per level.
         max_side: pixels; larger images are downscaled to this longer side first (θ is normalised,
             so the result still applies at full resolution). ``None`` keeps the full size.
-        max_correction: pixels at the working size; a result whose corners moved further than
-            this from ``theta`` is rejected as a divergence. Default: a quarter of the longer side.
+        max_correction: pixels at the working size; a result whose corners moved further than this
+            from ``theta`` (mean over the four image corners) is rejected as a divergence. Default: a
+            quarter of the longer side.
+        motion: one of :data:`ECC_MOTIONS`: ``"affine"`` (``cv2.MOTION_AFFINE``, θ ``(B, 2, 3)``) or
+            ``"homography"`` (``cv2.MOTION_HOMOGRAPHY``, θ ``(B, 3, 3)``).
 
     Returns:
-        :class:`RefinementResult`. Where ECC raises (``cv2.error``), returns a non-finite matrix,
-        moves implausibly far, or lowers the correlation below the initial θ's, the initial θ is kept
-        and ``converged`` is False: a batch never stops on one bad image.
+        :class:`RefinementResult`, θ ``(B, 2, 3)`` for ``"affine"`` and ``(B, 3, 3)`` for ``"homography"``.
+        Where ECC raises (``cv2.error``), returns a non-finite matrix, moves implausibly far, or lowers
+        the correlation below the initial θ's, the initial θ is kept and ``converged`` is False: a
+        batch never stops on one bad image.
     """
+    if motion not in ECC_MOTIONS:
+        raise ValueError(f"expected motion in {ECC_MOTIONS}, got {motion!r}")
     cv2 = import_cv2()
     references = _as_list(reference, "reference")
     movings = _as_list(moving, "moving")
@@ -169,12 +211,18 @@ def refine_theta_ecc(
     batch = len(references)
     if theta is None:
         theta = geometry.identity_theta(batch)
-    if not isinstance(theta, torch.Tensor) or tuple(theta.shape) != (batch, 2, 3):
+    shapes = [(batch, 2, 3)] + ([(batch, 3, 3)] if motion == "homography" else [])
+    if not isinstance(theta, torch.Tensor) or tuple(theta.shape) not in shapes:
         shape = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
-        raise ValueError(f"expected theta of shape ({batch}, 2, 3), got {shape}")
+        expected = " or ".join(str(s) for s in shapes)
+        homography_given = isinstance(theta, torch.Tensor) and shape == (batch, 3, 3)
+        hint = "; pass motion='homography' to refine a homography" if homography_given else ""
+        raise ValueError(f"expected theta of shape {expected} for motion={motion!r}, got {shape}{hint}")
     if int(levels) < 1:
         raise ValueError(f"expected levels >= 1, got {levels}")
     theta = theta.detach().float().cpu()
+    if motion == "homography":
+        theta = geometry.to_homogeneous(theta)  # (B, 3, 3): a failed image keeps its θ in this shape
 
     refined, converged, scores = [], [], []
     for ref_image, mov_image, init in zip(references, movings, theta.split(1)):
@@ -186,7 +234,7 @@ def refine_theta_ecc(
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
         initial_score = correlation(ref_gray, mov_gray, init)
         try:
-            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon)
+            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion)
         except cv2.error:
             candidate = None
         accepted = False

@@ -11,7 +11,7 @@ import torch
 
 from stn_diffusers import geometry
 from stn_diffusers.data import seeded_pairs
-from stn_diffusers.refine import refine_theta_ecc
+from stn_diffusers.refine import ECC_MOTIONS, _pixel_matrix, correlation, refine_theta_ecc, to_gray
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV is the optional [opencv] extra")
 
@@ -95,13 +95,123 @@ class TestRefineThetaEcc:
         assert geometry.corner_error(result.theta[:1], pairs[0].theta[None], 256, 256).item() < 0.5
 
     def test_bad_theta_shape_is_a_value_error(self, photo_tensor):
-        with pytest.raises(ValueError, match=r"\(1, 2, 3\)"):
+        message = r"\(1, 2, 3\) for motion='affine', got \(1, 3, 3\); pass motion='homography'"
+        with pytest.raises(ValueError, match=message):
             refine_theta_ecc(photo_tensor[0], photo_tensor[0], torch.eye(3)[None])
 
     def test_missing_opencv_names_the_extra(self, photo_tensor, monkeypatch):
         monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
         with pytest.raises(ImportError, match=r"stn-diffusers\[opencv\]"):
             refine_theta_ecc(photo_tensor[0], photo_tensor[0])
+
+
+def _coffee_pair(coffee, theta: torch.Tensor, size=(200, 300)):
+    """``(reference, moving)`` ``(3, 200, 300)`` from the non-square coffee photo, ``moving`` made with
+    ``warp(·, invert_theta(theta))``: both views sample the whole photo (a 0.8 zoom), so the moving
+    view's border shows real content rather than padding."""
+    photo = torch.from_numpy(np.array(coffee)).permute(2, 0, 1).float().div(255)[None]
+    zoom = torch.tensor([[[0.8, 0.0, 0.0], [0.0, 0.8, 0.0]]])
+    reference = geometry.warp(photo, zoom, size=size)[0]
+    moving = geometry.warp(photo, geometry.compose_theta(zoom, geometry.invert_theta(theta)), size=size)[0]
+    return reference, moving
+
+
+class TestEccHomography:
+    def test_find_transform_ecc_homography_returns_the_forward_map(self, photo_tensor):
+        # M = warpPerspective(R, H) (no inverse flag) shows R moved by H: ECC(template=R, input=M) returns H.
+        reference = cv2.resize(photo_tensor[0].mean(0).numpy(), (256, 256), interpolation=cv2.INTER_AREA)
+        forward = np.float32([[1.02, 0.01, 3.0], [-0.01, 0.99, -2.0], [4e-5, -3e-5, 1.0]])
+        moving = cv2.warpPerspective(
+            reference, forward, (256, 256), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 200, 1e-7)
+        start = np.eye(3, dtype=np.float32)
+        _, found = cv2.findTransformECC(reference, moving, start, cv2.MOTION_HOMOGRAPHY, criteria, None, 1)
+        corners = np.float32([[0, 0], [255, 0], [255, 255], [0, 255]])[None]
+        np.testing.assert_allclose(
+            cv2.perspectiveTransform(corners, found), cv2.perspectiveTransform(corners, forward), atol=0.1
+        )
+
+    def test_pyramid_level_pixel_matrix_is_s_h_s_inverse(self):
+        # Each level's matrix comes from the one normalised θ; between levels that is P' = S P S⁻¹,
+        # where S maps a pixel centre x to the half-size level's x' = s x + (s - 1) / 2.
+        theta = geometry.random_theta(1, "projective", 256, 192, torch.Generator().manual_seed(0))
+        fine, coarse = _pixel_matrix(theta, 256, 192), _pixel_matrix(theta, 128, 96)
+        assert fine.shape == coarse.shape == (3, 3)
+        s = 0.5
+        scale = np.array([[s, 0, (s - 1) / 2], [0, s, (s - 1) / 2], [0, 0, 1]])
+        expected = scale @ fine @ np.linalg.inv(scale)
+        np.testing.assert_allclose(coarse / coarse[2, 2], expected / expected[2, 2], rtol=1e-5, atol=1e-5)
+        naive = np.diag([s, s, 1.0])  # ignores where pixel centres lie: off by a fraction of a pixel
+        plain = naive @ fine @ np.linalg.inv(naive)
+        assert np.abs(coarse / coarse[2, 2] - plain / plain[2, 2]).max() > 1e-3
+
+    def test_correlation_warps_a_homography_with_warp_perspective(self, photo_tensor):
+        pair = _pairs(photo_tensor, warp="projective", num_pairs=1)[0]
+        reference, moving = to_gray(pair.reference), to_gray(pair.moving)
+        truth = pair.theta[None]  # (1, 3, 3)
+        affine_part = (truth / truth[:, 2:, 2:])[:, :2]
+        assert correlation(reference, moving, truth) > 0.99 > correlation(reference, moving, affine_part)
+        # The affine path (warpAffine) and the projective one (warpPerspective) agree on an affine θ.
+        assert correlation(reference, moving, geometry.to_homogeneous(affine_part)) == pytest.approx(
+            correlation(reference, moving, affine_part), abs=1e-4
+        )
+
+    def test_homography_motion_recovers_a_projective_warp_the_affine_motion_cannot(self, photo_tensor):
+        for pair in _pairs(photo_tensor, warp="projective"):
+            truth = pair.theta[None]
+            assert truth.shape == (1, 3, 3)
+            start = geometry.corner_error(geometry.identity_theta(1), truth, 256, 256).item()
+            homography = refine_theta_ecc(pair.reference, pair.moving, motion="homography")
+            affine = refine_theta_ecc(pair.reference, pair.moving, motion="affine")
+            assert homography.theta.shape == (1, 3, 3) and affine.theta.shape == (1, 2, 3)
+            assert bool(homography.converged[0])
+            error = geometry.corner_error(homography.theta, truth, 256, 256).item()
+            affine_error = geometry.corner_error(affine.theta, truth, 256, 256).item()
+            assert start > 20.0 and error < 0.5, f"{start:.1f} px → {error:.2f} px"
+            assert affine_error > 2.0, f"the affine motion reached {affine_error:.2f} px"
+
+    def test_slightly_off_homography_on_a_non_square_photo_ends_under_half_a_pixel(self, coffee):
+        height, width = 200, 300
+        truth = geometry.random_theta(1, "projective", height, width, torch.Generator().manual_seed(3))
+        reference, moving = _coffee_pair(coffee, truth, (height, width))
+        start = truth.clone()
+        start[:, :2, 2] += torch.tensor([0.05, -0.04])  # 7.5 px and 4 px off
+        start[:, 2, :2] *= 0.5  # half the perspective
+        before = geometry.corner_error(start, truth, height, width).item()
+        result = refine_theta_ecc(reference, moving, start, motion="homography")
+        after = geometry.corner_error(result.theta, truth, height, width).item()
+        assert before > 5.0 and bool(result.converged[0])
+        assert after < 0.5, f"{before:.1f} px → {after:.2f} px"
+
+    def test_affine_start_is_promoted_and_a_batch_returns_homographies(self, photo_tensor):
+        pairs = _pairs(photo_tensor, warp="projective", num_pairs=2)
+        truth = torch.stack([p.theta for p in pairs])  # (2, 3, 3)
+        affine_part = (truth / truth[:, 2:, 2:])[:, :2]  # (2, 2, 3): a coarse estimate without perspective
+        references = torch.stack([p.reference for p in pairs])
+        movings = torch.stack([p.moving for p in pairs])
+        result = refine_theta_ecc(references, movings, affine_part, motion="homography")
+        assert result.theta.shape == (2, 3, 3) and result.converged.tolist() == [True, True]
+        assert geometry.corner_error(result.theta, truth, 256, 256).max().item() < 0.5
+
+    def test_failure_keeps_the_initial_theta_as_a_homography(self, photo_tensor):
+        pair = _pairs(photo_tensor, warp="projective", num_pairs=1)[0]
+        blank = torch.full_like(pair.moving, 0.5)  # no texture: ECC cannot converge
+        initial = torch.tensor([[[1.0, 0.02, 0.05], [-0.01, 0.98, 0.03]]])
+        result = refine_theta_ecc(pair.reference, blank, initial, motion="homography")
+        assert not bool(result.converged[0])
+        torch.testing.assert_close(result.theta, geometry.to_homogeneous(initial))
+
+    def test_a_correction_beyond_max_correction_is_rejected(self, photo_tensor):
+        pair = _pairs(photo_tensor, warp="projective", num_pairs=1)[0]
+        result = refine_theta_ecc(pair.reference, pair.moving, motion="homography", max_correction=5.0)
+        assert not bool(result.converged[0])  # the truth is > 20 px of corner motion from the identity
+        torch.testing.assert_close(result.theta, torch.eye(3)[None])
+
+    def test_unknown_motion_names_the_choices(self, photo_tensor):
+        assert ECC_MOTIONS == ("affine", "homography")
+        with pytest.raises(ValueError, match=r"expected motion in \('affine', 'homography'\), got 'projective'"):
+            refine_theta_ecc(photo_tensor[0], photo_tensor[0], motion="projective")
 
 
 class TestPipelineRefine:

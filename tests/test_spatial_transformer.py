@@ -108,6 +108,123 @@ class TestRegistrationDesign:
         assert error < identity_error
 
 
+# A correlation STN that fits homographies, small enough for tests that run in seconds.
+TINY_HOMOGRAPHY = {**TINY_REGISTRATION, "transform": "homography"}
+# Added before the ReLUs and removed by the projections of `pass_through_features`: keeps the
+# (GroupNorm-centred) latents positive through every ReLU, so no sign is lost.
+RELU_OFFSET = 5.0
+
+
+def pass_through_features(model: SpatialTransformer) -> None:
+    """Hand-set the correlation pyramid so its features are the latents themselves, box-filtered at
+    each stride (anti-aliased) and centred by GroupNorm: what is left to test is the fit and the cascade."""
+    pyramid, channels = model.localization, model.config.in_channels
+    eye = torch.eye(channels)
+    with torch.no_grad():
+        for parameter in pyramid.parameters():
+            parameter.zero_()
+        pyramid.stem[0].weight[:channels, :channels, 1, 1] = eye
+        pyramid.stem[0].bias[:channels] = RELU_OFFSET
+        for block in pyramid.blocks:
+            block[0].weight[:channels, :channels] = eye[:, :, None, None] / 9  # 3×3 box, stride 2
+            block[3].weight[:channels, :channels, 1, 1] = eye
+            for norm in (block[1], block[4]):
+                norm.weight.fill_(1.0)
+                norm.bias.fill_(RELU_OFFSET)
+        for projection in pyramid.projections:
+            projection.weight[:channels, :channels, 0, 0] = eye
+            projection.bias[:channels] = -RELU_OFFSET
+        model.residual_gate.fill_(1.0)
+
+
+class TestHomographyDesign:
+    @pytest.mark.parametrize("size", [(16, 16), (16, 24), (64, 64), (48, 80), (96, 64)])
+    def test_theta_is_a_normalised_3x3_at_any_size(self, size):
+        model = SpatialTransformer(**{**TINY_HOMOGRAPHY, "num_iterations": 3})
+        with torch.no_grad():
+            model.residual_gate.fill_(0.5)  # open: the fitted homographies reach the output
+        sample, reference = latents(2, 4, *size), latents(2, 4, *size, seed=1)
+        out = model(sample, reference)
+        assert out.sample.shape == sample.shape and out.theta.shape == (2, 3, 3)
+        assert torch.isfinite(out.theta).all()
+        torch.testing.assert_close(out.theta[:, 2, 2], torch.ones(2))
+        thetas = model.predict_theta(sample, reference, return_intermediate=True)
+        assert [tuple(theta.shape) for theta in thetas] == [(2, 3, 3)] * 3
+        assert thetas[-1][:, 2, :2].abs().max() > 0  # a projective part, not an affine θ in 3×3 form
+
+    @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+    def test_is_exactly_the_identity_at_initialisation(self, size):
+        model = SpatialTransformer(**{**TINY_HOMOGRAPHY, "num_iterations": 3})
+        sample, reference = latents(2, 4, *size), latents(2, 4, *size, seed=1)
+        out = model(sample, reference)
+        torch.testing.assert_close(out.theta, torch.eye(3).expand(2, 3, 3), rtol=0, atol=0)
+        torch.testing.assert_close(out.sample, sample, rtol=0, atol=1e-4)  # grid_sample's float32 rounding
+
+    def test_other_transforms_keep_the_affine_shape(self):
+        for transform in ("affine", "similarity", "translation"):
+            model = SpatialTransformer(**{**TINY_REGISTRATION, "transform": transform})
+            assert model(latents(1, 4, 48, 80), latents(1, 4, 48, 80, seed=1)).theta.shape == (1, 2, 3)
+
+    def test_gates_get_a_gradient_at_initialisation(self):
+        # Zero gates make the output the identity, but training must still be able to open them.
+        model = SpatialTransformer(**{**TINY_HOMOGRAPHY, "num_iterations": 3})
+        target = geometry.random_theta(2, "projective", 384, 640, torch.Generator().manual_seed(0))
+        theta = model.predict_theta(latents(2, 4, 48, 80), latents(2, 4, 48, 80, seed=1))
+        geometry.corner_error(theta, target, 384, 640).mean().backward()
+        assert (model.residual_gate.grad != 0).all()
+
+    def test_gradient_reaches_every_trainable_parameter(self):
+        torch.manual_seed(0)
+        model = SpatialTransformer(**{**TINY_HOMOGRAPHY, "num_iterations": 3})
+        with torch.no_grad():
+            # Off the initialisation: the zero last layer of each confidence head blocks the layer before it.
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.01)
+            model.residual_gate.fill_(0.5)
+        target = geometry.random_theta(2, "projective", 512, 512, torch.Generator().manual_seed(0))
+        theta = model.predict_theta(latents(2, 4, 64, 64), latents(2, 4, 64, 64, seed=1))
+        geometry.corner_error(theta, target, 512, 512).mean().backward()
+        # The match weights are normalised, so a constant log-confidence (the last bias) cancels: its
+        # gradient is zero up to rounding, by design.
+        cancelling = {f"confidence.{level}.2.bias" for level in range(len(model.config.iteration_strides))}
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            if name not in cancelling:
+                assert parameter.grad.abs().sum() > 0, name
+
+    @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+    def test_recovers_a_perspective_warp_that_an_affine_fit_cannot(self, size):
+        # The same hand-set weights fitted both ways: only the homography fit can follow a perspective warp.
+        height, width = size
+        config = {
+            **TINY_HOMOGRAPHY, "in_channels": 8, "feature_channels": (16, 16, 16, 16), "feature_dim": 16,
+            "iteration_strides": (4, 2), "search_radius": (3, 2), "num_iterations": 4,
+        }  # fmt: skip
+        homography = SpatialTransformer(**config)
+        pass_through_features(homography)
+        with torch.no_grad():
+            homography.log_match_scale.fill_(3.0)
+        affine = SpatialTransformer(**{**config, "transform": "affine"})
+        affine.load_state_dict(homography.state_dict())
+        smooth = torch.nn.functional.avg_pool2d(latents(1, 8, height + 8, width + 8), 5, 1, 2)
+        reference = smooth[:, :, 4 : height + 4, 4 : width + 4]
+        truth = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.1, -0.08, 1.0]]])  # corners move 3-7 cells
+        moving = geometry.warp(reference, geometry.invert_theta(truth), padding_mode="border")
+        with torch.no_grad():
+            estimate = homography.predict_theta(moving, reference)
+            affine_estimate = affine.predict_theta(moving, reference)
+        error = geometry.corner_error(estimate, truth, height, width).item()
+        affine_error = geometry.corner_error(affine_estimate, truth, height, width).item()
+        identity_error = geometry.corner_error(geometry.identity_theta(1), truth, height, width).item()
+        assert error < 0.4 * identity_error, f"{identity_error:.2f} → {error:.2f} latent cells"
+        assert affine_error > 2 * error, f"homography {error:.2f}, affine {affine_error:.2f} latent cells"
+
+    def test_seed_design_refuses_homographies(self):
+        with pytest.raises(ValueError, match=r"transform in \('affine', 'similarity', 'translation'\) for "
+                           r"architecture='seed', got 'homography'; architecture='correlation'"):
+            SpatialTransformer(transform="homography")
+
+
 class TestLocalizers:
     def test_architecture_chooses_the_localizer_and_its_size_limits(self):
         seed, registration = SpatialTransformer(), SpatialTransformer(**TINY_REGISTRATION)
@@ -181,7 +298,7 @@ class TestValidation:
 
 
 class TestSaveLoad:
-    @pytest.mark.parametrize("config", [{}, TINY_REGISTRATION])
+    @pytest.mark.parametrize("config", [{}, TINY_REGISTRATION, TINY_HOMOGRAPHY])
     def test_round_trip(self, tmp_path, config):
         torch.manual_seed(0)
         model = SpatialTransformer(**config)
@@ -194,4 +311,7 @@ class TestSaveLoad:
         assert {k: v for k, v in json.loads(loaded.to_json_string()).items() if k != "_name_or_path"} == saved
         sample = latents(2, 4, 64, 64)
         reference = latents(2, 4, 64, 64, seed=1) if config else None
-        torch.testing.assert_close(loaded.predict_theta(sample, reference), model.predict_theta(sample, reference))
+        theta = model.predict_theta(sample, reference)
+        assert loaded.config.transform == saved["transform"] == model.config.transform
+        assert theta.shape == ((2, 3, 3) if model.config.transform == "homography" else (2, 2, 3))
+        torch.testing.assert_close(loaded.predict_theta(sample, reference), theta)

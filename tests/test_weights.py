@@ -36,6 +36,10 @@ REGISTRATION_KEYS = [
 ]
 
 
+# The registration design fitting its matches with a homography: the same weights, another fit.
+HOMOGRAPHY_REGISTRATION = {**STN_PRESETS["registration"], "transform": "homography"}
+
+
 def perturbed(model: SpatialTransformer) -> SpatialTransformer:
     """``model`` moved away from its initialisation, so that a load that keeps the initial values fails."""
     torch.manual_seed(0)
@@ -54,6 +58,10 @@ class TestStateDictKeys:
 
     def test_shipped_default_has_the_registration_keys(self):
         assert sorted(load_file(STN_WEIGHTS)) == sorted(REGISTRATION_KEYS)
+
+    def test_homography_registration_has_the_registration_keys(self):
+        # The transform only changes the fit of the matches: no weight of its own.
+        assert list(SpatialTransformer(**HOMOGRAPHY_REGISTRATION).state_dict()) == REGISTRATION_KEYS
 
 
 class TestEmbeddedDefault:
@@ -76,6 +84,21 @@ class TestEmbeddedDefault:
         assert stn.residual_gate.abs().sum() > 0  # trained gates, not the zero initialisation
         sample = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(stn.predict_theta(sample, sample)).all()
+
+    def test_shipped_weights_start_a_homography_stn(self):
+        # from_pretrained's config override: the trained matcher, fitted with 8 dof instead of 6.
+        stn, info = SpatialTransformer.from_pretrained(
+            DEFAULT_PIPELINE_DIR / "stn", transform="homography", output_loading_info=True
+        )
+        assert stn.config.transform == "homography"
+        assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+        shipped = load_file(STN_WEIGHTS)
+        for name, tensor in stn.state_dict().items():
+            torch.testing.assert_close(tensor, shipped[name].to(tensor.dtype), rtol=0, atol=0, msg=name)
+        sample = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            theta = stn.predict_theta(sample, sample)
+        assert theta.shape == (1, 3, 3) and torch.isfinite(theta).all()
 
     def test_default_loads_safetensors_only(self, tmp_path, monkeypatch):
         folder = tmp_path / "default"
@@ -101,9 +124,13 @@ class TestEmbeddedDefault:
 
 class TestSavedWeights:
     @pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
-    @pytest.mark.parametrize("preset", ["seed", "registration"])
-    def test_save_pretrained_reloads_equal_tensors(self, tmp_path, preset, low_cpu_mem_usage):
-        model = perturbed(SpatialTransformer(**STN_PRESETS[preset]))
+    @pytest.mark.parametrize(
+        "config",
+        [STN_PRESETS["seed"], STN_PRESETS["registration"], HOMOGRAPHY_REGISTRATION],
+        ids=["seed", "registration", "homography"],
+    )
+    def test_save_pretrained_reloads_equal_tensors(self, tmp_path, config, low_cpu_mem_usage):
+        model = perturbed(SpatialTransformer(**config))
         model.save_pretrained(tmp_path)
         loaded = SpatialTransformer.from_pretrained(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
         assert list(loaded.state_dict()) == list(model.state_dict())

@@ -105,7 +105,9 @@ class CorrelationLocalizer(Localizer):
     Args:
         in_channels: latent channels of the VAE.
         conditioning: must be ``"reference"``: the design matches the sample against a reference.
-        transform: ``"affine"``, ``"similarity"`` or ``"translation"``; what the matches are fitted with.
+        transform: ``"affine"``, ``"similarity"``, ``"translation"`` (fitted by
+            :func:`~stn_diffusers.geometry.fit_affine`, θ ``(B, 2, 3)``) or ``"homography"`` (fitted by
+            :func:`~stn_diffusers.geometry.fit_homography`, θ ``(B, 3, 3)``); what the matches are fitted with.
         feature_channels: widths of the pyramid's stem and its stride-2 blocks.
         feature_dim: size of the unit-length matching features.
         iteration_strides: pyramid stride matched at each iteration; later iterations reuse the last.
@@ -167,8 +169,9 @@ class CorrelationLocalizer(Localizer):
         return self.localization(reference, set(self.iteration_strides))
 
     def step(self, moving: torch.Tensor, context: dict[int, torch.Tensor], iteration: int) -> torch.Tensor:
-        """θ ``(B, 2, 3)`` fitted to the matches of ``moving`` ``(B, C, H, W)`` against the reference
-        features in ``context``, at this iteration's pyramid level."""
+        """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for ``transform="homography"``) fitted to the matches of
+        ``moving`` ``(B, C, H, W)`` against the reference features in ``context``, at this iteration's
+        pyramid level."""
         level = self._level(iteration)
         stride = self.iteration_strides[level]
         radius = self.search_radius[level]
@@ -187,9 +190,16 @@ class CorrelationLocalizer(Localizer):
         log_confidence = self.confidence[level](probabilities).clamp(-MAX_LOG_CONFIDENCE, MAX_LOG_CONFIDENCE)
         confidence = log_confidence.exp().flatten(1)  # (B, h·w)
         source = cell_centres(height, width, ref).expand(batch, -1, -1)  # (B, h·w, 2)
-        aspect = moving.shape[-1] / moving.shape[-2]
-        fitted = geometry.fit_affine(source, source + displacement, confidence, self.transform, aspect)
-        identity = geometry.identity_theta(batch, fitted.device, fitted.dtype)
+        target = source + displacement
+        if self.transform == "homography":
+            # No aspect (only a similarity needs square pixels): homographies in pixels and in normalised
+            # units are the same 8-dof family.
+            fitted = geometry.fit_homography(source, target, confidence)  # (B, 3, 3)
+        else:
+            aspect = moving.shape[-1] / moving.shape[-2]
+            fitted = geometry.fit_affine(source, target, confidence, self.transform, aspect)  # (B, 2, 3)
+        # The identity of fitted's shape: eye(2, 3) is the affine identity, eye(3, 3) the projective one.
+        identity = torch.eye(*fitted.shape[1:], device=fitted.device, dtype=fitted.dtype).expand_as(fitted)
         return identity + self.residual_gate[level] * (fitted - identity)
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -31,8 +31,9 @@ class Localizer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def step(self, moving: torch.Tensor, context: Any, iteration: int) -> torch.Tensor:
-        """The residual θ ``(B, 2, 3)`` that aligns ``moving`` ``(B, C, H, W)``, the sample warped by
-        the θ of the iterations before ``iteration`` (0-based); ``context`` is :meth:`prepare`'s."""
+        """The residual θ ``(B, 2, 3)``, or ``(B, 3, 3)`` for a homography, that aligns ``moving``
+        ``(B, C, H, W)``, the sample warped by the θ of the iterations before ``iteration`` (0-based);
+        ``context`` is :meth:`prepare`'s. One localiser returns one shape at every iteration."""
 
     @abc.abstractmethod
     def head_parameters(self) -> list[nn.Parameter]:

@@ -24,6 +24,9 @@ from .localizer import Localizer
 SEED_SAMPLE_SIZE = 64
 SEED_FEATURE_SHAPE = (64, 12, 12)
 SEED_HIDDEN_FEATURES = 32
+# The transforms the regression head can output (see geometry.params_to_theta). The design is kept as
+# the original for comparison, so it regresses no homography: the correlation design fits those.
+SEED_TRANSFORMS = ("affine", "similarity", "translation")
 
 
 class SeedLocalizer(Localizer):
@@ -32,12 +35,17 @@ class SeedLocalizer(Localizer):
     Args:
         in_channels: latent channels of the VAE.
         conditioning: ``"none"`` or ``"reference"`` (the reference is concatenated to the input).
-        transform: ``"affine"``, ``"similarity"`` or ``"translation"``; sets the head's outputs.
+        transform: one of :data:`SEED_TRANSFORMS`; sets the head's outputs.
         sample_size: the latent side; must be :data:`SEED_SAMPLE_SIZE`.
     """
 
     def __init__(self, in_channels: int, conditioning: str, transform: str, sample_size: int = SEED_SAMPLE_SIZE):
         super().__init__()
+        if transform not in SEED_TRANSFORMS:
+            raise ValueError(
+                f"expected transform in {SEED_TRANSFORMS} for architecture='seed', got {transform!r}; "
+                "architecture='correlation' fits homographies"
+            )
         if sample_size != SEED_SAMPLE_SIZE:
             raise ValueError(
                 f"expected sample_size={SEED_SAMPLE_SIZE} for architecture='seed' (its linear layer reads "

@@ -12,6 +12,9 @@ chosen once by ``architecture``:
 The transformer runs the cascade around either: each iteration warps the moving latents by the
 current θ, asks the localiser for the residual and composes it.
 
+θ is ``(B, 2, 3)`` for the affine transforms and ``(B, 3, 3)`` for ``transform="homography"``
+(correlation design only: the seed design is kept as the original and regresses no homography).
+
 θ follows the convention in :mod:`stn_diffusers.geometry`.
 """
 
@@ -32,7 +35,8 @@ from .seed_localizer import SEED_SAMPLE_SIZE, SeedLocalizer
 
 CONDITIONINGS = ("none", "reference")
 ARCHITECTURES = ("seed", "correlation")
-TRANSFORMS = ("affine", "similarity", "translation")
+# The last is projective (θ of shape (B, 3, 3)); the others are affine (B, 2, 3).
+TRANSFORMS = ("affine", "similarity", "translation", "homography")
 
 STN_PRESETS: dict[str, dict] = {
     "seed": {},
@@ -69,7 +73,8 @@ class SpatialTransformerOutput(BaseOutput):
 
     Args:
         sample (`torch.Tensor` of shape `(B, C, H, W)`): the input latents warped by ``theta``.
-        theta (`torch.Tensor` of shape `(B, 2, 3)`): the estimated transform (see ``geometry``).
+        theta (`torch.Tensor` of shape `(B, 2, 3)`, or `(B, 3, 3)` for ``transform="homography"``): the
+            estimated transform (see ``geometry``).
     """
 
     sample: torch.Tensor
@@ -87,8 +92,9 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         conditioning (`str`, defaults to `"none"`): ``"none"`` sees only the moving latents;
             ``"reference"`` also sees the reference latents (true registration).
         architecture (`str`, defaults to `"seed"`): ``"seed"`` or ``"correlation"`` (see module).
-        transform (`str`, defaults to `"affine"`): ``"affine"`` (6 dof), ``"similarity"`` or
-            ``"translation"``.
+        transform (`str`, defaults to `"affine"`): ``"affine"`` (6 dof), ``"similarity"``,
+            ``"translation"`` or ``"homography"`` (8 dof, θ ``(B, 3, 3)``; ``architecture="correlation"``
+            only).
         num_iterations (`int`, defaults to 1): cascade length; each step warps the moving latents by
             the current θ, estimates the residual and composes it.
         padding_mode (`str`, defaults to `"zeros"`): how warped latents are padded.
@@ -222,7 +228,8 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
     def predict_theta(
         self, sample: torch.Tensor, reference: torch.Tensor | None = None, return_intermediate: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
-        """θ ``(B, 2, 3)`` that aligns ``sample`` (onto ``reference``), without warping the output.
+        """θ that aligns ``sample`` (onto ``reference``), without warping the output: ``(B, 2, 3)``, or
+        ``(B, 3, 3)`` for ``transform="homography"``.
 
         With ``return_intermediate=True``, the list of θ after each cascade iteration (the last
         is the answer), for training every iteration.
@@ -231,7 +238,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         context = self.localizer.prepare(reference)
         # The first estimate stands as it is: composing it with the identity would only add rounding
         # to a model that starts as an exact no-op.
-        theta = self.localizer.step(sample, context, 0)  # (B, 2, 3)
+        theta = self.localizer.step(sample, context, 0)  # (B, 2, 3), or (B, 3, 3) for a homography
         thetas = [theta]
         for iteration in range(1, self.config.num_iterations):
             moving = geometry.warp(sample, theta, padding_mode=self.config.padding_mode)  # (B, C, H, W)
@@ -245,8 +252,8 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         """Estimate θ and warp ``sample`` ``(B, C, H, W)`` with it.
 
         Returns:
-            :class:`SpatialTransformerOutput` (``sample`` ``(B, C, H, W)``, ``theta`` ``(B, 2, 3)``),
-            or the tuple ``(sample, theta)`` when ``return_dict=False``.
+            :class:`SpatialTransformerOutput` (``sample`` ``(B, C, H, W)``, ``theta`` ``(B, 2, 3)`` or
+            ``(B, 3, 3)`` for a homography), or the tuple ``(sample, theta)`` when ``return_dict=False``.
         """
         theta = self.predict_theta(sample, reference)
         warped = geometry.warp(sample, theta, padding_mode=self.config.padding_mode)
