@@ -328,14 +328,17 @@ def _view_generator(settings: PoolSettings, image_index: int, view_index: int) -
 
 
 def view_thetas(settings: PoolSettings, image_index: int) -> torch.Tensor:
-    """``(num_views, 2, 3)``: θ that aligns each view of photo ``image_index`` onto its reference
-    crop (view 0, the identity). Cheap and deterministic: no pixels are touched."""
+    """``(num_views, 2, 3)``, or ``(num_views, 3, 3)`` when the warp range has perspective: θ that
+    aligns each view of photo ``image_index`` onto its reference crop (view 0, the identity).
+    Cheap and deterministic: no pixels are touched."""
     amounts = settings.view_amounts()
     thetas = [geometry.identity_theta(1)]
     for view in range(1, settings.num_views):
         generator = _view_generator(settings, image_index, view)
         warp_range = settings.warp.scaled(float(amounts[view]))
         thetas.append(geometry.random_theta(1, warp_range, settings.resolution, settings.resolution, generator))
+    if settings.warp.perspective > 0:  # one shape for all views, the identity included
+        thetas = [geometry.to_homogeneous(theta) for theta in thetas]
     return torch.cat(thetas)
 
 

@@ -81,7 +81,10 @@ def training_loss(
         parts["corner_loss"] = corner
         loss = loss + corner_weight * corner
     if theta_weight > 0:
-        parts["theta_loss"] = F.mse_loss(final, true)
+        if geometry.is_homography(final) or geometry.is_homography(true):  # compare like with like
+            parts["theta_loss"] = F.mse_loss(geometry.to_homogeneous(final), geometry.to_homogeneous(true))
+        else:
+            parts["theta_loss"] = F.mse_loss(final, true)
         loss = loss + theta_weight * parts["theta_loss"]
     if latent_weight > 0 or pixel_weight > 0:
         aligned = geometry.warp(moving.float(), final, padding_mode=config.padding_mode)

@@ -118,3 +118,21 @@ class TestFolders:
         assert tuple(data.fit_shorter_side(small, 256, 512).shape) == (3, 256, 384)
         big = torch.rand(3, 1200, 900)
         assert tuple(data.fit_shorter_side(big, 256, 512).shape) == (3, 683, 512)
+
+
+class TestProjectivePools:
+    def test_views_are_homographies_and_pairs_compose_them(self, sources):
+        settings = data.PoolSettings(resolution=128, warp=geometry.WARP_PRESETS["projective"], pairs_per_image=3)
+        thetas = data.view_thetas(settings, 0)
+        assert thetas.shape == (4, 3, 3)
+        torch.testing.assert_close(thetas[0], torch.eye(3))
+        assert thetas[1:, 2, :2].abs().max() > 0  # the warped views are truly projective
+        # The rendered view k, aligned by its θ, shows the reference crop (view 0).
+        views = data.render_views(sources[0], settings, 0)
+        aligned = geometry.warp(views[3:4], thetas[3:4], mode="bicubic")[0].clamp(0, 1)
+        covered = geometry.valid_mask(thetas[3:4], 128, 128)[0].bool().expand(3, -1, -1)
+        assert (aligned - views[0])[covered].abs().mean() < (views[3] - views[0]).abs().mean() / 3
+        latents = [torch.randn(settings.num_views, 4, 16, 16)]
+        pool = data.LatentPairPool(settings, [thetas], latents=latents)
+        batch = pool.sample(6, torch.Generator().manual_seed(0))
+        assert batch["theta"].shape == (6, 3, 3)

@@ -511,3 +511,20 @@ class TestLatentPairPool:
         batch = pool.sample(2, torch.Generator().manual_seed(0))
         expected = geometry.warp(batch["reference"], geometry.invert_theta(batch["theta"]))
         assert torch.allclose(batch["moving"], expected, atol=1e-6)
+
+
+def test_theta_loss_compares_a_homography_with_an_affine_truth():
+    model = SpatialTransformer(
+        conditioning="reference", architecture="correlation", transform="homography",
+        feature_channels=(8, 8, 8, 8), feature_dim=8, sample_size=16,
+    )  # fmt: skip
+    true = geometry.identity_theta(2)
+    moving = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    batch = {"moving": moving, "reference": moving, "theta": true}
+    _, parts = losses.training_loss(model, batch, 128, corner_weight=0.0, theta_weight=1.0)
+    # The model starts at the identity: its 3×3 prediction equals the promoted 2×3 truth.
+    assert parts["theta_loss"] == pytest.approx(0.0, abs=1e-10)
+    shifted = true.clone()
+    shifted[:, 0, 2] = 0.1
+    _, parts = losses.training_loss(model, {**batch, "theta": shifted}, 128, corner_weight=0.0, theta_weight=1.0)
+    assert parts["theta_loss"] == pytest.approx(0.1**2 / 9, rel=1e-4)  # one entry of nine is off by 0.1
