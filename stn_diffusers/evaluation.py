@@ -41,9 +41,11 @@ DEFAULT_NUM_PAIRS = 24
 # iterations per pyramid level so the benchmark finishes, and say so in the table.
 KORNIA_ITERATIONS = 50
 KORNIA_PYRAMID_LEVELS = 3
-# Feature matching: Lowe's ratio test and the RANSAC reprojection threshold (pixels).
+# Feature matching: Lowe's ratio test, the RANSAC reprojection threshold (pixels), and the fewest
+# matches that determine each transform.
 RATIO_TEST = 0.75
 RANSAC_THRESHOLD = 3.0
+MIN_MATCHES = {"affine": 3, "homography": 4}
 
 
 class EstimationError(RuntimeError):
@@ -61,9 +63,9 @@ def _gray_float(image: torch.Tensor) -> np.ndarray:
     return (_gray_uint8(image).astype(np.float32)) / 255.0
 
 
-def _matrix_to_theta(matrix: np.ndarray, height: int, width: int) -> torch.Tensor:
-    matrix = torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None]  # (1, 2, 3) pixels
-    return geometry.pixel_matrix_to_theta(matrix, height, width).float()
+def _matrix_to_theta(matrix: np.ndarray, height: int, width: int, transform: str = "affine") -> torch.Tensor:
+    matrix = torch.from_numpy(np.asarray(matrix, dtype=np.float64))[None]  # (1, 2, 3) or (1, 3, 3) pixels
+    return geometry.pixel_matrix_to_theta(matrix, height, width, transform).float()
 
 
 def estimate_identity(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -71,18 +73,23 @@ def estimate_identity(reference: torch.Tensor, moving: torch.Tensor) -> torch.Te
     return geometry.identity_theta(1)
 
 
-def estimate_ecc(reference: torch.Tensor, moving: torch.Tensor, levels: int = 3) -> torch.Tensor:
-    """OpenCV ECC (``MOTION_AFFINE``, ``levels``-level pyramid) from the identity."""
-    result = refine_theta_ecc(reference, moving, None, levels=levels)
+def estimate_ecc(
+    reference: torch.Tensor, moving: torch.Tensor, levels: int = 3, motion: str = "affine"
+) -> torch.Tensor:
+    """OpenCV ECC (``MOTION_AFFINE`` or ``MOTION_HOMOGRAPHY``, ``levels``-level pyramid) from the identity."""
+    result = refine_theta_ecc(reference, moving, None, levels=levels, motion=motion)
     if not bool(result.converged[0]):
         raise EstimationError("ECC did not converge")
     return result.theta
 
 
-def estimate_features(reference: torch.Tensor, moving: torch.Tensor, detector: str = "sift") -> torch.Tensor:
-    """Keypoints (SIFT or ORB), ratio-tested matches, ``cv2.estimateAffine2D`` with RANSAC.
+def estimate_features(
+    reference: torch.Tensor, moving: torch.Tensor, detector: str = "sift", transform: str = "affine"
+) -> torch.Tensor:
+    """Keypoints (SIFT or ORB), ratio-tested matches, then RANSAC: ``cv2.estimateAffine2D`` for
+    ``transform="affine"`` (θ ``(1, 2, 3)``), ``cv2.findHomography`` for ``"homography"`` (``(1, 3, 3)``).
 
-    The affine is fitted from reference to moving keypoints, so it maps a reference pixel to the
+    The transform is fitted from reference to moving keypoints, so it maps a reference pixel to the
     moving position that shows it: the pixel matrix of θ.
     """
     cv2 = import_cv2()
@@ -98,14 +105,18 @@ def estimate_features(reference: torch.Tensor, moving: torch.Tensor, detector: s
         raise EstimationError(f"{detector}: too few keypoints")
     matches = cv2.BFMatcher(norm).knnMatch(ref_descriptors, mov_descriptors, k=2)
     good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO_TEST * m[1].distance]
-    if len(good) < 3:
-        raise EstimationError(f"{detector}: {len(good)} matches after the ratio test, need 3")
+    needed = MIN_MATCHES[transform]
+    if len(good) < needed:
+        raise EstimationError(f"{detector}: {len(good)} matches after the ratio test, need {needed}")
     source = np.float32([ref_points[m.queryIdx].pt for m in good])
     target = np.float32([mov_points[m.trainIdx].pt for m in good])
-    matrix, _ = cv2.estimateAffine2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD)
+    if transform == "homography":
+        matrix, _ = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_THRESHOLD)
+    else:
+        matrix, _ = cv2.estimateAffine2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_THRESHOLD)
     if matrix is None:
-        raise EstimationError(f"{detector}: RANSAC found no affine")
-    return _matrix_to_theta(matrix, *reference.shape[-2:])
+        raise EstimationError(f"{detector}: RANSAC found no {transform}")
+    return _matrix_to_theta(matrix, *reference.shape[-2:], transform)
 
 
 def estimate_phase(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -150,12 +161,18 @@ CLASSICAL_ESTIMATORS = {
     "orb": lambda r, m: estimate_features(r, m, "orb"),
     "phase": estimate_phase,
     "kornia": estimate_kornia,
+    # Projective versions, for viewpoint changes (the `projective` warp preset).
+    "ecc-homography": lambda r, m: estimate_ecc(r, m, motion="homography"),
+    "sift-homography": lambda r, m: estimate_features(r, m, "sift", "homography"),
 }
+# Methods a run may ask for beyond DEFAULT_METHODS.
+OPTIONAL_METHODS = ("ecc-homography", "sift-homography")
 
 
 def method_unavailable(method: str) -> str | None:
     """Why ``method`` cannot run here (a missing optional dependency), or ``None``."""
     modules = {"ecc": "cv2", "sift": "cv2", "orb": "cv2", "phase": "cv2", "kornia": "kornia"}
+    modules.update({name: "cv2" for name in OPTIONAL_METHODS})
     extras = {"cv2": OPENCV_INSTALL_HINT, "kornia": "pip install kornia"}
     module = "cv2" if method.endswith("+ecc") else modules.get(method)
     if module is None:
@@ -335,7 +352,9 @@ def evaluate_stn(
         if ecc_result is None:
             continue
         start = time.perf_counter()
-        refined = refine_theta_ecc(pair.reference, pair.moving, theta if finite else None, **(refine_kwargs or {}))
+        # ECC refines in the STN's own motion model: a homography STN gets MOTION_HOMOGRAPHY.
+        kwargs = {"motion": "homography" if geometry.is_homography(theta) else "affine", **(refine_kwargs or {})}
+        refined = refine_theta_ecc(pair.reference, pair.moving, theta if finite else None, **kwargs)
         refine_seconds = time.perf_counter() - start
         ecc_result.seconds.append(seconds + refine_seconds)
         ecc_result.seconds_with_encode.append(seconds + encode_seconds + refine_seconds)
@@ -353,9 +372,10 @@ def evaluate_stn(
 def parse_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"identity,stn,ecc"`` → a validated list."""
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in names if m not in DEFAULT_METHODS]
+    known = (*DEFAULT_METHODS, *OPTIONAL_METHODS)
+    unknown = [m for m in names if m not in known]
     if unknown or not names:
-        raise ValueError(f"expected methods from {', '.join(DEFAULT_METHODS)}, got {', '.join(unknown) or 'none'}")
+        raise ValueError(f"expected methods from {', '.join(known)}, got {', '.join(unknown) or 'none'}")
     return names
 
 

@@ -151,6 +151,16 @@ class TestPairsAndMethods:
         assert floor["mean"] < report["methods"]["identity"]["mean"]
         assert "oracle" in floor["note"]
 
+    def test_projective_pairs_need_the_homography_methods(self, photo_tensor):
+        report = evaluate(
+            {}, [photo_tensor[0]], num_pairs=3, resolution=SIZE, warp="projective",
+            methods="identity,sift,sift-homography,ecc-homography",
+        )  # fmt: skip
+        found = report["methods"]
+        # An affine fit cannot follow the moved corners; the homography fits can.
+        assert found["sift-homography"]["mean"] < 1.0 < found["sift"]["mean"]
+        assert found["ecc-homography"]["under_1px"] == 1.0
+
     def test_zero_pairs_is_a_value_error_before_any_work(self, photo_tensor, monkeypatch):
         def no_pairs(*args, **kwargs):
             raise AssertionError("pairs were drawn before num_pairs was checked")
