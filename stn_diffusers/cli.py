@@ -120,7 +120,8 @@ def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
         "pixel_matrix": pixel.tolist(),
         "image_size": [height, width],
         "convention": "theta maps output (aligned) normalised coords to input coords, align_corners=False; "
-        "pixel_matrix maps output pixels to input pixels (cv2.warpAffine with WARP_INVERSE_MAP)",
+        "pixel_matrix maps output pixels to input pixels (cv2.warpAffine, or cv2.warpPerspective for a "
+        "homography, with WARP_INVERSE_MAP)",
     }
 
 
@@ -167,7 +168,10 @@ def run_align(args: argparse.Namespace) -> dict:
 
 def _align_image(args: argparse.Namespace, pipe, image, reference) -> tuple[dict, dict]:
     """``align``: the aligned image (``{path: picture}``) and the θ report, printed."""
-    output = pipe(image, reference=reference, min_displacement=args.min_displacement, refine=args.refine)
+    # Without --decoded only the pixel warp is written: the VAE decoder never runs.
+    output = pipe(
+        image, reference=reference, min_displacement=args.min_displacement, refine=args.refine, decode=args.decoded
+    )
     aligned = output.images[0] if args.decoded else output.warped_images[0]
     report = _theta_report(output.theta, image.height, image.width)
     report["unwarped"] = bool(output.unwarped[0])
@@ -436,6 +440,10 @@ def _common_options() -> argparse.ArgumentParser:
     """The flags every verb takes."""
     common = _Parser(add_help=False)
     common.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps…)")
+    common.add_argument(
+        "--threads", type=_integer_at_least(1), default=None,
+        help="CPU threads torch may use (default: torch's own choice, one per core)",
+    )  # fmt: skip
     # SUPPRESS: after the verb, --debug must not reset the value given before it.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return common
@@ -454,9 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return its exit status (0, or 2 after a one-line ``error:`` for a user's mistake)."""
+    """Run one command; return its exit status (0, or 2 after a one-line ``error:`` for a user's mistake).
+
+    ``--threads`` sets torch's CPU threads for the command only, and only when given; the previous
+    count is restored after, so a Python caller's process is left as it was.
+    """
     args = build_parser().parse_args(argv)
-    return run_reporting_errors(lambda: args.func(args), debug=args.debug)
+    if args.threads is None:
+        return run_reporting_errors(lambda: args.func(args), debug=args.debug)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_reporting_errors(lambda: args.func(args), debug=args.debug)
+    finally:
+        torch.set_num_threads(previous)
 
 
 if __name__ == "__main__":

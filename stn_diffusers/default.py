@@ -30,5 +30,8 @@ def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = 
             "reinstall stn-diffusers or re-create it with `python scripts/train_default.py`"
         )
     # Safetensors only: a pickled ``.bin`` dropped into the installed package is never unpickled.
-    pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, torch_dtype=torch_dtype, use_safetensors=True)
+    # float32 is what loading gives anyway; naming it would cost a warning on every load where diffusers
+    # has renamed the keyword (`torch_dtype` to `dtype`), and older releases know only the old name.
+    dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
+    pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, use_safetensors=True, **dtype)
     return pipe.to(device)

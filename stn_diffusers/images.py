@@ -45,6 +45,8 @@ FLOAT_TOLERANCE = 1e-3
 # Relative difference of width/height ratios below which two images count as one aspect (2 % is
 # about 10 px of stretch across 512 px, within the rounding of the working size to the VAE factor).
 ASPECT_TOLERANCE = 0.02
+# The EXIF tag that says how the camera was held; 1 (or no tag) means the pixels are stored upright.
+EXIF_ORIENTATION = 0x0112
 
 
 def open_image(path: str | os.PathLike, what: str = "image") -> PIL.Image.Image:
@@ -69,6 +71,11 @@ def upright(image: PIL.Image.Image) -> PIL.Image.Image:
     """A copy of ``image`` as a viewer shows it: its EXIF orientation applied and removed from its
     EXIF, so a second call changes nothing."""
     return PIL.ImageOps.exif_transpose(image)
+
+
+def is_upright(image: PIL.Image.Image) -> bool:
+    """Whether ``image`` shows as its pixels are stored: no EXIF orientation to apply (see :func:`upright`)."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) == 1
 
 
 def to_pil_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -107,7 +114,7 @@ def to_unit_range(values: np.ndarray | torch.Tensor, where: str = "image") -> to
         floating = values.is_floating_point()
         tensor = values.detach().cpu().float()
     if dtype in FULL_SCALE:
-        return tensor / FULL_SCALE[dtype]
+        return tensor.div_(FULL_SCALE[dtype])  # in place: the float conversion above made a new tensor
     if not floating:
         raise TypeError(
             f"expected {where} of dtype uint8 (0–255), uint16 (0–65535), bool or float (0–1), got {dtype}; "
@@ -161,8 +168,12 @@ def _channels_to_rgb(tensor: torch.Tensor, where: str) -> torch.Tensor:
 def to_rgb_tensor(image: ImageInput, where: str = "image") -> torch.Tensor:
     """One image → upright ``(3, H, W)`` float32 in ``[0, 1]`` (see the module docs for the values)."""
     if isinstance(image, PIL.Image.Image):
-        array = np.asarray(to_pil_rgb(image))  # (H, W, 3) uint8
-        return to_unit_range(array, where).permute(2, 0, 1).contiguous()
+        if image.mode != "RGB" or not is_upright(image):
+            image = to_pil_rgb(image)  # an upright RGB image (a loaded file) is read as it is, not copied twice
+        pixels = torch.from_numpy(np.array(image))  # (H, W, 3) uint8, a writable copy torch can share
+        # One pass to float (3, H, W), then scaled in place: a full-resolution photo is copied once.
+        chw = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+        return chw.div_(FULL_SCALE["uint8"])
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return _channels_to_rgb(to_unit_range(to_chw(image, where), where), where)
     raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(image).__name__}")
@@ -193,5 +204,6 @@ def to_rgb_list(images: ImageInput | list[ImageInput], where: str = "image") -> 
 
 def tensor_to_pil(image: torch.Tensor) -> PIL.Image.Image:
     """``(3, H, W)`` in ``[0, 1]`` → RGB ``PIL.Image``."""
-    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return PIL.Image.fromarray(array)
+    # Scaled and rounded in place, then to bytes: one float copy of a full-resolution image, not four.
+    pixels = image.detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # (3, H, W)
+    return PIL.Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())

@@ -46,6 +46,55 @@ def test_align_decoded_writes_working_size(tmp_path, saved_pipeline, astronaut):
     assert PIL.Image.open(output).size == (512, 512)
 
 
+def test_align_writes_the_pixel_warp_without_running_the_decoder(tmp_path, saved_pipeline, coffee, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    decodes, decode = [], AutoencoderKL.decode
+    # On the class: the command loads its own VAE.
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs))
+    image, output = tmp_path / "moving.png", tmp_path / "aligned.png"
+    coffee.resize((192, 128)).save(image)
+    argv = ["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(image)]
+    assert cli.main([*argv, "--output", str(output)]) == 0
+    assert PIL.Image.open(output).size == (192, 128) and decodes == []
+    # --decoded asks for the VAE round trip: then, and only then, the decoder runs.
+    assert cli.main([*argv, "--output", str(tmp_path / "decoded.png"), "--decoded"]) == 0
+    assert decodes == [1]
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_threads_are_set_for_the_command_only_when_asked(tmp_path, saved_pipeline, coffee, monkeypatch, threads):
+    calls, set_num_threads = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or set_num_threads(n))
+    used = []
+    align_image = cli._align_image
+    monkeypatch.setattr(cli, "_align_image", lambda *args: used.append(torch.get_num_threads()) or align_image(*args))
+    before = torch.get_num_threads()
+    image = tmp_path / "moving.png"
+    coffee.resize((192, 128)).save(image)
+    argv = ["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(image),
+            "--output", str(tmp_path / "aligned.png")]  # fmt: skip
+    assert cli.main(argv + (["--threads", str(threads)] if threads else [])) == 0
+    if threads is None:
+        assert calls == [] and used == [before]  # torch's own choice, untouched
+    else:
+        assert calls == [threads, before] and used == [threads]  # set for the command, then restored
+    assert torch.get_num_threads() == before
+
+
+def test_every_verb_takes_threads_and_refuses_below_one(capsys):
+    parser = cli.build_parser()
+    verbs = [["align", "--image", "a.png", "--output", "b.png"], ["demo"], ["analyze", "--output", "out"],
+             ["evaluate", "--data", "photos"]]  # fmt: skip
+    for verb in verbs:
+        assert parser.parse_args([*verb, "--threads", "3"]).threads == 3
+        assert parser.parse_args(verb).threads is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--threads", "0"])
+    line = _one_error_line(capsys)
+    assert "--threads" in line and ">= 1" in line
+
+
 def test_align_reports_bad_files_clearly(tmp_path, saved_pipeline, capsys):
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")

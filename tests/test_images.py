@@ -15,6 +15,7 @@ from stn_diffusers.images import (
     aspect_difference,
     load_image,
     open_image,
+    tensor_to_pil,
     to_rgb_tensor,
 )
 
@@ -59,6 +60,18 @@ class TestOrientation:
         read = to_rgb_tensor(load_image(phone_photo))  # turned on read; converting must not turn it again
         torch.testing.assert_close(direct, expected, rtol=0, atol=0)
         torch.testing.assert_close(read, expected, rtol=0, atol=0)
+
+    def test_an_upright_rgb_image_is_read_as_it_is(self, coffee, monkeypatch):
+        from stn_diffusers import images
+
+        def converted(image):
+            raise AssertionError("an upright RGB image was converted (copied) before reading")
+
+        expected = torch.from_numpy(np.asarray(coffee, np.float32) / 255).permute(2, 0, 1)
+        monkeypatch.setattr(images, "to_pil_rgb", converted)
+        tensor = to_rgb_tensor(coffee)
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=0)
+        assert tensor.is_contiguous()  # (3, H, W) in memory order, ready to resize and warp
 
     def test_pipeline_aligns_a_phone_photo_as_a_viewer_shows_it(self, registration_pipeline, phone_photo):
         upright = torch.from_numpy(upright_pixels(phone_photo)).permute(2, 0, 1).float() / 255  # (3, 400, 600)
@@ -128,6 +141,18 @@ class TestPixelValues:
         torch.testing.assert_close(theta, registration_pipeline(uint8.float() / 255, **call).theta)
         with pytest.raises(ValueError, match="divide by 255"):
             registration_pipeline(uint8.float(), **call)
+
+
+class TestToPil:
+    def test_rounds_to_the_nearest_byte_clamps_and_leaves_the_input_as_it_was(self):
+        image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+        image[0, 0, 0], image[1, 0, 0] = -0.5, 1.5  # outside [0, 1]: clamped
+        before = image.clone()
+        picture = tensor_to_pil(image)
+        assert picture.mode == "RGB" and picture.size == (7, 5)
+        expected = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(picture), expected)
+        assert torch.equal(image, before)
 
 
 class TestAspectDifference:

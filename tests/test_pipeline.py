@@ -7,6 +7,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline
 
 from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNAlignmentPipelineOutput, geometry
+from stn_diffusers.images import to_rgb_list
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
@@ -116,8 +117,8 @@ class TestOutputs:
 
         pipe([coffee] * 3, reference=coffee, batch_size=2, height=128, width=192, output_type="pt")
 
-        # 2 chunks of images + 1 shared reference encoded, 2 chunks aligned, 2 decoded.
-        assert sorted(set(calls)) == ["decode", "encode", "predict_theta"] and len(calls) == 7
+        # 2 encodes (3 images and the shared reference, 2 pairs' worth each), 2 chunks aligned, 2 decoded.
+        assert calls.count("encode") == 2 and calls.count("predict_theta") == 2 and calls.count("decode") == 2
         assert len(bars) == 1 and bars[0].total == bars[0].n == len(calls)
 
     def test_autoencoder_tiny(self, astronaut):
@@ -139,6 +140,88 @@ class TestOutputs:
         pipe = STNAlignmentPipeline(vae=vae, stn=SpatialTransformer(**TINY_REGISTRATION))
         out = pipe(coffee, reference=coffee, height=128, width=192, output_type="pt")
         assert out.images.shape == (1, 3, 128, 192) and out.latents.shape == (1, 4, 16, 24)
+
+
+def count_encoded_batches(pipe: STNAlignmentPipeline, monkeypatch) -> list[int]:
+    """The batch size of every call to ``pipe.vae.encode`` from now on, as a list that fills in."""
+    sizes, encode = [], pipe.vae.encode
+
+    def counted(images, *args, **kwargs):
+        sizes.append(len(images))
+        return encode(images, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "encode", counted)
+    return sizes
+
+
+def forbid_decoding(pipe: STNAlignmentPipeline, monkeypatch) -> None:
+    def decode(*args, **kwargs):
+        raise AssertionError("the VAE decoder ran")
+
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+
+
+class TestNoWaste:
+    def test_latent_output_never_runs_the_decoder(self, registration_pipeline, coffee, monkeypatch):
+        forbid_decoding(registration_pipeline, monkeypatch)
+        out = registration_pipeline(coffee, reference=coffee, height=128, width=192, output_type="latent")
+        assert out.images is None and out.warped_images is None and out.latents.shape == (1, 4, 16, 24)
+
+    def test_decode_false_returns_the_pixel_warp_without_decoding(self, registration_pipeline, coffee, monkeypatch):
+        call = dict(reference=coffee, height=128, width=192, output_type="np")
+        decoded = registration_pipeline(coffee, **call)
+        forbid_decoding(registration_pipeline, monkeypatch)
+        warped_only = registration_pipeline(coffee, decode=False, **call)
+        assert warped_only.images is None and warped_only.warped_images.shape == (1, 400, 600, 3)
+        np.testing.assert_array_equal(warped_only.warped_images, decoded.warped_images)
+        with pytest.raises(TypeError, match="decode to be True or False"):
+            registration_pipeline(coffee, decode="no", **call)
+
+    def test_image_and_reference_are_encoded_in_one_batch(self, registration_pipeline, coffee, monkeypatch):
+        pipe, call = registration_pipeline, dict(height=128, width=192, output_type="latent")
+        sizes = count_encoded_batches(pipe, monkeypatch)
+        together = pipe(coffee, reference=coffee.rotate(3), **call)
+        assert sizes == [2]
+        # Encoding the two apart gives the same θ: batching changes the cost, not the answer.
+        apart = [pipe.encode_images([image], 128, 192) for image in to_rgb_list([coffee, coffee.rotate(3)])]
+        torch.testing.assert_close(together.theta, pipe.predict_theta(*apart))
+
+        sizes.clear()
+        pipe([coffee] * 3, reference=[coffee] * 3, batch_size=2, **call)  # 2 pairs' worth: 4 inputs, then 2
+        assert sizes == [4, 2]
+        sizes.clear()
+        pipe(latents=together.latents, reference=coffee, **call)  # only the reference is left to encode
+        assert sizes == [1]
+
+    def test_each_input_is_resized_once_from_its_own_size(self, registration_pipeline, coffee, astronaut, monkeypatch):
+        resizes, interpolate = [], torch.nn.functional.interpolate
+
+        def recorded(image, size=None, **kwargs):
+            resizes.append((tuple(image.shape[-2:]), tuple(size)))
+            return interpolate(image, size=size, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "interpolate", recorded)
+        registration_pipeline(odd_photo(coffee, "RGB"), reference=coffee, output_type="latent")
+        # File size straight to the working size (512×336), once per input; nothing resizes again.
+        assert sorted(resizes) == [((400, 600), (336, 512)), ((750, 1000), (336, 512))]
+        resizes.clear()
+        registration_pipeline(astronaut, reference=astronaut, output_type="latent")
+        assert resizes == []  # already at the working size
+
+    def test_outputs_are_inference_tensors_that_clone_into_autograd(self, registration_pipeline, coffee):
+        out = registration_pipeline(coffee, reference=coffee, height=128, width=192, output_type="latent")
+        assert torch.is_inference(out.theta) and torch.is_inference(out.latents)
+        latents = out.latents.clone().requires_grad_()
+        (latents * 2).sum().backward()
+        assert torch.equal(latents.grad, torch.full_like(latents, 2.0))
+
+    def test_homography_stn_holds_small_motions_as_the_3x3_identity(self, coffee):
+        stn = SpatialTransformer(**{**TINY_REGISTRATION, "transform": "homography"})
+        pipe = STNAlignmentPipeline(vae=make_tiny_vae(), stn=stn)
+        out = pipe(coffee, reference=coffee, height=128, width=192, output_type="pt", min_displacement=1e9)
+        assert out.unwarped.tolist() == [True]
+        torch.testing.assert_close(out.theta, torch.eye(3)[None])
+        torch.testing.assert_close(out.warped_images[0], to_rgb_list(coffee)[0], rtol=0, atol=0)
 
 
 class TestValidation:

@@ -13,15 +13,20 @@ from diffusers.utils import BaseOutput
 @dataclass
 class STNAlignmentPipelineOutput(BaseOutput):
     """Output of :class:`~stn_diffusers.STNAlignmentPipeline`; with ``return_dict=False`` the
-    pipeline returns every field below, ``None`` ones included, as a tuple in this order.
+    pipeline returns every field below, ``None`` ones included, as a tuple in this order. Its tensors
+    are inference tensors (made under ``torch.inference_mode()``): ``clone()`` one before using it
+    with autograd or changing it in place.
 
     Args:
         images: the aligned latents decoded by the VAE (a VAE round trip), at the working size:
             a list of ``PIL.Image``, a numpy array ``(B, H, W, 3)`` in ``[0, 1]`` or a tensor
-            ``(B, 3, H, W)`` in ``[0, 1]``, following ``output_type``; ``None`` for ``"latent"``.
+            ``(B, 3, H, W)`` in ``[0, 1]``, following ``output_type``; ``None`` for ``"latent"`` and
+            with ``decode=False``.
         warped_images: the ORIGINAL inputs warped by ``theta`` at their own full resolution (no VAE
-            loss), in the same format; a list when input sizes differ; ``None`` when only latents were given.
-        theta (`torch.Tensor` of shape `(B, 2, 3)`): the estimated transforms (see ``geometry``).
+            loss), in the same format; a list when input sizes differ; ``None`` for ``"latent"`` and
+            when only latents were given.
+        theta (`torch.Tensor` of shape `(B, 2, 3)`, or `(B, 3, 3)` from a homography STN): the estimated
+            transforms (see ``geometry``).
         latents (`torch.Tensor` of shape `(B, C, h, w)`): the aligned latents, scaled as the
             diffusion model sees them (``scaling_factor`` and ``shift_factor`` applied).
         displacement (`torch.Tensor` of shape `(B,)`): estimated mean corner motion in pixels of each input.

@@ -244,6 +244,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         min_displacement: float,
         batch_size: int,
         refine: str | None = None,
+        decode: bool = True,
     ) -> None:
         """Raise ``ValueError`` naming the expected value for any bad input, before any encode.
 
@@ -258,6 +259,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
             raise ValueError(f"expected min_displacement >= 0 pixels, got {min_displacement}")
         if int(batch_size) < 1:
             raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+        if not isinstance(decode, bool):
+            raise TypeError(f"expected decode to be True or False, got {decode!r}")
         needs_reference = self.stn.config.conditioning == "reference"
         if needs_reference and references is None and reference_latents is None:
             raise ValueError("expected a reference (or reference_latents): this stn registers onto a reference")
@@ -349,11 +352,10 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 )  # fmt: skip
         return work_size
 
-    def _progress_bar(self, batch_size: int, batches: list[int]):
-        """One bar over every chunk of the call's work, ``batches`` being the size of each batch that
-        goes in chunks of ``batch_size`` (images and references to encode, pairs to align, latents to
-        decode); shown only when there is more than one chunk, a do-nothing context otherwise."""
-        chunks = [math.ceil(size / batch_size) for size in batches]
+    def _progress_bar(self, chunks: list[int]):
+        """One bar over every chunk of the call's work, ``chunks`` counting the chunks of each step
+        (encode, align, decode); shown only when a step takes more than one chunk, a do-nothing
+        context otherwise."""
         if max(chunks) <= 1:
             return contextlib.nullcontext()
         return self.progress_bar(total=sum(chunks))
@@ -378,9 +380,12 @@ class STNAlignmentPipeline(DiffusionPipeline):
     def _hold_small_motions(
         self, theta: torch.Tensor, pixel_sizes: list[tuple[int, int]], min_displacement: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """θ ``(B, 2, 3)`` set to the identity where its mean corner motion at ``pixel_sizes[i] = (H, W)``
-        is below ``min_displacement`` pixels; returns ``(theta, displacement (B,), unwarped (B,) bool)``."""
+        """θ ``(B, 2, 3)`` or ``(B, 3, 3)`` set to the identity where its mean corner motion at
+        ``pixel_sizes[i] = (H, W)`` is below ``min_displacement`` pixels; returns
+        ``(theta, displacement (B,), unwarped (B,) bool)``."""
         identity = geometry.identity_theta(theta.shape[0], theta.device)
+        if geometry.is_homography(theta):
+            identity = geometry.to_homogeneous(identity)  # (B, 3, 3), the shape of θ
         displacement = torch.stack([
             geometry.corner_error(theta[i : i + 1], identity[i : i + 1], *size)[0] for i, size in enumerate(pixel_sizes)
         ])  # fmt: skip
@@ -408,7 +413,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
         return np.stack(arrays) if same_size else arrays
 
     # --------------------------------------------------------------------------------------- call
-    @torch.no_grad()
+    # Inference mode rather than no_grad: nothing here trains, and tensors made in it skip autograd's
+    # version counting. Its tensors cannot join autograd later: callers clone() an output to do so.
+    @torch.inference_mode()
     def __call__(
         self,
         image: ImageInput | list[ImageInput] | None = None,
@@ -426,6 +433,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         batch_size: int = 8,
         refine: str | None = None,
         refine_kwargs: dict | None = None,
+        decode: bool = True,
     ) -> STNAlignmentPipelineOutput | tuple:
         r"""Align ``image`` onto ``reference``.
 
@@ -436,23 +444,29 @@ class STNAlignmentPipeline(DiffusionPipeline):
             latents, reference_latents (`torch.Tensor` of shape `(B, C, h, w)`): already encoded and
                 scaled latents; skip the encode (workflows that hold SD latents).
             height, width: the working size (see the class docs).
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (no decode).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (no decode, no pixel warp: θ and
+                the aligned latents only).
             return_dict: return a :class:`STNAlignmentPipelineOutput` rather than a tuple.
             generator: used only with ``sample_posterior=True``.
             sample_posterior: sample the VAE posterior instead of taking its mode.
             min_displacement: pixels; when the estimated mean corner motion of an input is below
                 it, the input is returned unwarped (θ = identity) and flagged in ``unwarped``, so
                 aligned images are never resampled for nothing.
-            batch_size: images encoded, aligned and decoded at once; a progress bar shows above one batch.
+            batch_size: pairs encoded, aligned and decoded at once (each VAE encode holds the images
+                and their references together); a progress bar shows above one batch.
             refine: ``None`` or ``"ecc"``: refine each θ with OpenCV's ECC on the original images,
                 started from the STN's θ (needs ``pip install "stn-diffusers[opencv]"`` and the images,
                 not only latents). Where ECC fails, the STN's θ is kept and ``refined`` is False.
             refine_kwargs: keyword arguments of :func:`stn_diffusers.refine.refine_theta_ecc`
                 (``levels``, ``iterations``, ``epsilon``, ``max_side``, ``max_correction``).
+            decode: ``False`` skips the VAE decoder: ``images`` is ``None`` and only the pixel warp
+                (``warped_images``) is returned, in ``output_type``; what ``stn-diffusers align`` writes.
 
         Returns:
             :class:`STNAlignmentPipelineOutput`, or with ``return_dict=False`` the tuple of its fields in
-            order: ``(images, warped_images, theta, latents, displacement, unwarped, refined)``.
+            order: ``(images, warped_images, theta, latents, displacement, unwarped, refined)``. Its tensors
+            are made under ``torch.inference_mode()``: ``clone()`` one to use it with autograd or to
+            change it in place.
         """
         # 1. Check inputs (on RGB lists: converting them checks each image's type, shape and values)
         uses_reference = self.stn.config.conditioning == "reference"
@@ -460,30 +474,32 @@ class STNAlignmentPipeline(DiffusionPipeline):
         references = to_rgb_list(reference, "reference") if reference is not None else None
         self.check_inputs(
             originals, references, latents, reference_latents, height, width, output_type, min_displacement,
-            batch_size, refine,
+            batch_size, refine, decode,
         )  # fmt: skip
         num_images = len(originals) if originals is not None else latents.shape[0]
+        decoding = decode and output_type != "latent"
 
         # 2. Preprocess: the working size (images are resized to it as they are encoded)
         work_height, work_width = self.preprocess(originals, references, latents, height, width)
 
-        encode_references = uses_reference and reference_latents is None
-        batches = [
-            num_images if latents is None else 0,  # images to encode
-            len(references) if encode_references else 0,  # references to encode
-            num_images,  # pairs to align
-            num_images if output_type != "latent" else 0,  # latents to decode
-        ]
-        with self._progress_bar(batch_size, batches) as progress:
+        # Images and references share the working size, so they are encoded together, each VAE call
+        # taking `batch_size` pairs' worth of them (rounded up when one reference is shared by all).
+        images_to_encode = originals if latents is None else []
+        references_to_encode = references if uses_reference and reference_latents is None else []
+        to_encode = images_to_encode + references_to_encode
+        encode_batch = max(1, math.ceil(batch_size * len(to_encode) / num_images))
+        pair_chunks = math.ceil(num_images / batch_size)
+        chunks = [math.ceil(len(to_encode) / encode_batch), pair_chunks, pair_chunks if decoding else 0]
+        with self._progress_bar(chunks) as progress:
             # 3. Encode what was not given as latents
-            if latents is None:
-                latents = self.encode_images(
-                    originals, work_height, work_width, generator, sample_posterior, batch_size, progress
-                )  # (B, C, h, w)
-            if encode_references:
-                reference_latents = self.encode_images(
-                    references, work_height, work_width, generator, sample_posterior, batch_size, progress
-                )  # (1 or B, C, h, w)
+            if to_encode:
+                encoded = self.encode_images(
+                    to_encode, work_height, work_width, generator, sample_posterior, encode_batch, progress
+                )  # (images + references, C, h, w)
+                if images_to_encode:
+                    latents = encoded[:num_images]  # (B, C, h, w)
+                if references_to_encode:
+                    reference_latents = encoded[len(images_to_encode) :]  # (1 or B, C, h, w)
             if reference_latents is not None and reference_latents.shape[0] == 1 and num_images > 1:
                 reference_latents = reference_latents.expand(num_images, -1, -1, -1)  # one shared reference
 
@@ -501,17 +517,17 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 latents.float(), theta.to(latents.device), padding_mode=self.stn.config.padding_mode
             ).to(latents.dtype)
 
-            # 5. Decode
+            # 5. Decode (never for the latents or the pixel warp alone)
             decoded = None
-            if output_type != "latent":
+            if decoding:
                 decoded = self.decode(aligned_latents, batch_size, progress)  # (B, 3, h·f, w·f) in [-1, 1]
 
         # 6. Postprocess
         images = warped_images = None
         if decoded is not None:
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
-            if originals is not None:
-                warped_images = self._warp_originals(originals, theta, unwarped, output_type)
+        if originals is not None and output_type != "latent":
+            warped_images = self._warp_originals(originals, theta, unwarped, output_type)
 
         self.maybe_free_model_hooks()
         output = STNAlignmentPipelineOutput(
