@@ -32,7 +32,6 @@ import torch
 
 from . import files, geometry, metrics
 from .data import Pair, bundled_photos, seeded_pairs
-from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 
 if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, so the CLI starts fast
     from matplotlib.figure import Figure
@@ -160,6 +159,9 @@ def identity_check(pipe, latents: torch.Tensor) -> dict:
     ``identity_rate`` is the share of samples whose θ lies within :data:`IDENTITY_TOLERANCE` of
     the identity in every entry, ``latent_difference`` the mean ``|warp(x, θ) - x|``.
     """
+    # Imported here: the CLI imports this module for its defaults, and diffusers takes seconds to load.
+    from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
+
     if not isinstance(pipe, STNAlignmentPipeline):
         raise TypeError(f"expected an STNAlignmentPipeline (its θ path batches the latents), got {type(pipe).__name__}")
     latents = latents.float().cpu()

@@ -77,7 +77,7 @@ def _align_pair(pipe, name, reference, moving, true_theta, refine_theta) -> tupl
     theta, latents = estimate.theta, estimate.latents  # (1, 2, 3); (2, C, h, w): moving, reference
     row.seconds["stn"] = estimate.seconds
     row.seconds_with_encode["stn"] = estimate.seconds + estimate.encode_seconds
-    output = pipe(moving, latents=latents[:1], reference_latents=latents[1:], output_type="pt")
+    output = pipe(moving, latents=latents[:1], reference_latents=latents[1:], output_type="pt", decode=False)
     aligned = output.warped_images[0]  # the original moving image warped by θ at full resolution
     identity = geometry.identity_theta(1)
     if true_theta is not None:

@@ -57,10 +57,15 @@ def text_writer(text: str) -> Writer:
     return lambda partial: partial.write_text(text, encoding="utf-8")
 
 
+PNG_COMPRESS_LEVEL = 1
+
+
 def image_writer(picture: PIL.Image.Image, path: str | os.PathLike) -> Writer:
     """A :func:`write_outputs` writer that saves ``picture`` in the format of ``path``'s extension."""
     name = image_format(path)
-    return lambda partial: picture.save(partial, format=name)
+    # Fast PNG compression: a file ~8 % larger, written ~4× faster (the save was a visible share of `align`).
+    options = {"compress_level": PNG_COMPRESS_LEVEL} if name == "PNG" else {}
+    return lambda partial: picture.save(partial, format=name, **options)
 
 
 def figure_writer(figure, path: str | os.PathLike, **savefig_options) -> Writer:
