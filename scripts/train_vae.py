@@ -1,9 +1,27 @@
-"""Train a small ``diffusers.AutoencoderKL`` with Stable Diffusion's latent layout, from scratch, on CPU.
+"""Train a small diffusers VAE (``AutoencoderKL`` or ``AutoencoderTiny``) with Stable Diffusion's latent layout,
+from scratch, on CPU.
 
 The latent layout is Stable Diffusion's: 8x downsampling (four resolution levels, three downsamples)
 and 4 latent channels, so latents of a 512x512 image are (4, 64, 64). The model is small enough that its
 fp16 safetensors weights take about 4 MB. The embedded default's VAE trained for 32 minutes on two CPU
 threads (8,805 steps) to 23.2 dB held-out PSNR; 24 minutes on one thread reach about 22.6 dB.
+
+``--vae_type`` picks the class:
+
+- ``autoencoder_kl`` (the default): one width per level (``--block_out_channels``), shared by the
+  encoder and the decoder, ``--layers_per_block`` ResNets per level, GroupNorm, a Gaussian posterior.
+- ``autoencoder_tiny``: TAESD's architecture. The encoder and the decoder are sized independently
+  (``--encoder_block_out_channels``/``--num_encoder_blocks``, ``--decoder_block_out_channels``/
+  ``--num_decoder_blocks``; each keeps one width at every level), so a narrow encoder with no block at
+  full resolution can feed a wider decoder: the encoder is what alignment runs, the decoder only
+  reconstructs. The encoder is deterministic (``encode(x).latents``): no posterior, no KL term, and the
+  KL-only flags (``--kl_weight``, ``--initial_posterior_logvar``, ``--norm_num_groups``) are ignored.
+  diffusers' pretrained TAESD ships ``scaling_factor`` 1.0 because it was distilled to reproduce the
+  already scaled latents of Stable Diffusion's VAE; a model trained here has its own latent scale, so
+  ``scaling_factor`` is measured as for AutoencoderKL and pipelines multiply ``latents`` by it, as
+  they do for any VAE. ``latent_magnitude`` and ``latent_shift`` keep their defaults: they only map raw
+  latents to [0, 1] for storage as images (``scale_latents``), and the decoder soft-clamps raw latents
+  to +-``latent_magnitude`` with a tanh, inside which training keeps them.
 
 Usage (after ``python scripts/fetch_photos.py --output data/photos``; ``scripts/train_default.py``
 runs it with the embedded default's flags)::
@@ -15,7 +33,7 @@ runs it with the embedded default's flags)::
 Training: random square crops (``--resolution``) with random horizontal flips, taken from the training
 photos resized to several scales (``--train_scales``, shorter side in pixels) so that detail at the
 evaluation scale is seen. Loss = L1 on pixels in [-1, 1] + ``--gradient_loss_weight`` x L1 on the
-horizontal and vertical finite differences + ``--kl_weight`` x KL, where the KL is summed over the
+horizontal and vertical finite differences + ``--kl_weight`` x KL (AutoencoderKL only), where the KL is summed over the
 latent and divided by the number of pixel values, so that the weight has the meaning it had in Stable
 Diffusion (whose reconstruction loss was a sum over pixels). AdamW with linear warm-up and cosine decay
 that ends at ``--max_train_steps`` or at the ``--max_train_minutes`` budget, whichever comes first (so the
@@ -29,10 +47,11 @@ average colour of an image is removed and has to be re-learned from differences 
 which showed as washed-out colours. With one group only the overall mean and scale are removed.
 
 After training, ``scaling_factor`` is set from the data as Stable Diffusion did: one over the standard
-deviation of the posterior-mode latents of training crops (``shift_factor`` stays None). The model is
-evaluated on the held-out photos: shorter side resized to 512, 512x512 centre crop, posterior mode,
-decode, PSNR on [0, 1]. Writes ``<output_dir>/config.json``, ``diffusion_pytorch_model.safetensors``
-(fp32) and ``train_log.json`` (settings, wall time, final losses, held-out PSNR per image).
+deviation of the posterior-mode latents of training crops (an AutoencoderTiny's deterministic latents;
+``shift_factor`` stays at the class default). The model is evaluated on the held-out photos: shorter
+side resized to 512, 512x512 centre crop, posterior mode, decode, PSNR on [0, 1]. Writes
+``<output_dir>/config.json``, ``diffusion_pytorch_model.safetensors`` (fp32) and ``train_log.json``
+(settings, wall time, final losses, held-out PSNR per image).
 
 ``--seed`` seeds the initial weights, the crops and the posterior samples: the same command gives the
 same weights (bit for bit on the same machine) unless ``--max_train_minutes`` ends training first.
@@ -59,10 +78,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -78,6 +98,9 @@ logger = get_logger(__name__)
 NUM_LEVELS = 4
 LATENT_CHANNELS = 4
 DOWNSAMPLE_FACTOR = 2 ** (NUM_LEVELS - 1)
+# --vae_type values, named after the diffusers classes.
+AUTOENCODER_KL = "autoencoder_kl"
+AUTOENCODER_TINY = "autoencoder_tiny"
 
 
 def parse_args(argv=None):
@@ -90,6 +113,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for initialisation and crop sampling.")
     # Model.
     parser.add_argument(
+        "--vae_type", type=str, default=AUTOENCODER_KL, choices=list(VAE_BUILDERS), help="The diffusers VAE class."
+    )
+    parser.add_argument(
+        "--zero_init_residuals", type=int, default=1, choices=[0, 1], help="1: residual blocks start as identity."
+    )
+    # AutoencoderKL: one width per level, shared by the encoder and the decoder.
+    parser.add_argument(
         "--block_out_channels", type=int, nargs=NUM_LEVELS, default=[32, 64, 64, 96], help="Channels per level."
     )
     parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet blocks per encoder level.")
@@ -97,10 +127,29 @@ def parse_args(argv=None):
         "--norm_num_groups", type=int, default=1, help="GroupNorm groups (see the docstring); divides every width."
     )
     parser.add_argument(
-        "--zero_init_residuals", type=int, default=1, choices=[0, 1], help="1: residual blocks start as identity."
+        "--mid_block_add_attention", type=int, default=1, choices=[0, 1],
+        help="1: self-attention in the middle blocks (costly on the encoder's 64x64 latent grid at 512 px).",
     )
     parser.add_argument(
         "--initial_posterior_logvar", type=float, default=-6.0, help="Initial posterior log-variance."
+    )
+    parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the per-pixel KL term.")
+    # AutoencoderTiny: encoder and decoder sized independently; each keeps one width at every level.
+    parser.add_argument(
+        "--encoder_block_out_channels", type=int, nargs=NUM_LEVELS, default=[16, 16, 16, 16],
+        help="AutoencoderTiny encoder width per level (all equal).",
+    )
+    parser.add_argument(
+        "--num_encoder_blocks", type=int, nargs=NUM_LEVELS, default=[0, 0, 2, 3],
+        help="AutoencoderTiny residual blocks per encoder level, finest first (0: the level's conv only).",
+    )
+    parser.add_argument(
+        "--decoder_block_out_channels", type=int, nargs=NUM_LEVELS, default=[48, 48, 48, 48],
+        help="AutoencoderTiny decoder width per level (all equal).",
+    )
+    parser.add_argument(
+        "--num_decoder_blocks", type=int, nargs=NUM_LEVELS, default=[3, 3, 3, 1],
+        help="AutoencoderTiny residual blocks per decoder level, coarsest first.",
     )
     # Data.
     parser.add_argument("--resolution", type=int, default=64, help="Side of the square training crops.")
@@ -121,7 +170,6 @@ def parse_args(argv=None):
     parser.add_argument("--adam_beta2", type=float, default=0.99)
     parser.add_argument("--adam_weight_decay", type=float, default=0.0)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the per-pixel KL term.")
     parser.add_argument(
         "--gradient_loss_weight", type=float, default=0.0, help="Weight of the L1 loss on image gradients."
     )
@@ -140,11 +188,17 @@ def parse_args(argv=None):
     parser.add_argument("--eval_resolution", type=int, default=512, help="Side of the held-out centre crops.")
     args = parser.parse_args(argv)
 
-    if any(width % args.norm_num_groups for width in args.block_out_channels):
+    if args.vae_type == AUTOENCODER_KL and any(width % args.norm_num_groups for width in args.block_out_channels):
         raise ValueError(
             f"expected norm_num_groups to divide every block width, got {args.norm_num_groups} "
             f"and {args.block_out_channels}"
         )
+    if args.vae_type == AUTOENCODER_TINY:
+        # EncoderTiny and DecoderTiny map each level to the next with a width-preserving conv.
+        for name in ("encoder_block_out_channels", "decoder_block_out_channels"):
+            widths = getattr(args, name)
+            if len(set(widths)) != 1:
+                raise ValueError(f"expected one {name} value at every level for autoencoder_tiny, got {widths}")
     if args.resolution % DOWNSAMPLE_FACTOR or args.eval_resolution % DOWNSAMPLE_FACTOR:
         raise ValueError(
             f"expected resolutions divisible by {DOWNSAMPLE_FACTOR}, got {args.resolution} and {args.eval_resolution}"
@@ -154,7 +208,7 @@ def parse_args(argv=None):
     return args
 
 
-def build_vae(args) -> AutoencoderKL:
+def build_autoencoder_kl(args) -> AutoencoderKL:
     """A freshly initialised AutoencoderKL with Stable Diffusion's latent layout."""
     vae = AutoencoderKL(
         in_channels=3,
@@ -165,17 +219,46 @@ def build_vae(args) -> AutoencoderKL:
         layers_per_block=args.layers_per_block,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=args.norm_num_groups,
+        mid_block_add_attention=bool(args.mid_block_add_attention),
         sample_size=args.eval_resolution,
     )
-    if args.zero_init_residuals:
-        _init_residual_branches_to_zero(vae)
     if args.initial_posterior_logvar is not None:
         _init_posterior_logvar(vae, args.initial_posterior_logvar)
     return vae
 
 
-def _init_residual_branches_to_zero(vae: AutoencoderKL) -> None:
-    """Zero the last layer of every residual branch, so that each ResNet and attention block starts as identity.
+def build_autoencoder_tiny(args) -> AutoencoderTiny:
+    """A freshly initialised AutoencoderTiny (TAESD's architecture) with Stable Diffusion's latent layout.
+
+    Its encoder is deterministic (``encode(x).latents``, no posterior) and its decoder soft-clamps the
+    raw latents to +-``latent_magnitude`` (3) with a tanh; ``scaling_factor`` is set from the data
+    after training, as for AutoencoderKL, so pipelines see unit-variance latents.
+    """
+    return AutoencoderTiny(
+        in_channels=3,
+        out_channels=3,
+        encoder_block_out_channels=tuple(args.encoder_block_out_channels),
+        decoder_block_out_channels=tuple(args.decoder_block_out_channels),
+        num_encoder_blocks=tuple(args.num_encoder_blocks),
+        num_decoder_blocks=tuple(args.num_decoder_blocks),
+        latent_channels=LATENT_CHANNELS,
+    )
+
+
+VAE_BUILDERS = {AUTOENCODER_KL: build_autoencoder_kl, AUTOENCODER_TINY: build_autoencoder_tiny}
+
+
+def build_vae(args) -> AutoencoderKL | AutoencoderTiny:
+    """A freshly initialised VAE of ``args.vae_type``."""
+    vae = VAE_BUILDERS[args.vae_type](args)
+    if args.zero_init_residuals:
+        _init_residual_branches_to_zero(vae)
+    return vae
+
+
+def _init_residual_branches_to_zero(vae: AutoencoderKL | AutoencoderTiny) -> None:
+    """Zero the last layer of every residual branch, so that each ResNet and attention block starts as identity
+    (an AutoencoderTiny block as the ReLU it ends with).
 
     The same initialisation as the zero-initialised output layers of ADM-style diffusion models: the
     network starts shallow and deepens as it learns, which trains faster from scratch.
@@ -183,11 +266,15 @@ def _init_residual_branches_to_zero(vae: AutoencoderKL) -> None:
     with torch.no_grad():
         for module in vae.modules():
             if isinstance(module, ResnetBlock2D):
-                module.conv2.weight.zero_()
-                module.conv2.bias.zero_()
+                last = module.conv2
             elif isinstance(module, Attention):
-                module.to_out[0].weight.zero_()
-                module.to_out[0].bias.zero_()
+                last = module.to_out[0]
+            elif isinstance(module, AutoencoderTinyBlock):
+                last = module.conv[-1]
+            else:
+                continue
+            last.weight.zero_()
+            last.bias.zero_()
 
 
 def _init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
@@ -314,32 +401,54 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def encode_deterministic(vae: AutoencoderKL | AutoencoderTiny, images: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents (B, 4, H/8, W/8) of (B, 3, H, W) images in [-1, 1]: an AutoencoderKL's posterior
+    mode, an AutoencoderTiny's ``latents``."""
+    encoded = vae.encode(images)
+    return encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+
+
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-    """Encode to the posterior mode and decode, in fp32: (B, 3, H, W) in [-1, 1] -> same shape."""
+def reconstruct(vae: AutoencoderKL | AutoencoderTiny, images: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Encode deterministically and decode, in fp32: (B, 3, H, W) in [-1, 1] -> same shape."""
     outputs = []
     for batch in images.split(batch_size):
-        outputs.append(vae.decode(vae.encode(batch).latent_dist.mode()).sample)
+        outputs.append(vae.decode(encode_deterministic(vae, batch)).sample)
     return torch.cat(outputs)
 
 
 @torch.no_grad()
-def latent_statistics(vae: AutoencoderKL, sampler: CropSampler, num_crops: int, batch_size: int) -> tuple[float, float]:
-    """Mean and standard deviation of the posterior-mode latents of ``num_crops`` training crops."""
+def latent_statistics(
+    vae: AutoencoderKL | AutoencoderTiny, sampler: CropSampler, num_crops: int, batch_size: int
+) -> tuple[float, float]:
+    """Mean and standard deviation of the deterministic latents of ``num_crops`` training crops."""
     latents = []
     for start in range(0, num_crops, batch_size):
         crops = sampler.sample(min(batch_size, num_crops - start))
-        latents.append(vae.encode(crops).latent_dist.mode())
+        latents.append(encode_deterministic(vae, crops))
     latents = torch.cat(latents)
     return latents.mean().item(), latents.std().item()
 
 
-def fp16_safetensors_bytes(vae: AutoencoderKL) -> int:
+def fp16_safetensors_bytes(vae: AutoencoderKL | AutoencoderTiny) -> int:
     """Size on disk of the fp16 safetensors weights, measured by saving a copy."""
     with tempfile.TemporaryDirectory() as folder:
         state = {k: v.half() for k, v in vae.state_dict().items()}
         save_file(state, os.path.join(folder, "model.safetensors"))
         return os.path.getsize(os.path.join(folder, "model.safetensors"))
+
+
+def model_summary(vae: AutoencoderKL | AutoencoderTiny) -> dict:
+    """The config entries that size the model, as plain JSON values."""
+    if isinstance(vae, AutoencoderTiny):
+        keys = ("encoder_block_out_channels", "num_encoder_blocks", "decoder_block_out_channels", "num_decoder_blocks")
+    else:
+        keys = ("block_out_channels", "layers_per_block", "mid_block_add_attention")
+    summary = {}
+    for key in keys:
+        value = vae.config[key]
+        summary[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return summary
 
 
 def main(args):
@@ -367,7 +476,7 @@ def main(args):
     # 2. Model and optimiser.
     vae = build_vae(args)
     num_parameters = sum(p.numel() for p in vae.parameters())
-    logger.info(f"AutoencoderKL {args.block_out_channels}: {num_parameters / 1e6:.2f} M parameters")
+    logger.info(f"{type(vae).__name__} {model_summary(vae)}: {num_parameters / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(
         vae.parameters(),
         lr=args.learning_rate,
@@ -402,13 +511,17 @@ def main(args):
         lr = schedule.step(step)
         images = sampler.sample(args.train_batch_size)  # (B, 3, R, R) in [-1, 1]
         with accelerator.autocast():
-            moments = vae.encode(images).latent_dist.parameters  # (B, 8, R/8, R/8)
-            # KL and sampling in fp32: logvar is exponentiated.
-            posterior = DiagonalGaussianDistribution(moments.float())
-            reconstruction = vae.decode(posterior.sample(generator=sampler.generator)).sample.float()
+            encoded = vae.encode(images)
+            if hasattr(encoded, "latent_dist"):
+                # KL and sampling in fp32: logvar is exponentiated.
+                posterior = DiagonalGaussianDistribution(encoded.latent_dist.parameters.float())  # (B, 8, R/8, R/8)
+                latents = posterior.sample(generator=sampler.generator)
+            else:  # a deterministic encoder (AutoencoderTiny): no posterior, no KL
+                posterior, latents = None, encoded.latents  # (B, 4, R/8, R/8)
+            reconstruction = vae.decode(latents).sample.float()
         l1 = F.l1_loss(reconstruction, images)
         gradient = gradient_l1(reconstruction, images)
-        kl = posterior.kl().mean() / images[0].numel()
+        kl = posterior.kl().mean() / images[0].numel() if posterior is not None else torch.zeros(())
         loss = l1 + args.gradient_loss_weight * gradient + args.kl_weight * kl
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
@@ -451,9 +564,8 @@ def main(args):
     log = {
         "settings": vars(args),
         "model": {
-            "class": "AutoencoderKL",
-            "block_out_channels": list(vae.config.block_out_channels),
-            "layers_per_block": vae.config.layers_per_block,
+            "class": type(vae).__name__,
+            **model_summary(vae),
             "latent_channels": vae.config.latent_channels,
             "downsample_factor": DOWNSAMPLE_FACTOR,
             "parameters": num_parameters,
@@ -472,7 +584,8 @@ def main(args):
         },
         "heldout": {
             "protocol": f"shorter side resized to {args.eval_resolution} (Lanczos), centre crop "
-            f"{args.eval_resolution}x{args.eval_resolution}, posterior mode, fp32, PSNR on [0, 1]",
+            f"{args.eval_resolution}x{args.eval_resolution}, deterministic latents (an AutoencoderKL's posterior "
+            "mode), fp32, PSNR on [0, 1]",
             "psnr_mean": round(scores.mean().item(), 3),
             "psnr_median": round(scores.median().item(), 3),
             "psnr_per_image": per_image,
