@@ -245,12 +245,17 @@ def gradient_flow(
 
 # ---------------------------------------------------------------------------------- θ statistics
 def theta_statistics(predicted: torch.Tensor, true: torch.Tensor, height: int, width: int) -> dict:
-    """Predicted against true θ ``(B, 2, 3)`` for ``height × width`` pixel pairs.
+    """Predicted against true affine θ ``(B, 2, 3)`` for ``height × width`` pixel pairs.
 
     Returns the mean absolute error per entry (``(2, 3)``) and over all entries, and the corner
     error (pixels) of the prediction and of the identity (doing nothing), each summarised by
     :func:`~stn_diffusers.metrics.summarize_errors`.
     """
+    if predicted.shape != true.shape or tuple(true.shape[1:]) != (2, 3):
+        raise ValueError(
+            "expected predicted and true θ of one shape (B, 2, 3), "
+            f"got {tuple(predicted.shape)} and {tuple(true.shape)}"
+        )
     identity = geometry.identity_theta(true.shape[0])
     errors = geometry.corner_error(predicted.double(), true.double(), height, width)
     baseline = geometry.corner_error(identity.double(), true.double(), height, width)
@@ -440,39 +445,14 @@ def _figure_writers(figures: dict[Path, Figure]) -> dict[Path, files.Writer]:
 
 
 # ------------------------------------------------------------------------------ one figure to a file
-# analyze writes its figures together with the report; these draw and write the figures of one
-# measurement (a notebook's view of it), all or none, making the folder when it is missing.
+# analyze writes its figures together with the report; this writes one measurement's figures on
+# their own (a notebook's view of it), all or none, making the folder when it is missing.
 def _write_figures(figures: dict[str | Path, Figure]) -> list[Path]:
     paths = {Path(path): figure for path, figure in figures.items()}
     for path in paths:
         files.check_writable_folder(path.parent, f"the figure {str(path)!r}")
     files.write_outputs(_figure_writers(paths))
     return list(paths)
-
-
-def plot_gradient_flow(flow: dict, path: str | Path) -> Path:
-    """:func:`gradient_flow_figure` written to ``path``."""
-    return _write_figures({path: gradient_flow_figure(flow)})[0]
-
-
-def plot_theta_scatter(predicted: torch.Tensor, true: torch.Tensor, stats: dict, path: str | Path) -> Path:
-    """:func:`theta_scatter_figure` written to ``path``."""
-    return _write_figures({path: theta_scatter_figure(predicted, true, stats)})[0]
-
-
-def plot_corner_error(stats: dict, path: str | Path) -> Path:
-    """:func:`corner_error_figure` written to ``path``."""
-    return _write_figures({path: corner_error_figure(stats)})[0]
-
-
-def plot_grid(
-    pipe, pairs: list[Pair], moving_latents: torch.Tensor, reference_latents: torch.Tensor, directory: str | Path
-) -> tuple[Path, Path]:
-    """:func:`grid_figures` written to ``grid.png`` and ``latents.png`` in ``directory``, both or neither."""
-    grid, latents = grid_figures(pipe, pairs, moving_latents, reference_latents)
-    directory = Path(directory)
-    paths = _write_figures({directory / FIGURES["grid"]: grid, directory / FIGURES["latents"]: latents})
-    return paths[0], paths[1]
 
 
 def plot_training_curves(records: list[dict], path: str | Path) -> tuple[Path, dict]:
@@ -513,6 +493,12 @@ def analyze(
     """
     if int(num_pairs) < 1:
         raise ValueError(f"expected num_pairs >= 1, got {num_pairs}")
+    # The θ statistics and figures read the six entries of an affine θ.
+    if geometry.get_warp_range(warp).perspective > 0 or pipe.stn.config.transform == "homography":
+        raise ValueError(
+            f"expected an affine warp and stn (the report compares the 2×3 entries of θ), got warp={warp!r} and "
+            f"transform={pipe.stn.config.transform!r}; measure homographies with `stn-diffusers evaluate`"
+        )
     if int(num_visual) < 0:
         raise ValueError(f"expected num_visual >= 0, got {num_visual}")
     output_dir = Path(output_dir)
@@ -674,10 +660,6 @@ __all__ = [
     "gradient_flow_figure",
     "identity_check",
     "layer_table",
-    "plot_corner_error",
-    "plot_gradient_flow",
-    "plot_grid",
-    "plot_theta_scatter",
     "plot_training_curves",
     "read_metrics",
     "theta_scatter_figure",

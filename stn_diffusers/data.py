@@ -79,7 +79,8 @@ def load_images(paths: list[Path], strict: bool = False) -> tuple[list[PIL.Image
 def load_photo_folder(folder: str | os.PathLike, strict: bool = False) -> tuple[list[torch.Tensor], list[Path]]:
     """Every readable photo under ``folder`` (recursive, sorted) as ``(3, H, W)`` tensors in ``[0, 1]``,
     upright (EXIF orientation applied), and their paths. The one photo-folder loader of the project:
-    fine-tuning, evaluation, analysis and VAE training all read folders through it.
+    fine-tuning, evaluation and analysis read folders through it (VAE training keeps PIL images for its
+    own resizes, from the same :func:`list_images` and :func:`load_images`).
 
     Unreadable files are skipped with one warning (``strict=True``: the first one raises).
     """
@@ -151,7 +152,8 @@ def make_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reference, moving)``, each ``(3, resolution, resolution)``, from one source ``(3, H, W)``.
 
-    ``theta`` ``(1, 2, 3)`` is the misalignment to synthesise (the θ that aligns moving onto reference).
+    ``theta`` ``(1, 2, 3)`` or ``(1, 3, 3)`` is the misalignment to synthesise (the θ that aligns
+    moving onto reference).
     """
     crop = crop_theta(tuple(source.shape[-2:]), resolution, generator, margin)
     size = (resolution, resolution)
@@ -432,7 +434,8 @@ class LatentPairPool:
                 otherwise it is another warped view (a compound, usually larger, misalignment).
 
         Returns:
-            ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3), "image_index": (B,)}``
+            ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3) or (B, 3, 3),
+            "image_index": (B,)}``
         """
 
         def randint(high: int) -> int:

@@ -74,11 +74,11 @@ def _align_pair(pipe, name, reference, moving, true_theta, refine_theta) -> tupl
     height, width = reference.shape[-2:]
     row = DemoRow(name=name)
     estimate = estimate_stn(pipe, reference, moving)
-    theta, latents = estimate.theta, estimate.latents  # (1, 2, 3); (2, C, h, w): moving, reference
+    theta = estimate.theta  # (1, 2, 3)
     row.seconds["stn"] = estimate.seconds
     row.seconds_with_encode["stn"] = estimate.seconds + estimate.encode_seconds
-    output = pipe(moving, latents=latents[:1], reference_latents=latents[1:], output_type="pt", decode=False)
-    aligned = output.warped_images[0]  # the original moving image warped by θ at full resolution
+    # The original moving image warped by θ at full resolution, as the pipeline's `warped_images`.
+    aligned = geometry.warp(moving[None], theta, mode="bicubic")[0].clamp(0, 1)
     identity = geometry.identity_theta(1)
     if true_theta is not None:
         row.errors["identity"] = float(geometry.corner_error(identity, true_theta, height, width))

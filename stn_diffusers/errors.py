@@ -3,8 +3,10 @@
 ``stn-diffusers`` and ``python -m stn_diffusers.finetune`` run their work through
 :func:`run_reporting_errors`. An error caused by input (a missing file, a bad flag value, an
 unwritable folder) prints ``error: <message>`` on stderr and returns exit status 2; with
-``debug=True`` (the ``--debug`` flag) the traceback is printed too. Programming errors are not
-caught: they keep their traceback.
+``debug=True`` (the ``--debug`` flag) the traceback is printed too. The library raises
+``ValueError``/``TypeError`` for bad input at its public boundary, so those are reported the same way;
+other exceptions (``RuntimeError``, ``KeyError``…) are not caught and keep their traceback, and a
+``ValueError`` raised by a bug shows its traceback with ``--debug``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-# The exceptions that mean "the input was wrong", not "the code is wrong".
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, PermissionError, OSError)
+# The exceptions that mean "the input was wrong" (OSError covers missing files and permissions).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
 USER_ERROR_EXIT_CODE = 2
 
 

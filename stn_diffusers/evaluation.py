@@ -10,9 +10,9 @@ given) and, for learned aligners, :data:`~stn_diffusers.metrics.TIME_PER_PAIR_WI
 
     stn-diffusers evaluate --pipeline tuned=data/default_stn_run --data data/photos/heldout --json out.json
 
-Convention: every estimator returns θ ``(1, 2, 3)`` aligning the moving image onto the reference
-(see :mod:`stn_diffusers.geometry`); its pixel matrix maps a reference pixel to the moving-image
-position that shows it.
+Convention: every estimator returns θ ``(1, 2, 3)`` (or a homography ``(1, 3, 3)``) aligning the
+moving image onto the reference (see :mod:`stn_diffusers.geometry`); its pixel matrix maps a
+reference pixel to the moving-image position that shows it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from .refine import OPENCV_INSTALL_HINT, import_cv2, refine_theta_ecc, to_gray
 
 logger = logging.getLogger(__name__)
 
-# The methods a learned pipeline runs: the STN alone, and followed by ECC from its θ.
 # Methods that need an STN pipeline: the STN alone, the STN then ECC, and the latent floor of its VAE.
 STN_METHODS = ("stn", "stn+ecc", "latent-floor")
 DEFAULT_METHODS = ("identity", *STN_METHODS, "ecc", "sift", "orb", "phase", "kornia")
@@ -136,7 +135,7 @@ def estimate_phase(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tenso
 def estimate_kornia(
     reference: torch.Tensor, moving: torch.Tensor, num_iterations: int = KORNIA_ITERATIONS
 ) -> torch.Tensor:
-    """kornia's ``ImageRegistrator`` (homography, gradient descent on a pyramid), affine part kept.
+    """kornia's ``ImageRegistrator`` (homography, gradient descent on a pyramid): θ ``(1, 3, 3)``.
 
     ``register(src, dst)`` returns the map from ``dst`` to ``src`` normalised coordinates
     (``align_corners=False``), our θ with ``src = moving`` and ``dst = reference``.
@@ -151,7 +150,7 @@ def estimate_kornia(
     homography = homography / homography[:, 2:, 2:]
     if not torch.isfinite(homography).all():
         raise EstimationError("kornia: non-finite homography")
-    return homography[:, :2, :].float()
+    return homography.float()
 
 
 CLASSICAL_ESTIMATORS = {
@@ -211,7 +210,7 @@ class MethodResult:
 
 
 def pair_error(theta: torch.Tensor, pair: Pair) -> float:
-    """MACE in pixels of the estimate ``theta`` ``(1, 2, 3)`` on ``pair``."""
+    """MACE in pixels of the estimate ``theta`` ``(1, 2, 3)`` or ``(1, 3, 3)`` on ``pair``."""
     height, width = pair.reference.shape[-2:]
     return float(geometry.corner_error(theta.double(), pair.theta[None].double(), height, width)[0])
 
@@ -270,7 +269,8 @@ class StnEstimate:
     """θ of one pair from an STN pipeline, timed as the benchmark times it (:func:`estimate_stn`).
 
     Args:
-        theta (`torch.Tensor` of shape `(1, 2, 3)`): aligns the moving image onto the reference, float32 on the CPU.
+        theta (`torch.Tensor` of shape `(1, 2, 3)` or `(1, 3, 3)`): aligns the moving image onto the
+            reference, float32 on the CPU.
         latents (`torch.Tensor` of shape `(2, C, h, w)`): the moving and the reference latents, in that order.
         seconds: estimation with the latents given (:data:`~stn_diffusers.metrics.TIME_PER_PAIR`).
         encode_seconds: the VAE encode of both images; ``seconds + encode_seconds`` is

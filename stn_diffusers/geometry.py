@@ -125,7 +125,8 @@ def apply_theta(theta: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return mapped
     denominator = mapped[..., 2:]
     # Keep the sign but never divide by (almost) zero: such points lie on the horizon line.
-    safe = torch.where(denominator.abs() < MIN_PROJECTIVE_DENOMINATOR, MIN_PROJECTIVE_DENOMINATOR, denominator)
+    floor = torch.where(denominator < 0, -MIN_PROJECTIVE_DENOMINATOR, MIN_PROJECTIVE_DENOMINATOR)
+    safe = torch.where(denominator.abs() < MIN_PROJECTIVE_DENOMINATOR, floor, denominator)
     return mapped[..., :2] / safe
 
 

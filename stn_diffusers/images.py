@@ -80,7 +80,8 @@ def is_upright(image: PIL.Image.Image) -> bool:
 
 def to_pil_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """Upright RGB copy of a PIL image of any mode (16-bit grey scaled to 8 bits, alpha dropped)."""
-    image = upright(image)
+    if not is_upright(image):  # exif_transpose copies even when there is nothing to turn
+        image = upright(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if array.max() > 255 else 255.0

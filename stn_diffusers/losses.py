@@ -18,7 +18,8 @@ class ThetaCascade(nn.Module):
     """Wraps the STN so that one ``forward`` returns every cascade iteration's θ.
 
     Distributed data parallel synchronises gradients through ``forward`` only, so training calls
-    this instead of ``stn.predict_theta``. ``(B, C, h, w)`` × 2 → list of ``(B, 2, 3)``.
+    this instead of ``stn.predict_theta``. ``(B, C, h, w)`` × 2 → list of θ ``(B, 2, 3)``
+    (``(B, 3, 3)`` for a homography model).
     """
 
     def __init__(self, stn: SpatialTransformer):
@@ -49,7 +50,7 @@ def training_loss(
 
     Args:
         stn: a :class:`SpatialTransformer` or a :class:`ThetaCascade` around one.
-        batch: ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3)}`` on the
+        batch: ``{"moving": (B, C, h, w), "reference": (B, C, h, w), "theta": (B, 2, 3) or (B, 3, 3)}`` on the
             STN's device; ``theta`` aligns moving onto reference.
         resolution: pixels per side the corner error is measured in.
         corner_weight: mean corner error in pixels of every cascade iteration's θ (iteration ``k``

@@ -207,6 +207,12 @@ class TestInputs:
             analysis.read_metrics(tmp_path / "metrics.jsonl")
         with pytest.raises(ValueError, match="step"):
             analysis.plot_training_curves([{"epoch": 1}], tmp_path / "curves.png")
+        # The report compares the six entries of an affine θ: homographies are refused before any work.
+        with pytest.raises(ValueError, match="expected an affine warp and stn"):
+            analysis.analyze(seed_pipeline, tmp_path / "projective", num_pairs=1, warp="projective")
+        assert not (tmp_path / "projective").exists()
+        with pytest.raises(ValueError, match=r"one shape \(B, 2, 3\)"):
+            analysis.theta_statistics(geometry.identity_theta(2), geometry.random_theta(2, "projective"), 64, 64)
 
     def test_cli_reports_a_missing_data_folder(self, tmp_path, seed_pipeline, capsys):
         seed_pipeline.save_pretrained(tmp_path / "pipeline")
