@@ -22,14 +22,12 @@ import torch
 
 from . import data, files, geometry, refine
 from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
-from .images import load_image
+from .images import load_image, open_image
 
 # The files of a saved pipeline folder that loading reads (diffusers' names).
 MODEL_INDEX = "model_index.json"
 COMPONENT_CONFIG = "config.json"
 COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# A benchmark of alignment needs a misalignment: every preset but the identity one.
-EVALUATION_WARPS = tuple(name for name in geometry.WARP_PRESETS if name != "none")
 DEBUG_HELP = "on an error, print the traceback as well as the one-line message"
 
 
@@ -136,9 +134,19 @@ def run_align(args: argparse.Namespace) -> dict:
         from .inpainting import load_mask  # lazily: it imports Stable Diffusion's inpainting parts
 
         mask = load_mask(args.mask)
+    # Upright and in its own mode: the pipeline applies the mask value rules (white = ignore).
+    ignore_mask = open_image(args.ignore_mask, "ignore mask") if args.ignore_mask is not None else None
+    if ignore_mask is not None and ignore_mask.size != reference.size:
+        raise ValueError(
+            f"expected --ignore-mask of the reference's size, {reference.width}×{reference.height} (it marks "
+            f"pixels of the reference), got {ignore_mask.width}×{ignore_mask.height}"
+        )
     files.check_outputs(
         {"--output": args.output, "--output-mask": args.output_mask, "--json": args.json},
-        inputs={"--image": args.image, "--reference": args.reference, "--mask": args.mask},
+        inputs={
+            "--image": args.image, "--reference": args.reference, "--mask": args.mask,
+            "--ignore-mask": args.ignore_mask,
+        },  # fmt: skip
         images=("--output", "--output-mask"),
         overwrite=args.overwrite,
         overwrite_label="--overwrite",
@@ -147,9 +155,9 @@ def run_align(args: argparse.Namespace) -> dict:
     # 2. Align
     pipe = load_pipeline(args.pipeline, device)
     if mask is not None:
-        pictures, report = _align_with_mask(args, pipe, image, mask, reference)
+        pictures, report = _align_with_mask(args, pipe, image, mask, reference, ignore_mask)
     else:
-        pictures, report = _align_image(args, pipe, image, reference)
+        pictures, report = _align_image(args, pipe, image, reference, ignore_mask)
 
     # 3. Write every output at once
     writers = {path: files.image_writer(picture, path) for path, picture in pictures.items()}
@@ -166,12 +174,13 @@ def run_align(args: argparse.Namespace) -> dict:
     return report
 
 
-def _align_image(args: argparse.Namespace, pipe, image, reference) -> tuple[dict, dict]:
+def _align_image(args: argparse.Namespace, pipe, image, reference, ignore_mask) -> tuple[dict, dict]:
     """``align``: the aligned image (``{path: picture}``) and the θ report, printed."""
     # Without --decoded only the pixel warp is written: the VAE decoder never runs.
     output = pipe(
-        image, reference=reference, min_displacement=args.min_displacement, refine=args.refine, decode=args.decoded
-    )
+        image, reference=reference, min_displacement=args.min_displacement, refine=args.refine, decode=args.decoded,
+        ignore_mask=ignore_mask,
+    )  # fmt: skip
     aligned = output.images[0] if args.decoded else output.warped_images[0]
     report = _theta_report(output.theta, image.height, image.width)
     report["unwarped"] = bool(output.unwarped[0])
@@ -213,6 +222,11 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-mask", default=None, help="where to write the aligned mask (with --mask)")
     parser.add_argument(
+        "--ignore-mask", default=None, metavar="FILE",
+        help="reference pixels not to use for estimating the motion (white = ignore), at the reference's size; "
+        "with --mask, replaces the default (a mask drawn on the reference is ignored)",
+    )  # fmt: skip
+    parser.add_argument(
         "--overwrite", action="store_true", help="let an output replace an input file (--image, --reference, --mask)"
     )
     parser.set_defaults(func=run_align)
@@ -220,7 +234,9 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
 
 def _check_mask_flags(args: argparse.Namespace) -> None:
     """``align --mask`` needs ``--reference`` and ``--output-mask`` and no ``--decoded``; the other mask
-    flags need ``--mask``."""
+    flags need ``--mask``; ``--ignore-mask`` (drawn on the reference) needs ``--reference``."""
+    if args.ignore_mask is not None and args.reference is None:
+        raise ValueError("expected --reference with --ignore-mask: the mask marks pixels of the reference")
     if args.mask is None:
         mask_flags = (("--output-mask", args.output_mask), ("--mask-frame", args.mask_frame))
         given = [flag for flag, value in mask_flags if value is not None]
@@ -238,15 +254,17 @@ def _check_mask_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"expected --mask-frame in {MASK_FRAMES}, got {args.mask_frame!r}")
 
 
-def _align_with_mask(args: argparse.Namespace, pipe, image, mask, reference) -> tuple[dict, dict]:
+def _align_with_mask(args: argparse.Namespace, pipe, image, mask, reference, ignore_mask) -> tuple[dict, dict]:
     """``align --mask``: the image and mask aligned into the reference frame (``{path: picture}``), for any
     inpainting tool, and the θ report."""
     from .images import tensor_to_pil
     from .inpainting import mask_to_pil, prepare_inpainting_inputs
 
     align_kwargs = {"min_displacement": args.min_displacement, "refine": args.refine}
-    frame = {"mask_frame": args.mask_frame} if args.mask_frame is not None else {}  # else the library's default
-    inputs = prepare_inpainting_inputs(pipe, image, mask, reference, align_kwargs=align_kwargs, **frame)
+    # Flags not given leave the library's defaults (the mask frame; which pixels the alignment ignores).
+    given = {"mask_frame": args.mask_frame, "ignore_mask": ignore_mask}
+    options = {name: value for name, value in given.items() if value is not None}
+    inputs = prepare_inpainting_inputs(pipe, image, mask, reference, align_kwargs=align_kwargs, **options)
     report = _theta_report(inputs.theta, image.height, image.width)
     report["masked_fraction"] = float(inputs.mask_image[0].mean())
     pictures = {args.output: tensor_to_pil(inputs.image[0]), args.output_mask: mask_to_pil(inputs.mask_image[0])}
@@ -366,7 +384,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     report = evaluate(
         pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
         resolution=args.resolution, seed=args.seed, warp=args.warp, photometric=args.photometric,
-        methods=methods, kornia_budget=args.kornia_budget,
+        methods=methods, kornia_budget=args.kornia_budget, local_change=args.local_change,
     )  # fmt: skip
     table = markdown_table(report)
     print(table)
@@ -400,7 +418,14 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resolution", type=_integer_at_least(1), default=512, help="pixel side of the square pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
-    parser.add_argument("--warp", default="standard", choices=EVALUATION_WARPS, help="misalignment of the pairs")
+    # "none" too: zero-motion pairs (with --local-change) measure the false motion a local change causes.
+    parser.add_argument(
+        "--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment of the pairs"
+    )
+    parser.add_argument(
+        "--local-change", type=_fraction_below_one, default=0.0, metavar="FRACTION",
+        help="share of each moving image replaced by other content (a pasted patch, an edit), in [0, 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--photometric", default="none", choices=data.PHOTOMETRIC_MODES, help="photometric change of the moving image"
     )
@@ -434,6 +459,17 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _fraction_below_one(text: str) -> float:
+    """An argparse ``type`` for a fraction in ``[0, 1)``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def _common_options() -> argparse.ArgumentParser:

@@ -37,6 +37,17 @@ Exposed border:
     Where the warp samples outside the image (no source pixels) the aligned image is black padding.
     With ``fill_exposed=True`` that border (``1 - geometry.valid_mask(θ)``) is added to the mask so
     the inpainting model paints it instead of keeping the padding.
+
+Ignore mask (what the alignment does not look at):
+    The region being repainted often differs between the two shots (that is why it is repainted), and
+    it must not pull the estimate. By default (``ignore_mask=None``), a mask drawn on the reference
+    (``mask_frame="reference"``) is also the alignment's ignore mask
+    (:class:`~stn_diffusers.STNAlignmentPipeline`'s ``ignore_mask``): those reference pixels do not
+    vote. A mask drawn on the image is not: it is in the image's frame, which θ has yet to map onto
+    the reference, so by default nothing is ignored there. Nor is a mask that covers the whole
+    reference (nothing would be left to align on), nor anything with an STN that cannot weight cells
+    (``architecture="seed"``). ``ignore_mask=False`` turns the default off; a mask of its own (in the
+    reference frame, at the reference's size, white = ignore) replaces it.
 """
 
 from __future__ import annotations
@@ -153,14 +164,15 @@ def _mask_values_to_unit_range(mask: np.ndarray | torch.Tensor, where: str) -> t
     dtype = str(mask.dtype).removeprefix("torch.")
     if dtype in ("uint8", "uint16") and math.prod(mask.shape) > 0 and 0 < mask.max() <= 1:
         raise ValueError(
-            f"expected {where} of dtype {dtype} at full scale (white = {int(FULL_SCALE[dtype])} = repaint), "
+            f"expected {where} of dtype {dtype} at full scale (white = {int(FULL_SCALE[dtype])}), "
             "found values in [0, 1]: pass a 0/1 mask as bool, or multiply it by the full scale"
         )
     return to_unit_range(mask, where)
 
 
 def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
-    """One mask → binary ``(1, H, W)`` float32 (1 = repaint), binarised at :data:`MASK_THRESHOLD`."""
+    """One mask → binary ``(1, H, W)`` float32 (1 = white: repaint, or ignore for an ignore mask),
+    binarised at :data:`MASK_THRESHOLD`. The one mask conversion of the project."""
     if isinstance(mask, PIL.Image.Image):
         grey = torch.from_numpy(_pil_mask_to_array(mask, where))[None]
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
@@ -230,6 +242,7 @@ def prepare_inpainting_inputs(
     fill_exposed: bool = True,
     generator: torch.Generator | None = None,
     align_kwargs: dict | None = None,
+    ignore_mask: ImageInput | list[ImageInput] | bool | None = None,
 ) -> InpaintingInputs:
     r"""Align ``image`` (and with ``mask_frame="image"`` its mask) into the frame of ``reference``.
 
@@ -245,6 +258,9 @@ def prepare_inpainting_inputs(
         generator: passed to the aligner (used when it samples the VAE posterior).
         align_kwargs: further keyword arguments of the aligner's ``__call__`` (``refine="ecc"``,
             ``min_displacement``, ``height``, ``width``...).
+        ignore_mask: the reference pixels the alignment must not use (white = ignore). ``None``: the
+            default of the module docs (the mask itself, when drawn on the reference); ``False``: none;
+            or a mask (one, or one per image) at the reference's size.
 
     Returns:
         :class:`InpaintingInputs` with tensors at the reference's size ``(H_ref, W_ref)``; pass
@@ -267,9 +283,21 @@ def prepare_inpainting_inputs(
         raise ValueError(f"expected references of one size (the output frame), got sizes {sorted(reference_sizes)}")
     frame_size = reference_sizes.pop()  # (H_ref, W_ref)
     _warn_if_masks_stretched(masks, images, frame_size, mask_frame)
+    if ignore_mask is True or "ignore_mask" in (align_kwargs or {}):
+        raise ValueError(
+            "expected ignore_mask as None (the default), False (none) or a mask, passed to "
+            f"prepare_inpainting_inputs itself, got {'True' if ignore_mask is True else 'it in align_kwargs'}"
+        )
+    if ignore_mask is None:
+        ignore_mask = _default_ignore_masks(aligner, masks, frame_size, mask_frame)
+    elif ignore_mask is False:
+        ignore_mask = None
 
-    # 2. Estimate θ (latent space; no decode)
-    aligned = aligner(images, reference=references, output_type="latent", generator=generator, **(align_kwargs or {}))
+    # 2. Estimate θ (latent space; no decode), the ignored reference pixels left out
+    aligned = aligner(
+        images, reference=references, output_type="latent", generator=generator, ignore_mask=ignore_mask,
+        **(align_kwargs or {}),
+    )  # fmt: skip
     theta = aligned.theta.float().cpu()  # (B, 2, 3)
 
     # 3. Warp the full-resolution pixels into the reference frame
@@ -289,6 +317,19 @@ def prepare_inpainting_inputs(
     if fill_exposed:
         mask = torch.maximum(mask, exposed)
     return InpaintingInputs(image=torch.stack(warped_images), mask_image=mask, theta=theta, exposed_mask=exposed)
+
+
+def _default_ignore_masks(
+    aligner: STNAlignmentPipeline, masks: list[torch.Tensor], frame_size: tuple[int, int], mask_frame: str
+) -> list[torch.Tensor] | None:
+    """The default ignore masks (see the module docs): the masks drawn on the reference, at its size,
+    for an STN that can weight cells; ``None`` otherwise. A mask covering the whole reference ignores
+    nothing: the alignment needs some pixels, and it matters little where everything is repainted."""
+    if mask_frame != "reference" or not aligner.stn.supports_reference_weights:
+        return None
+    resized = [_resize_mask(mask, frame_size) for mask in masks]
+    usable = [mask if bool(mask.min() < 1) else torch.zeros_like(mask) for mask in resized]
+    return usable if any(bool(mask.any()) for mask in usable) else None
 
 
 # ---------------------------------------------------------------------------------------- pipeline
@@ -397,6 +438,7 @@ class STNInpaintPipeline(DiffusionPipeline):
         warp_back: bool = False,
         overlay_unmasked: bool = False,
         align_kwargs: dict | None = None,
+        ignore_mask: ImageInput | list[ImageInput] | bool | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -409,7 +451,8 @@ class STNInpaintPipeline(DiffusionPipeline):
             image: the image(s) to repaint.
             mask_image: white = repaint; see :mod:`stn_diffusers.inpainting` for formats and binarisation.
             reference_image: the frame to align into (and the output size without ``warp_back``).
-            mask_frame, fill_exposed, align_kwargs: see :func:`prepare_inpainting_inputs`.
+            mask_frame, fill_exposed, align_kwargs, ignore_mask: see :func:`prepare_inpainting_inputs`
+                (by default, a mask drawn on the reference is left out of the alignment).
             warp_back: warp the inpainted result back into each image's own frame and size; where the
                 reference frame does not cover the image, the image's own pixels are kept.
             overlay_unmasked: paste the aligned image's pixels over the un-masked area of the result
@@ -432,6 +475,7 @@ class STNInpaintPipeline(DiffusionPipeline):
         inputs = prepare_inpainting_inputs(
             self.aligner, image, mask_image, reference_image, mask_frame=mask_frame, fill_exposed=fill_exposed,
             generator=generator if isinstance(generator, torch.Generator) else None, align_kwargs=align_kwargs,
+            ignore_mask=ignore_mask,
         )  # fmt: skip
         frame_size = tuple(inputs.image.shape[-2:])
 

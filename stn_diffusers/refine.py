@@ -17,6 +17,16 @@ Convention:
     ``S = [[s, 0, (s-1)/2], [0, s, (s-1)/2], [0, 0, 1]]``: ``diag(s, s, 1)`` plus the half-pixel shift
     of pixel centres (and the exact per-axis ratio for odd sizes). The moving image may have any
     size (it is resized to the reference's size; the normalised θ does not change).
+
+Masks:
+    ``reference_mask`` marks the reference pixels ECC may use (1 = use; 0 over an edited region).
+    OpenCV's ``findTransformECC`` takes its ``inputMask`` on the *input* image (the moving one: it
+    checks the mask's size against it and warps it into the template frame at every iteration), so
+    each pyramid level pulls the reference mask, resized to the level (nearest neighbour), into the
+    moving frame with the θ that level starts from, ``mask_M(q) = mask_R(P⁻¹ q)``; ECC's own warp then
+    brings it back over the reference. The correction ECC makes within one level shifts it slightly,
+    so the kept region is eroded by :data:`ECC_MASK_MARGIN` pixels first. :func:`correlation`, which
+    decides whether a refinement is kept, scores the kept reference pixels only.
 """
 
 from __future__ import annotations
@@ -41,6 +51,13 @@ ECC_GAUSSIAN_SIZE = 5
 # A refinement that moves the corners further than this fraction of the image from its start is
 # a divergence (ECC slid onto another structure), not a correction.
 MAX_CORRECTION_FRACTION = 0.25
+# Pixels (at each pyramid level) by which the kept region of a reference mask is eroded: room for
+# the correction ECC makes within a level, which moves the mask with the moving image.
+ECC_MASK_MARGIN = 2
+# Fewest pixels a correlation is computed over; below it the score is NaN (no evidence either way).
+MIN_CORRELATION_PIXELS = 16
+# Mask values at or above this count as "use" (masks are binary; the threshold of the inpainting masks).
+MASK_KEEP_THRESHOLD = 0.5
 
 
 def import_cv2():
@@ -122,17 +139,34 @@ def _warp_inverse_map(image: np.ndarray, matrix: np.ndarray, interpolation: int)
     return warp(image, matrix, (width, height), flags=interpolation | cv2.WARP_INVERSE_MAP)
 
 
-def correlation(reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor) -> float:
+def correlation(
+    reference: np.ndarray, moving: np.ndarray, theta: torch.Tensor, reference_mask: np.ndarray | None = None
+) -> float:
     """ECC's correlation coefficient between ``reference`` and ``moving`` warped by ``theta`` ``(1, 2, 3)``
-    or ``(1, 3, 3)``, over the pixels the warped moving image covers. Gray float32 images of one size."""
+    or ``(1, 3, 3)``, over the pixels the warped moving image covers (and, with ``reference_mask``,
+    the reference pixels it keeps: uint8, nonzero = use). Gray float32 images of one size."""
     cv2 = import_cv2()
     height, width = reference.shape
     matrix = _pixel_matrix(theta, height, width)
     warped = _warp_inverse_map(moving, matrix, cv2.INTER_LINEAR)
     mask = _warp_inverse_map(np.ones_like(moving, dtype=np.uint8), matrix, cv2.INTER_NEAREST)
-    if mask.sum() < 16:
+    if reference_mask is not None:
+        mask = mask * (reference_mask > 0)
+    if mask.sum() < MIN_CORRELATION_PIXELS:
         return float("nan")
-    return float(cv2.computeECC(reference, warped, mask))
+    return float(cv2.computeECC(reference, warped, mask.astype(np.uint8)))
+
+
+def _moving_frame_mask(kept: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """A reference mask ``kept`` (uint8 ``(H, W)``, 1 = use) pulled into the moving frame through the
+    pixel matrix ``matrix`` (2×3 or 3×3, reference → moving), its kept region eroded by
+    :data:`ECC_MASK_MARGIN`: the ``inputMask`` ``findTransformECC`` expects (see the module docs)."""
+    cv2 = import_cv2()
+    square = np.vstack([matrix, [0.0, 0.0, 1.0]]) if matrix.shape[0] == 2 else matrix.astype(np.float64)
+    inverse = np.linalg.inv(square)[: matrix.shape[0]].astype(np.float32)  # moving → reference
+    moving_frame = _warp_inverse_map(kept, inverse, cv2.INTER_NEAREST)
+    kernel = np.ones((2 * ECC_MASK_MARGIN + 1,) * 2, np.uint8)
+    return cv2.erode(moving_frame, kernel)
 
 
 def _ecc_one(
@@ -143,9 +177,11 @@ def _ecc_one(
     iterations: int,
     epsilon: float,
     motion: str,
+    reference_mask: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Coarse-to-fine ECC from ``theta``, ``(1, 2, 3)`` for ``motion="affine"`` and ``(1, 3, 3)`` for
-    ``"homography"``, returned in the same shape; raises ``cv2.error`` where OpenCV gives up."""
+    ``"homography"``, returned in the same shape, using only the reference pixels ``reference_mask``
+    keeps (uint8 ``(H, W)``, 1 = use; all when ``None``); raises ``cv2.error`` where OpenCV gives up."""
     cv2 = import_cv2()
     motion_type = {"affine": cv2.MOTION_AFFINE, "homography": cv2.MOTION_HOMOGRAPHY}[motion]
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, iterations, epsilon)
@@ -156,8 +192,12 @@ def _ecc_one(
         gaussian_size = 1 if index == len(ref_pyramid) - 1 else ECC_GAUSSIAN_SIZE
         # θ is normalised: the same θ has this level's own pixel matrix (S P S⁻¹ of the finer one).
         warp_matrix = _pixel_matrix(theta, height, width)  # (2, 3) or (3, 3)
+        input_mask = None
+        if reference_mask is not None:
+            kept = cv2.resize(reference_mask, (width, height), interpolation=cv2.INTER_NEAREST)
+            input_mask = _moving_frame_mask(kept, warp_matrix)  # the moving frame, where OpenCV reads it
         _, warp_matrix = cv2.findTransformECC(
-            ref_level, mov_level, warp_matrix, motion_type, criteria, None, gaussian_size
+            ref_level, mov_level, warp_matrix, motion_type, criteria, input_mask, gaussian_size
         )
         matrix = torch.from_numpy(warp_matrix).double()[None]
         theta = geometry.pixel_matrix_to_theta(matrix, height, width, transform=motion)
@@ -175,6 +215,7 @@ def refine_theta_ecc(
     max_side: int | None = 1024,
     max_correction: float | None = None,
     motion: str = "affine",
+    reference_mask: torch.Tensor | np.ndarray | list | None = None,
 ) -> RefinementResult:
     r"""Refine θ with OpenCV's ECC, coarse to fine, and keep it only when it helps.
 
@@ -194,6 +235,10 @@ def refine_theta_ecc(
             quarter of the longer side.
         motion: one of :data:`ECC_MOTIONS`: ``"affine"`` (``cv2.MOTION_AFFINE``, θ ``(B, 2, 3)``) or
             ``"homography"`` (``cv2.MOTION_HOMOGRAPHY``, θ ``(B, 3, 3)``).
+        reference_mask: the reference pixels ECC may use, 1 (``>= 0.5``) = use, 0 = ignore (an edited
+            region): per reference an ``(H, W)`` or ``(1, H, W)`` tensor or array at the reference's
+            size, a list of them (one shared, or one per reference) or a ``(B, 1, H, W)`` tensor.
+            ``None`` uses every pixel. See the module docs for how OpenCV gets it.
 
     Returns:
         :class:`RefinementResult`, θ ``(B, 2, 3)`` for ``"affine"`` and ``(B, 3, 3)`` for ``"homography"``.
@@ -223,24 +268,26 @@ def refine_theta_ecc(
     theta = theta.detach().float().cpu()
     if motion == "homography":
         theta = geometry.to_homogeneous(theta)  # (B, 3, 3): a failed image keeps its θ in this shape
+    sizes = [tuple(r.shape[-2:]) if isinstance(r, torch.Tensor) else tuple(r.shape[:2]) for r in references]
+    masks = _reference_masks(reference_mask, sizes) if reference_mask is not None else [None] * batch
 
     refined, converged, scores = [], [], []
-    for ref_image, mov_image, init in zip(references, movings, theta.split(1)):
-        height, width = (ref_image.shape[-2:] if isinstance(ref_image, torch.Tensor) else ref_image.shape[:2])
-        scale = min(1.0, max_side / max(height, width)) if max_side else 1.0
-        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    for ref_image, mov_image, init, mask, size in zip(references, movings, theta.split(1), masks, sizes):
+        scale = min(1.0, max_side / max(size)) if max_side else 1.0
+        height, width = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
         ref_gray = to_gray(ref_image, height, width)
         mov_gray = to_gray(mov_image, height, width)
+        kept = None if mask is None else cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
-        initial_score = correlation(ref_gray, mov_gray, init)
+        initial_score = correlation(ref_gray, mov_gray, init, kept)
         try:
-            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion)
+            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion, kept)
         except cv2.error:
             candidate = None
         accepted = False
         if candidate is not None and torch.isfinite(candidate).all():
             moved = geometry.corner_error(candidate, init, height, width).item()
-            score = correlation(ref_gray, mov_gray, candidate)
+            score = correlation(ref_gray, mov_gray, candidate, kept)
             # A NaN initial score (no overlap at all) cannot veto a finite refined one.
             accepted = moved <= limit and np.isfinite(score) and not (score < initial_score)
         refined.append(candidate if accepted else init)
@@ -251,6 +298,31 @@ def refine_theta_ecc(
         converged=torch.tensor(converged, dtype=torch.bool),
         correlation=torch.tensor(scores, dtype=torch.float32),
     )
+
+
+def _reference_masks(masks, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """``reference_mask`` → one uint8 ``(H, W)`` mask per reference (1 = use), each checked against its
+    reference's size ``sizes[i]`` and for keeping some pixels."""
+    items = _as_list(masks, "reference_mask")
+    if len(items) not in (1, len(sizes)):
+        raise ValueError(f"expected 1 or {len(sizes)} reference_masks (one per reference), got {len(items)}")
+    if len(items) == 1:
+        items = items * len(sizes)
+    arrays = []
+    for index, (mask, size) in enumerate(zip(items, sizes)):
+        where = f"reference_mask[{index}]" if len(sizes) > 1 else "reference_mask"
+        array = mask.detach().float().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, float)
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+        if array.shape != size:
+            raise ValueError(
+                f"expected {where} of shape {size} or {(1, *size)} (its reference's size), got {tuple(array.shape)}"
+            )
+        kept = (array >= MASK_KEEP_THRESHOLD).astype(np.uint8)
+        if not kept.any():
+            raise ValueError(f"expected {where} to keep some pixels (1 = use), got a mask that ignores them all")
+        arrays.append(kept)
+    return arrays
 
 
 def _as_list(images, name: str) -> list:

@@ -108,6 +108,39 @@ def test_align_reports_bad_files_clearly(tmp_path, saved_pipeline, capsys):
     assert "missing.png" in capsys.readouterr().err
 
 
+def test_align_ignore_mask_is_read_upright_and_reaches_the_pipeline(tmp_path, saved_pipeline, coffee, monkeypatch):
+    from stn_diffusers import STNAlignmentPipeline
+
+    from .test_images import save_sideways
+
+    given, convert = [], STNAlignmentPipeline._to_ignore_masks
+    monkeypatch.setattr(
+        STNAlignmentPipeline, "_to_ignore_masks", staticmethod(lambda mask: given.append(convert(mask)) or given[-1])
+    )
+    image, output = tmp_path / "moving.png", tmp_path / "aligned.png"
+    coffee.resize((192, 128)).save(image)
+    mask = np.zeros((128, 192), np.uint8)
+    mask[10:60, 20:150] = 255  # not symmetric: a mask read sideways differs in size and content
+    ignore = save_sideways(PIL.Image.fromarray(mask), tmp_path / "ignore.png")
+    argv = ["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(image)]
+    assert cli.main([*argv, "--output", str(output), "--ignore-mask", str(ignore)]) == 0
+    (masks,) = given
+    torch.testing.assert_close(masks[0], torch.from_numpy(mask / 255.0).float()[None])
+
+
+def test_align_ignore_mask_mistakes_are_one_line_before_loading(tmp_path, coffee, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_pipeline", _fail_if_loaded)
+    image, mask = tmp_path / "moving.png", tmp_path / "ignore.png"
+    coffee.resize((192, 128)).save(image)
+    PIL.Image.new("L", (96, 64), 0).save(mask)  # half the reference's size
+    argv = ["align", "--image", str(image), "--output", str(tmp_path / "a.png")]
+    assert cli.main([*argv, "--reference", str(image), "--ignore-mask", str(mask)]) == 2
+    assert "expected --ignore-mask of the reference's size, 192×128 (it marks" in _one_error_line(capsys)
+    assert cli.main([*argv, "--ignore-mask", str(mask)]) == 2
+    assert "expected --reference with --ignore-mask" in _one_error_line(capsys)
+    assert not (tmp_path / "a.png").exists()
+
+
 # ------------------------------------------------------------------------------ user errors
 def _one_error_line(capsys) -> str:
     """The single ``error: ...`` line a user's mistake prints on stderr (no traceback)."""
@@ -144,6 +177,9 @@ def photo_files(tmp_path, astronaut):
         (["--output", "{tmp}/a.png", "--json", "{tmp}/a.png"], ["--output", "--json", "distinct"]),
         (["--output", "{tmp}/a.png", "--mask", "{tmp}/mask.png", "--output-mask", "{tmp}/mask.png"],
          ["--output-mask", "--mask", "--overwrite"]),
+        (["--output", "{tmp}/mask.png", "--ignore-mask", "{tmp}/mask.png"],
+         ["--output", "--ignore-mask", "--overwrite"]),
+        (["--output", "{tmp}/a.png", "--ignore-mask", "{tmp}/missing.png"], ["ignore mask", "missing.png"]),
         (["--output", "{tmp}/a.png", "--device", "cuda:99"], ["--device", "cuda:99", "cpu"]),
         (["--output", "{tmp}/a.png", "--device", "gpu"], ["--device", "'gpu'"]),
     ],
@@ -197,26 +233,50 @@ def test_damaged_pipeline_folder_is_named_in_one_line(tmp_path, saved_pipeline, 
     assert not (tmp_path / "out.png").exists()
 
 
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_evaluate_num_pairs_below_one_is_refused_by_the_parser(tmp_path, capsys, value):
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--num-pairs", "0", ">= 1"), ("--num-pairs", "-3", ">= 1"),
+        *(("--local-change", value, "[0, 1)") for value in ("1", "1.5", "-0.1", "nan", "a fifth")),
+    ],
+)  # fmt: skip
+def test_evaluate_numbers_out_of_range_are_refused_by_the_parser(tmp_path, capsys, flag, value, expected):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", "--data", str(tmp_path), "--methods", "identity", "--num-pairs", value])
+        cli.main(["evaluate", "--data", str(tmp_path), "--methods", "identity", flag, value])
     assert exit_info.value.code == 2
     line = _one_error_line(capsys)
-    assert "--num-pairs" in line and ">= 1" in line and value in line
+    assert flag in line and expected in line and value in line
 
 
-def test_evaluate_accepts_every_misaligning_warp_preset(capsys):
+def test_evaluate_accepts_every_warp_preset_and_a_local_change_fraction(capsys):
     from stn_diffusers import geometry
 
     parser = cli.build_parser()
+    # "none" included: zero-motion pairs with a local change measure the false motion it causes.
     for warp in geometry.WARP_PRESETS:
-        if warp == "none":
-            continue
         assert parser.parse_args(["evaluate", "--data", "photos", "--warp", warp]).warp == warp
+    assert parser.parse_args(["evaluate", "--data", "photos"]).local_change == 0.0
+    assert parser.parse_args(["evaluate", "--data", "photos", "--local-change", "0.2"]).local_change == 0.2
     with pytest.raises(SystemExit):
-        parser.parse_args(["evaluate", "--data", "photos", "--warp", "none"])  # no misalignment to measure
+        parser.parse_args(["evaluate", "--data", "photos", "--warp", "sideways"])
     assert "--warp" in _one_error_line(capsys)
+
+
+def test_evaluate_passes_the_warp_and_local_change_on(tmp_path, astronaut, monkeypatch):
+    from stn_diffusers import evaluation
+
+    given = {}
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: given.update(kwargs) or _EMPTY_REPORT)
+    monkeypatch.setattr(evaluation, "markdown_table", lambda report: "table")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "astronaut.png")
+    argv = ["evaluate", "--data", str(folder), "--methods", "identity", "--warp", "none", "--local-change", "0.25"]
+    assert cli.main(argv) == 0
+    assert given["warp"] == "none" and given["local_change"] == 0.25
+
+
+_EMPTY_REPORT = {"methods": {}, "skipped": {}}
 
 
 @pytest.mark.parametrize("position", ["before", "after"])

@@ -22,8 +22,9 @@ from stn_diffusers import (
 from stn_diffusers.cli import main
 from stn_diffusers.inpainting import MASK_THRESHOLD, load_mask, to_mask_tensor
 
-from .conftest import make_tiny_vae
+from .conftest import TINY_REGISTRATION, make_tiny_vae
 from .test_images import save_sideways
+from .test_pipeline import record_reference_weights
 
 SIZE = 256
 
@@ -204,6 +205,60 @@ class TestMaskValidation:
             prepare_inpainting_inputs(aligner, [photo, photo], mask, [photo] * 3)
         with pytest.raises(ValueError, match="mask_frame"):
             prepare_inpainting_inputs(aligner, photo, mask, photo, mask_frame="moving")
+
+
+class TestIgnoreMask:
+    # Encoded at 128×128: latents 16×16, each latent cell 16×16 pixels of the 256×256 frame.
+    ALIGN = {"height": 128, "width": 128}
+
+    @pytest.fixture
+    def aligner(self) -> STNAlignmentPipeline:
+        torch.manual_seed(0)
+        return STNAlignmentPipeline(vae=make_tiny_vae(), stn=SpatialTransformer(**TINY_REGISTRATION))
+
+    @staticmethod
+    def quadrant_mask() -> np.ndarray:
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        mask[: SIZE // 2, : SIZE // 2] = 255  # the top-left quarter
+        return mask
+
+    def test_by_default_a_region_drawn_on_the_reference_does_not_vote(self, aligner, photo, monkeypatch):
+        calls = record_reference_weights(aligner, monkeypatch)
+        prepare_inpainting_inputs(aligner, photo, self.quadrant_mask(), photo, align_kwargs=self.ALIGN)
+        expected = torch.ones(1, 1, 16, 16)
+        expected[..., :8, :8] = 0  # the repainted quarter
+        torch.testing.assert_close(calls[0], expected, rtol=0, atol=0)
+
+    def test_the_default_ignores_nothing_where_it_cannot_apply(self, aligner, photo, monkeypatch):
+        calls = record_reference_weights(aligner, monkeypatch)
+        mask = self.quadrant_mask()
+        prepare_inpainting_inputs(aligner, photo, mask, photo, mask_frame="image", align_kwargs=self.ALIGN)
+        prepare_inpainting_inputs(aligner, photo, mask, photo, ignore_mask=False, align_kwargs=self.ALIGN)
+        everything = np.full((SIZE, SIZE), 255, np.uint8)  # a full repaint leaves nothing to align on
+        prepare_inpainting_inputs(aligner, photo, everything, photo, align_kwargs=self.ALIGN)
+        assert calls == [None, None, None]  # (a seed STN, which cannot weight cells, is the tests above)
+
+    def test_an_explicit_mask_replaces_the_default(self, aligner, photo, monkeypatch):
+        calls = record_reference_weights(aligner, monkeypatch)
+        ignore = np.zeros((SIZE, SIZE), np.uint8)
+        ignore[:, SIZE // 2 :] = 255  # the right half, not the repainted quarter
+        prepare_inpainting_inputs(
+            aligner, photo, self.quadrant_mask(), photo, mask_frame="image", ignore_mask=ignore, align_kwargs=self.ALIGN
+        )
+        expected = torch.ones(1, 1, 16, 16)
+        expected[..., 8:] = 0
+        torch.testing.assert_close(calls[0], expected, rtol=0, atol=0)
+
+    def test_bad_ignore_masks_are_named_errors(self, aligner, photo):
+        mask = self.quadrant_mask()
+        with pytest.raises(ValueError, match="ignore_mask as None .* got True"):
+            prepare_inpainting_inputs(aligner, photo, mask, photo, ignore_mask=True)
+        with pytest.raises(ValueError, match="passed to prepare_inpainting_inputs itself, got it in align_kwargs"):
+            prepare_inpainting_inputs(aligner, photo, mask, photo, align_kwargs={"ignore_mask": mask})
+        with pytest.raises(ValueError, match=r"ignore_mask of size 256×256 \(its reference's size"):
+            prepare_inpainting_inputs(aligner, photo, mask, photo, ignore_mask=np.zeros((128, 128), np.uint8))
+        with pytest.raises(ValueError, match="ignore_mask=None for an stn with architecture='seed'"):
+            prepare_inpainting_inputs(known_aligner(geometry.identity_theta(1)), photo, mask, photo, ignore_mask=mask)
 
 
 # ------------------------------------------------------------------------------- STNInpaintPipeline

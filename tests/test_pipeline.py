@@ -253,6 +253,107 @@ class TestValidation:
             STNAlignmentPipeline(vae=tiny_vae, stn=SpatialTransformer(in_channels=8))
 
 
+def left_columns_mask(height: int, width: int, columns: int) -> np.ndarray:
+    """A uint8 ignore mask ``(height, width)``: white (ignore) on the first ``columns`` columns."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[:, :columns] = 255
+    return mask
+
+
+def record_reference_weights(pipe: STNAlignmentPipeline, monkeypatch) -> list:
+    """The ``reference_weights`` of every call to ``pipe.stn.predict_theta``, as they come."""
+    calls, predict_theta = [], pipe.stn.predict_theta
+
+    def spy(sample, reference=None, return_intermediate=False, *, reference_weights=None):
+        calls.append(reference_weights)
+        return predict_theta(sample, reference, return_intermediate, reference_weights=reference_weights)
+
+    monkeypatch.setattr(pipe.stn, "predict_theta", spy)
+    return calls
+
+
+class TestIgnoreMask:
+    # 256×128 images encoded at their own size: latents 32×16, each latent cell 8×8 pixels.
+    SIZE = (256, 128)
+    WORK = {"height": 128, "width": 256, "output_type": "latent"}
+
+    def test_the_stn_weights_each_latent_cell_by_its_kept_share(self, registration_pipeline, astronaut, monkeypatch):
+        image = astronaut.resize(self.SIZE)
+        calls = record_reference_weights(registration_pipeline, monkeypatch)
+        # 44 columns ignored: latent columns 0-4 entirely (0 weight), column 5 half (0.5), the rest kept.
+        mask = left_columns_mask(128, 256, 44)
+        registration_pipeline([image, image], reference=image, ignore_mask=mask, **self.WORK)
+        (weights,) = calls
+        assert weights.shape == (2, 1, 16, 32)
+        expected = torch.ones(16, 32)
+        expected[:, :5], expected[:, 5] = 0.0, 0.5
+        for i in range(2):  # one mask shared by both images
+            torch.testing.assert_close(weights[i, 0], expected, rtol=0, atol=0)
+
+    def test_one_mask_per_image_and_no_mask_means_no_weights(self, registration_pipeline, astronaut, monkeypatch):
+        image = astronaut.resize(self.SIZE)
+        calls = record_reference_weights(registration_pipeline, monkeypatch)
+        masks = [left_columns_mask(128, 256, 128), np.zeros((128, 256), np.uint8)]
+        registration_pipeline([image, image], reference=image, ignore_mask=masks, **self.WORK)
+        registration_pipeline(image, reference=image, **self.WORK)
+        assert calls[0][0, 0, :, :16].max() == 0 and calls[0][0, 0, :, 16:].min() == 1 and calls[0][1].min() == 1
+        assert calls[1] is None
+
+    def test_a_mask_that_ignores_nothing_changes_nothing_and_one_that_ignores_half_does(
+        self, registration_pipeline, astronaut, coffee
+    ):
+        with torch.no_grad():
+            registration_pipeline.stn.residual_gate.fill_(0.5)  # open: the fitted matches reach θ
+        image, reference = coffee.resize(self.SIZE), astronaut.resize(self.SIZE)
+        plain = registration_pipeline(image, reference=reference, **self.WORK).theta
+        nothing = registration_pipeline(
+            image, reference=reference, ignore_mask=np.zeros((128, 256), np.uint8), **self.WORK
+        ).theta
+        half = registration_pipeline(
+            image, reference=reference, ignore_mask=left_columns_mask(128, 256, 128), **self.WORK
+        ).theta
+        assert torch.equal(plain, nothing) and not torch.allclose(plain, half)
+
+    def test_ecc_is_given_the_kept_pixels_of_each_reference(self, registration_pipeline, astronaut, monkeypatch):
+        pytest.importorskip("cv2", reason="OpenCV is the optional [opencv] extra")
+        from stn_diffusers.pipelines import pipeline_stn_alignment
+
+        image = astronaut.resize(self.SIZE)
+        given, refine = {}, pipeline_stn_alignment.refine_theta_ecc
+
+        def spy(*args, **kwargs):
+            given.update(kwargs)
+            return refine(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline_stn_alignment, "refine_theta_ecc", spy)
+        mask = left_columns_mask(128, 256, 42)
+        registration_pipeline(image, reference=image, refine="ecc", ignore_mask=mask, **self.WORK)
+        (kept,) = given["reference_mask"]
+        torch.testing.assert_close(kept, torch.from_numpy(mask < 128).float()[None])  # 1 = use: the unmasked pixels
+
+    def test_bad_masks_are_named_errors_before_any_encode(self, registration_pipeline, astronaut, monkeypatch):
+        image = astronaut.resize(self.SIZE)
+        monkeypatch.setattr(registration_pipeline, "encode", None)  # a check that came too late would call it
+        cases = [
+            (np.zeros((128, 128), np.uint8), r"ignore_mask of size 256×128 \(its reference's size.*got 128×128"),
+            (np.zeros((128, 256, 2), np.uint8), r"expected ignore_mask with 1 \(grey\) or 3 .* got 2"),
+            (np.zeros((128, 256, 4), np.uint8), r"expected ignore_mask with 1 \(grey\) or 3 .* got 4"),
+            (np.full((128, 256), 255, np.uint8), "expected ignore_mask to leave some pixels .* ignores every pixel"),
+            ([np.zeros((128, 256), np.uint8)] * 3, "expected 1 or 2 ignore_masks"),
+            (np.ones((128, 256), np.uint8), r"found values in \[0, 1\]: pass a 0/1 mask as bool"),
+        ]
+        for mask, message in cases:
+            with pytest.raises(ValueError, match=message):
+                registration_pipeline([image, image], reference=image, ignore_mask=mask)
+        latents = torch.zeros(1, 4, 16, 32)
+        with pytest.raises(ValueError, match=r"ignore_mask of size 256×128 \(the working size of reference_latents\)"):
+            registration_pipeline(latents=latents, reference_latents=latents, ignore_mask=np.zeros((64, 128), bool))
+
+    def test_the_seed_design_refuses_a_mask_it_cannot_use(self, seed_pipeline, astronaut):
+        with pytest.raises(ValueError, match="ignore_mask=None for an stn with architecture='seed'.*'correlation' can"):
+            seed_pipeline(astronaut, ignore_mask=np.zeros((512, 512), np.uint8))
+
+
 class TestSizeWarnings:
     def test_an_aspect_mismatch_warns_once_and_says_what_to_do(self, registration_pipeline, coffee, caplog):
         portrait = coffee.transpose(PIL.Image.Transpose.ROTATE_90)  # 400×600 against the 600×400 reference

@@ -214,6 +214,81 @@ class TestEccHomography:
             refine_theta_ecc(photo_tensor[0], photo_tensor[0], motion="projective")
 
 
+def _shift(dx: float, dy: float, size: int = 256) -> torch.Tensor:
+    """θ ``(1, 2, 3)`` of a shift by ``(dx, dy)`` pixels of a ``size × size`` image."""
+    theta = geometry.identity_theta(1)
+    theta[0, 0, 2], theta[0, 1, 2] = 2 * dx / size, 2 * dy / size
+    return theta
+
+
+def _pasted_pair(photo_tensor, truth: torch.Tensor, other: torch.Tensor):
+    """``(reference, moving, changed)``: 256×256 views of the photo where the moving one shows the reference
+    moved by ``truth``, except a pasted square (39 % of it, ``changed`` ``(1, 256, 256)`` in the moving
+    frame) that moved by ``other``: an object that moved on its own, dragging a fit over every pixel."""
+    reference = torch.nn.functional.interpolate(photo_tensor, size=(256, 256), mode="bilinear", antialias=True)
+    moving = geometry.warp(reference, geometry.invert_theta(truth))[0]
+    pasted = geometry.warp(reference, geometry.invert_theta(other))[0]
+    changed = torch.zeros(1, 256, 256)
+    changed[:, 40:200, 30:190] = 1
+    return reference[0], moving * (1 - changed) + pasted * changed, changed
+
+
+class TestReferenceMask:
+    def test_masking_a_pasted_region_recovers_the_true_motion(self, photo_tensor):
+        truth = _shift(5, -3)
+        reference, moving, changed = _pasted_pair(photo_tensor, truth, _shift(-8, 6))
+        kept = 1 - geometry.warp(changed[None], truth, mode="nearest")[0]  # the reference frame's mask
+        plain = refine_theta_ecc(reference, moving)
+        masked = refine_theta_ecc(reference, moving, reference_mask=kept)
+        assert masked.converged.tolist() == [True]
+        error = geometry.corner_error(masked.theta, truth, 256, 256).item()
+        plain_error = geometry.corner_error(plain.theta, truth, 256, 256).item()
+        assert error < 0.01 and plain_error > 0.2, (error, plain_error)
+        assert masked.correlation.item() > 0.999 > 0.9 > plain.correlation.item()  # scored on the kept pixels
+
+    def test_the_mask_is_read_in_the_reference_frame(self, photo_tensor):
+        # A 24 px motion puts the region's place in the moving frame well off its place in the reference.
+        truth = _shift(24, 0)
+        reference, moving, changed = _pasted_pair(photo_tensor, truth, _shift(0, 0))
+        in_reference_frame = 1 - geometry.warp(changed[None], truth, mode="nearest")[0]
+        start = _shift(21, 2)
+        in_moving_frame = 1 - changed  # the region taken in the wrong frame
+        errors = []
+        for kept in (in_reference_frame, in_moving_frame):
+            result = refine_theta_ecc(reference, moving, start, reference_mask=kept)
+            errors.append(geometry.corner_error(result.theta, truth, 256, 256).item())
+        assert errors[0] < 0.01 and errors[1] > 0.05, errors
+
+    def test_correlation_scores_the_kept_pixels_only(self, photo_tensor):
+        truth = _shift(5, -3)
+        reference, moving, changed = _pasted_pair(photo_tensor, truth, _shift(-8, 6))
+        kept = (1 - geometry.warp(changed[None], truth, mode="nearest")[0, 0]).numpy().astype(np.uint8)
+        ref_gray, mov_gray = to_gray(reference), to_gray(moving)
+        assert correlation(ref_gray, mov_gray, truth, kept) > 0.999 > 0.9 > correlation(ref_gray, mov_gray, truth)
+        assert np.isnan(correlation(ref_gray, mov_gray, truth, np.zeros_like(kept)))  # nothing kept: no evidence
+
+    def test_a_shared_mask_batch_and_masks_of_every_form(self, photo_tensor):
+        truth = _shift(5, -3)
+        reference, moving, changed = _pasted_pair(photo_tensor, truth, _shift(-8, 6))
+        kept = 1 - geometry.warp(changed[None], truth, mode="nearest")[0]  # (1, 256, 256)
+        for mask in (kept, kept[0].numpy(), [kept], kept[None].expand(2, -1, -1, -1), kept[0] > 0.5):
+            result = refine_theta_ecc([reference, reference], [moving, moving], reference_mask=mask)
+            errors = geometry.corner_error(result.theta, truth.expand(2, -1, -1), 256, 256)
+            assert (errors < 0.01).all(), errors
+
+    def test_bad_masks_are_named_errors(self, photo_tensor):
+        image = photo_tensor[0]  # (3, 512, 512)
+        with pytest.raises(ValueError, match=r"reference_mask of shape \(512, 512\) or \(1, 512, 512\) \(its "
+                           r"reference's size\), got \(256, 256\)"):
+            refine_theta_ecc(image, image, reference_mask=torch.ones(256, 256))
+        with pytest.raises(ValueError, match=r"reference_mask of shape .* got \(3, 512, 512\)"):
+            refine_theta_ecc(image, image, reference_mask=torch.ones(3, 512, 512))  # channels: one mask, not RGB
+        with pytest.raises(ValueError, match="reference_mask to keep some pixels .* ignores them all"):
+            refine_theta_ecc(image, image, reference_mask=torch.zeros(1, 512, 512))
+        with pytest.raises(ValueError, match="expected 1 or 2 reference_masks"):
+            refine_theta_ecc([image, image], [image, image], reference_mask=[torch.ones(512, 512)] * 3)
+
+
 class TestPipelineRefine:
     def test_refine_ecc_reaches_the_truth_and_flags_each_image(self, registration_pipeline, photo_tensor):
         pair = _pairs(photo_tensor, warp="small", num_pairs=1)[0]

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +138,22 @@ def pass_through_features(model: SpatialTransformer) -> None:
         model.residual_gate.fill_(1.0)
 
 
+# Hand-set pass-through STNs (see `pass_through_features`): 8 latent channels, strides 4 then 2.
+PASS_THROUGH = {
+    **TINY_REGISTRATION, "in_channels": 8, "feature_channels": (16, 16, 16, 16), "feature_dim": 16,
+    "iteration_strides": (4, 2), "search_radius": (3, 2), "num_iterations": 4,
+}  # fmt: skip
+
+
+def pass_through_stn(transform: str, match_scale: float) -> SpatialTransformer:
+    """A pass-through STN fitting ``transform``, its soft-argmax sharpened to ``exp(match_scale)``."""
+    model = SpatialTransformer(**{**PASS_THROUGH, "transform": transform})
+    pass_through_features(model)
+    with torch.no_grad():
+        model.log_match_scale.fill_(match_scale)
+    return model
+
+
 class TestHomographyDesign:
     @pytest.mark.parametrize("size", [(16, 16), (16, 24), (64, 64), (48, 80), (96, 64)])
     def test_theta_is_a_normalised_3x3_at_any_size(self, size):
@@ -196,15 +213,8 @@ class TestHomographyDesign:
     def test_recovers_a_perspective_warp_that_an_affine_fit_cannot(self, size):
         # The same hand-set weights fitted both ways: only the homography fit can follow a perspective warp.
         height, width = size
-        config = {
-            **TINY_HOMOGRAPHY, "in_channels": 8, "feature_channels": (16, 16, 16, 16), "feature_dim": 16,
-            "iteration_strides": (4, 2), "search_radius": (3, 2), "num_iterations": 4,
-        }  # fmt: skip
-        homography = SpatialTransformer(**config)
-        pass_through_features(homography)
-        with torch.no_grad():
-            homography.log_match_scale.fill_(3.0)
-        affine = SpatialTransformer(**{**config, "transform": "affine"})
+        homography = pass_through_stn("homography", 3.0)
+        affine = SpatialTransformer(**{**PASS_THROUGH, "transform": "affine"})
         affine.load_state_dict(homography.state_dict())
         smooth = torch.nn.functional.avg_pool2d(latents(1, 8, height + 8, width + 8), 5, 1, 2)
         reference = smooth[:, :, 4 : height + 4, 4 : width + 4]
@@ -223,6 +233,110 @@ class TestHomographyDesign:
         with pytest.raises(ValueError, match=r"transform in \('affine', 'similarity', 'translation'\) for "
                            r"architecture='seed', got 'homography'; architecture='correlation'"):
             SpatialTransformer(transform="homography")
+
+
+def shift_theta(dx: float, dy: float, height: int, width: int) -> torch.Tensor:
+    """θ ``(1, 2, 3)`` of a shift by ``(dx, dy)`` cells of an ``height × width`` grid."""
+    theta = geometry.identity_theta(1)
+    theta[0, 0, 2], theta[0, 1, 2] = 2 * dx / width, 2 * dy / height
+    return theta
+
+
+class TestReferenceWeights:
+    def test_no_weights_and_all_ones_give_the_same_theta_bit_for_bit(self):
+        torch.manual_seed(0)
+        model = perturbed_registration()
+        sample, reference = latents(2, 4, 48, 64), latents(2, 4, 48, 64, seed=1)
+        with torch.no_grad():
+            plain = model.predict_theta(sample, reference)
+            ones = model.predict_theta(sample, reference, reference_weights=torch.ones(2, 1, 48, 64))
+            half = model.predict_theta(sample, reference, reference_weights=zero_left_columns(2, 48, 64, 20))
+        assert torch.equal(plain, ones)
+        assert not torch.allclose(plain, half)  # the weights do reach the fit
+
+    def test_ignored_cells_get_zero_weight_and_half_covered_cells_half_in_every_fit(self, monkeypatch):
+        model = SpatialTransformer(**{**TINY_REGISTRATION, "num_iterations": 4})  # strides 8, 4, 2, 2
+        fitted_weights = []
+        fit_affine = geometry.fit_affine
+
+        def spy(source, target, weights, *args):
+            fitted_weights.append(weights.detach().clone())
+            return fit_affine(source, target, weights, *args)
+
+        monkeypatch.setattr(geometry, "fit_affine", spy)
+        # Columns 0-19 of 64 ignored: at stride 8, cells 0-1 fully (0 weight) and cell 2 half (0.5).
+        weights = zero_left_columns(1, 32, 64, 20)
+        model.predict_theta(latents(1, 4, 32, 64), latents(1, 4, 32, 64, seed=1), reference_weights=weights)
+        assert len(fitted_weights) == 4  # one fit per cascade iteration, each with the mask applied
+        for stride, fitted in zip((8, 4, 2, 2), fitted_weights):
+            grid = fitted.view(32 // stride, 64 // stride)  # zero-initialised confidences are all 1
+            expected = torch.nn.functional.avg_pool2d(weights, stride)[0, 0]
+            torch.testing.assert_close(grid, expected)
+        assert fitted_weights[0][0, :3].tolist() == [0.0, 0.0, 0.5]
+
+    def test_an_ignored_pasted_region_no_longer_drags_the_estimate(self):
+        # Hand-set features (the latents themselves): the fit sees every cell's true match. A pasted region
+        # that moved otherwise drags the unweighted fit; weighted out, the estimate is as good as on a clean pair.
+        height = width = 64
+        model = pass_through_stn("affine", 4.0)
+        smooth = torch.nn.functional.avg_pool2d(latents(1, 8, height + 16, width + 16), 5, 1, 2)
+        reference = smooth[:, :, 8 : height + 8, 8 : width + 8]
+        truth, other = shift_theta(3, -2, height, width), shift_theta(-3, 3, height, width)
+        clean = geometry.warp(reference, geometry.invert_theta(truth), padding_mode="border")
+        pasted = geometry.warp(reference, geometry.invert_theta(other), padding_mode="border")
+        changed = torch.zeros(1, 1, height, width)
+        changed[..., 8:44, 10:46] = 1  # 32 % of the moving latents
+        moving = clean * (1 - changed) + pasted * changed
+        kept = 1 - geometry.warp(changed, truth, mode="nearest")  # the changed cells, in the reference frame
+        with torch.no_grad():
+            errors = {
+                name: geometry.corner_error(model.predict_theta(sample, reference, **kwargs), truth, height, width)
+                for name, sample, kwargs in [
+                    ("clean", clean, {}), ("unweighted", moving, {}), ("weighted", moving, {"reference_weights": kept}),
+                ]
+            }  # fmt: skip
+        assert errors["weighted"] < 1.5 * errors["clean"], errors
+        assert errors["unweighted"] > 3 * errors["weighted"], errors
+
+    @pytest.mark.parametrize(
+        "weights, error, message",
+        [
+            (torch.ones(1, 1, 32, 32), ValueError, r"reference_weights of shape \(2, 1, 64, 64\)"),
+            (torch.ones(2, 3, 64, 64), ValueError, r"reference_weights of shape \(2, 1, 64, 64\)"),
+            (torch.full((2, 1, 64, 64), 2.0), ValueError, r"in \[0, 1\] \(1 = use the cell\), found .*\[2, 2\]"),
+            (torch.full((2, 1, 64, 64), float("nan")), ValueError, r"in \[0, 1\]"),
+            (torch.ones(2, 1, 64, 64) * torch.tensor([1.0, 0.0]).view(2, 1, 1, 1), ValueError, r"all zeros at .*\[1\]"),
+            (np.ones((2, 1, 64, 64)), TypeError, "torch.Tensor of shape"),
+        ],
+    )  # fmt: skip
+    def test_bad_weights_are_named_errors(self, weights, error, message):
+        model = SpatialTransformer(**TINY_REGISTRATION)
+        with pytest.raises(error, match=message):
+            model.predict_theta(latents(2, 4, 64, 64), latents(2, 4, 64, 64, seed=1), reference_weights=weights)
+
+    def test_seed_design_refuses_weights_it_cannot_use(self):
+        model = SpatialTransformer(conditioning="reference")
+        assert not model.supports_reference_weights
+        assert SpatialTransformer(**TINY_REGISTRATION).supports_reference_weights
+        with pytest.raises(ValueError, match="reference_weights=None for architecture='seed'.*'correlation'"):
+            model(latents(1, 4, 64, 64), latents(1, 4, 64, 64, seed=1), reference_weights=torch.ones(1, 1, 64, 64))
+
+
+def zero_left_columns(batch: int, height: int, width: int, columns: int) -> torch.Tensor:
+    """Reference weights ``(batch, 1, height, width)``: 0 on the first ``columns`` columns, 1 elsewhere."""
+    weights = torch.ones(batch, 1, height, width)
+    weights[..., :columns] = 0
+    return weights
+
+
+def perturbed_registration() -> SpatialTransformer:
+    """A tiny registration STN moved off its initialisation (open gates, non-constant confidences)."""
+    model = SpatialTransformer(**{**TINY_REGISTRATION, "num_iterations": 3})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        model.residual_gate.fill_(0.5)
+    return model
 
 
 class TestLocalizers:

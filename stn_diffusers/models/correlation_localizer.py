@@ -6,12 +6,18 @@ every reference cell, learned confidences, and a weighted least-squares fit of t
 those matches. Each iteration works one pyramid level finer (coarse to fine). Works at any latent
 size of at least two cells of the coarsest stride (16 with the default strides).
 
+Reference weights (an ignore mask): every match belongs to a cell of the reference, and the cascade
+warps only the moving latents, never the reference, so a per-cell weight given in the reference
+frame stays valid at every iteration. It multiplies the learned confidences in the fit: a cell of
+weight 0 does not vote at all.
+
 θ follows the convention in :mod:`stn_diffusers.geometry`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -99,6 +105,20 @@ def cell_centres(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=-1)
 
 
+@dataclass
+class ReferenceContext:
+    """What every iteration reads from the reference, computed once (the reference never moves).
+
+    Args:
+        features: ``{stride: (B, feature_dim, h, w)}``, the reference features at each iteration stride.
+        weights: ``{stride: (B, h·w)}`` in ``[0, 1]``, each cell's share in the fit at that stride
+            (1 = use it), or ``None`` when every cell counts fully.
+    """
+
+    features: dict[int, torch.Tensor]
+    weights: dict[int, torch.Tensor] | None = None
+
+
 class CorrelationLocalizer(Localizer):
     """Feature matching between the reference and the moving latents, fitted by least squares.
 
@@ -163,19 +183,34 @@ class CorrelationLocalizer(Localizer):
     def _level(self, iteration: int) -> int:
         return min(iteration, len(self.iteration_strides) - 1)
 
-    def prepare(self, reference: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Reference features at every iteration stride, ``{stride: (B, feature_dim, h, w)}``: the
-        reference does not move, so its features are computed once for all iterations."""
-        return self.localization(reference, set(self.iteration_strides))
+    supports_reference_weights = True
 
-    def step(self, moving: torch.Tensor, context: dict[int, torch.Tensor], iteration: int) -> torch.Tensor:
+    def prepare(self, reference: torch.Tensor, reference_weights: torch.Tensor | None = None) -> ReferenceContext:
+        """Reference features at every iteration stride and, with ``reference_weights`` ``(B, 1, H, W)``
+        in ``[0, 1]`` (1 = use the cell), each stride's cell weights: the reference does not move, so
+        both are computed once for all iterations.
+
+        Weights reach each pyramid grid by area average, so a cell half covered by ignored latents gets
+        half its weight. Adaptive pooling spreads the ``h × w`` cells evenly over the map, as
+        :func:`cell_centres` places them when the matches are fitted.
+        """
+        features = self.localization(reference, set(self.iteration_strides))
+        weights = None
+        if reference_weights is not None:
+            weights = {
+                stride: F.adaptive_avg_pool2d(reference_weights.to(grid.dtype), grid.shape[-2:]).flatten(1)
+                for stride, grid in features.items()
+            }  # {stride: (B, h·w)}
+        return ReferenceContext(features, weights)
+
+    def step(self, moving: torch.Tensor, context: ReferenceContext, iteration: int) -> torch.Tensor:
         """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for ``transform="homography"``) fitted to the matches of
         ``moving`` ``(B, C, H, W)`` against the reference features in ``context``, at this iteration's
-        pyramid level."""
+        pyramid level, each match weighted by its confidence (times its cell's reference weight)."""
         level = self._level(iteration)
         stride = self.iteration_strides[level]
         radius = self.search_radius[level]
-        ref = context[stride]  # (B, D, h, w)
+        ref = context.features[stride]  # (B, D, h, w)
         mov = self.localization(moving, {stride})[stride]  # (B, D, h, w)
         batch, _, height, width = ref.shape
         correlation = local_correlation(ref, mov, radius)  # (B, (2r+1)², h, w)
@@ -189,6 +224,8 @@ class CorrelationLocalizer(Localizer):
 
         log_confidence = self.confidence[level](probabilities).clamp(-MAX_LOG_CONFIDENCE, MAX_LOG_CONFIDENCE)
         confidence = log_confidence.exp().flatten(1)  # (B, h·w)
+        if context.weights is not None:
+            confidence = confidence * context.weights[stride]  # ignored cells do not vote
         source = cell_centres(height, width, ref).expand(batch, -1, -1)  # (B, h·w, 2)
         target = source + displacement
         if self.transform == "homography":

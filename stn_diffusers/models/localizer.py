@@ -25,9 +25,17 @@ class Localizer(nn.Module, abc.ABC):
     the same names: they are the keys of its saved weights.
     """
 
+    #: Whether the design can give cells of the reference their own weight in the fit (the
+    #: ``reference_weights`` of :meth:`prepare`); a design that reads the latents as a whole cannot.
+    supports_reference_weights: bool = False
+
     @abc.abstractmethod
-    def prepare(self, reference: torch.Tensor | None) -> Any:
-        """What every iteration needs from the reference ``(B, C, H, W)`` (or ``None``), computed once."""
+    def prepare(self, reference: torch.Tensor | None, reference_weights: torch.Tensor | None = None) -> Any:
+        """What every iteration needs from the reference ``(B, C, H, W)`` (or ``None``), computed once.
+
+        ``reference_weights`` ``(B, 1, H, W)`` in ``[0, 1]`` (1 = use the cell), only for a design with
+        :attr:`supports_reference_weights`: how much each reference cell may count in the estimate.
+        """
 
     @abc.abstractmethod
     def step(self, moving: torch.Tensor, context: Any, iteration: int) -> torch.Tensor:

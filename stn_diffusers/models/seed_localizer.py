@@ -77,8 +77,15 @@ class SeedLocalizer(Localizer):
         with torch.no_grad():
             final.bias.copy_(torch.tensor(geometry.identity_params(self.transform)))
 
-    def prepare(self, reference: torch.Tensor | None) -> torch.Tensor | None:
-        """The reference latents themselves (or ``None``): each iteration concatenates them anew."""
+    def prepare(
+        self, reference: torch.Tensor | None, reference_weights: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The reference latents themselves (or ``None``): each iteration concatenates them anew.
+
+        ``reference_weights`` never reaches here: the regressor reads the latent map as a whole and
+        cannot weight cells (:attr:`supports_reference_weights` is False), so
+        :class:`~stn_diffusers.SpatialTransformer` refuses them.
+        """
         return reference
 
     def step(self, moving: torch.Tensor, context: torch.Tensor | None, iteration: int) -> torch.Tensor:

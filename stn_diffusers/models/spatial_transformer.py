@@ -12,6 +12,11 @@ chosen once by ``architecture``:
 The transformer runs the cascade around either: each iteration warps the moving latents by the
 current θ, asks the localiser for the residual and composes it.
 
+Reference weights (``reference_weights``, ``(B, 1, h, w)`` in ``[0, 1]`` at latent size, 1 = use):
+how much each reference cell may count in the estimate, e.g. 0 over an edited region. Only the
+correlation design can weight cells (its fit weights each cell's match); the seed design regresses
+θ from the latent map as a whole, so it refuses weights rather than ignore them silently.
+
 θ is ``(B, 2, 3)`` for the affine transforms and ``(B, 3, 3)`` for ``transform="homography"``
 (correlation design only: the seed design is kept as the original and regresses no homography).
 
@@ -187,7 +192,14 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         """The smallest latent side this model accepts."""
         return self.localizer.min_sample_size
 
-    def check_inputs(self, sample: torch.Tensor, reference: torch.Tensor | None) -> None:
+    @property
+    def supports_reference_weights(self) -> bool:
+        """Whether this model takes ``reference_weights`` (the correlation design does, the seed does not)."""
+        return self.localizer.supports_reference_weights
+
+    def check_inputs(
+        self, sample: torch.Tensor, reference: torch.Tensor | None, reference_weights: torch.Tensor | None = None
+    ) -> None:
         """Raise ``ValueError``/``TypeError`` naming the expected value for any bad input."""
         channels = self.config.in_channels
         if not isinstance(sample, torch.Tensor):
@@ -224,18 +236,57 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         for name, tensor in (("sample", sample), ("reference", reference)):
             if tensor is not None and not torch.isfinite(tensor).all():
                 raise ValueError(f"expected finite values in {name}, got NaN or inf")
+        if reference_weights is not None:
+            self._check_reference_weights(sample, reference_weights)
+
+    def _check_reference_weights(self, sample: torch.Tensor, weights: torch.Tensor) -> None:
+        if not self.supports_reference_weights:
+            raise ValueError(
+                f"expected reference_weights=None for architecture={self.config.architecture!r}: it regresses θ "
+                "from the latent map as a whole and cannot weight cells; architecture='correlation' weights its "
+                "matches"
+            )
+        expected = (sample.shape[0], 1, *sample.shape[-2:])
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(
+                f"expected reference_weights to be a torch.Tensor of shape {expected}, got {type(weights).__name__}"
+            )
+        if tuple(weights.shape) != expected:
+            raise ValueError(
+                f"expected reference_weights of shape {expected} (one weight per latent cell of each reference), "
+                f"got {tuple(weights.shape)}"
+            )
+        if not torch.isfinite(weights).all() or weights.min() < 0 or weights.max() > 1:
+            raise ValueError(
+                "expected reference_weights in [0, 1] (1 = use the cell), "
+                f"found values in [{weights.min().item():g}, {weights.max().item():g}]"
+            )
+        unused = (weights.flatten(1).sum(dim=1) == 0).nonzero().flatten().tolist()
+        if unused:
+            raise ValueError(
+                "expected reference_weights that keep some cells of every reference, got all zeros at batch "
+                f"index {unused}: with every cell ignored there is nothing to estimate the motion from"
+            )
 
     def predict_theta(
-        self, sample: torch.Tensor, reference: torch.Tensor | None = None, return_intermediate: bool = False
+        self,
+        sample: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        return_intermediate: bool = False,
+        *,
+        reference_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """θ that aligns ``sample`` (onto ``reference``), without warping the output: ``(B, 2, 3)``, or
         ``(B, 3, 3)`` for ``transform="homography"``.
 
         With ``return_intermediate=True``, the list of θ after each cascade iteration (the last
-        is the answer), for training every iteration.
+        is the answer), for training every iteration. ``reference_weights`` ``(B, 1, H, W)`` in
+        ``[0, 1]``, in the reference frame at the latents' size: each cell's share in the estimate
+        (1 = use, 0 = ignore, e.g. over an edited region); correlation design only (see the module).
         """
-        self.check_inputs(sample, reference)
-        context = self.localizer.prepare(reference)
+        self.check_inputs(sample, reference, reference_weights)
+        # The reference (and so its weights) is prepared once: the cascade warps only the sample.
+        context = self.localizer.prepare(reference, reference_weights)
         # The first estimate stands as it is: composing it with the identity would only add rounding
         # to a model that starts as an exact no-op.
         theta = self.localizer.step(sample, context, 0)  # (B, 2, 3), or (B, 3, 3) for a homography
@@ -247,15 +298,21 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         return thetas if return_intermediate else theta
 
     def forward(
-        self, sample: torch.Tensor, reference: torch.Tensor | None = None, return_dict: bool = True
+        self,
+        sample: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        return_dict: bool = True,
+        *,
+        reference_weights: torch.Tensor | None = None,
     ) -> SpatialTransformerOutput | tuple:
-        """Estimate θ and warp ``sample`` ``(B, C, H, W)`` with it.
+        """Estimate θ and warp ``sample`` ``(B, C, H, W)`` with it (``reference_weights``: see
+        :meth:`predict_theta`).
 
         Returns:
             :class:`SpatialTransformerOutput` (``sample`` ``(B, C, H, W)``, ``theta`` ``(B, 2, 3)`` or
             ``(B, 3, 3)`` for a homography), or the tuple ``(sample, theta)`` when ``return_dict=False``.
         """
-        theta = self.predict_theta(sample, reference)
+        theta = self.predict_theta(sample, reference, reference_weights=reference_weights)
         warped = geometry.warp(sample, theta, padding_mode=self.config.padding_mode)
         if not return_dict:
             return (warped, theta)

@@ -70,6 +70,14 @@ class STNAlignmentPipeline(DiffusionPipeline):
     as false motion: the call warns once; crop or pad such images to the reference's aspect. Inputs
     under ``MIN_LATENT_SIDE`` (16) latents on the shorter side (128 px at factor 8) warn too.
 
+    Ignore mask: ``ignore_mask`` marks, in the reference frame, the pixels that must not be used to
+    estimate the motion (white = ignore: an edited region, an object that moved). It has the
+    reference's own size (it is drawn on the reference; a mask of another size is refused rather
+    than stretched onto it) and the value rules of the inpainting masks (:mod:`stn_diffusers.inpainting`:
+    binarised at half of full scale). The STN gives each latent cell the share of it that is kept
+    (``reference_weights``, area average), and ECC refinement uses only the kept pixels. Only an STN
+    with ``architecture="correlation"`` can weight cells; the seed design refuses a mask.
+
     Args:
         vae: a diffusers VAE with ``encode``/``decode`` (``AutoencoderKL``, ``AutoencoderTiny``).
         stn: the spatial transformer, trained in this VAE's latent space.
@@ -178,13 +186,15 @@ class STNAlignmentPipeline(DiffusionPipeline):
         reference_latents: torch.Tensor | None = None,
         batch_size: int | None = None,
         progress_bar=None,
+        reference_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """θ ``(B, 2, 3)`` float32 that aligns ``latents`` ``(B, C, h, w)`` onto ``reference_latents``.
 
         The one θ path of the project: ``batch_size`` pairs at a time (default: all), each chunk moved
         to the STN's device and dtype; ``progress_bar`` (a tqdm bar) advances by one per chunk. A
         reference is passed on only to an STN that looks at one, so callers never branch on
-        ``conditioning``. Runs under the caller's grad mode.
+        ``conditioning``. ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` (1 = use the cell) go to
+        :meth:`SpatialTransformer.predict_theta`. Runs under the caller's grad mode.
         """
         batch_size = batch_size or latents.shape[0]
         uses_reference = self.stn.config.conditioning == "reference"
@@ -194,10 +204,12 @@ class STNAlignmentPipeline(DiffusionPipeline):
         thetas = []
         for start in range(0, latents.shape[0], batch_size):
             moving = latents[start : start + batch_size].to(device=device, dtype=dtype)
-            reference = None
+            reference = weights = None
             if uses_reference:
                 reference = reference_latents[start : start + batch_size].to(device=device, dtype=dtype)
-            thetas.append(self.stn.predict_theta(moving, reference).float())
+            if reference_weights is not None:
+                weights = reference_weights[start : start + batch_size].to(device=device, dtype=dtype)
+            thetas.append(self.stn.predict_theta(moving, reference, reference_weights=weights).float())
             if progress_bar is not None:
                 progress_bar.update()
         return torch.cat(thetas)
@@ -245,14 +257,22 @@ class STNAlignmentPipeline(DiffusionPipeline):
         batch_size: int,
         refine: str | None = None,
         decode: bool = True,
+        ignore_masks: list[torch.Tensor] | None = None,
     ) -> None:
         """Raise ``ValueError`` naming the expected value for any bad input, before any encode.
 
-        ``images`` and ``references`` are the inputs as lists of ``(3, H, W)`` tensors (converting
-        them checked each one's type, shape and values), so counts and latent shapes can be checked.
+        ``images`` and ``references`` are the inputs as lists of ``(3, H, W)`` tensors, ``ignore_masks``
+        as a list of binary ``(1, H, W)`` (converting them checked each one's type, shape, channels and
+        values), so counts, sizes and latent shapes can be checked.
         """
         if images is None and latents is None:
             raise ValueError("expected an image (or latents) to align, got neither")
+        if ignore_masks is not None and not self.stn.supports_reference_weights:
+            raise ValueError(
+                f"expected ignore_mask=None for an stn with architecture={self.stn.config.architecture!r}: it "
+                "regresses θ from the latents as a whole and cannot leave regions out; an stn with "
+                "architecture='correlation' can"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES}, got {output_type!r}")
         if min_displacement < 0:
@@ -297,6 +317,39 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 )
         elif images is not None:
             self._call_working_size(images, references, latents, height, width)  # checks height and width
+        if ignore_masks is not None:
+            self._check_ignore_masks(ignore_masks, references, reference_latents, num_images)
+
+    def _check_ignore_masks(
+        self,
+        masks: list[torch.Tensor],
+        references: list[torch.Tensor] | None,
+        reference_latents: torch.Tensor | None,
+        num_images: int,
+    ) -> None:
+        """Named ``ValueError`` for ignore masks of the wrong count or size (each has its reference's
+        size), or that ignore every pixel."""
+        if len(masks) not in (1, num_images):
+            raise ValueError(f"expected 1 or {num_images} ignore_masks (one per image), got {len(masks)}")
+        names = [f"ignore_mask[{i}]" if len(masks) > 1 else "ignore_mask" for i in range(len(masks))]
+        for name, mask in zip(names, masks):
+            if bool(mask.min() >= 1):
+                raise ValueError(
+                    f"expected {name} to leave some pixels to estimate the motion from (black = use), "
+                    "got a mask that ignores every pixel"
+                )
+        for i in range(num_images):
+            mask = pick(masks, i)
+            if references is not None:
+                frame, what = tuple(pick(references, i).shape[-2:]), "its reference's size: masks are drawn on it"
+            else:  # reference latents only: the working size they were encoded at
+                frame = tuple(side * self.vae_scale_factor for side in reference_latents.shape[-2:])
+                what = "the working size of reference_latents"
+            if tuple(mask.shape[-2:]) != frame:
+                raise ValueError(
+                    f"expected {names[i if len(masks) > 1 else 0]} of size {format_size(frame)} ({what}), "
+                    f"got {format_size(mask.shape[-2:])}"
+                )
 
     def preprocess(
         self,
@@ -366,16 +419,39 @@ class STNAlignmentPipeline(DiffusionPipeline):
         images: list[torch.Tensor],
         references: list[torch.Tensor],
         refine_kwargs: dict | None = None,
+        ignore_masks: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """θ ``(B, 2, 3)`` refined by ECC on the pixels (see :mod:`stn_diffusers.refine`), and ``(B,)``
-        bool, True where ECC converged (elsewhere the STN's θ is kept)."""
+        """θ ``(B, 2, 3)`` refined by ECC on the pixels (see :mod:`stn_diffusers.refine`), using only the
+        reference pixels ``ignore_masks`` (1 = ignore) keep, and ``(B,)`` bool, True where ECC converged
+        (elsewhere the STN's θ is kept)."""
         targets = references * len(images) if len(references) == 1 else references
-        result = refine_theta_ecc(targets, images, theta.cpu(), **(refine_kwargs or {}))
+        kwargs = dict(refine_kwargs or {})
+        if ignore_masks is not None:
+            kwargs["reference_mask"] = [1.0 - mask for mask in ignore_masks]  # ECC's masks say what to use
+        result = refine_theta_ecc(targets, images, theta.cpu(), **kwargs)
         refined = result.converged
         if not refined.all():
             failed = int((~refined).sum())
             logger.warning("ECC refinement failed on %d of %d image(s); kept the STN's θ there.", failed, len(images))
         return result.theta.to(theta.device), refined
+
+    @staticmethod
+    def _to_ignore_masks(ignore_mask: ImageInput | list[ImageInput]) -> list[torch.Tensor]:
+        """``ignore_mask`` → a list of binary ``(1, H, W)`` float32 masks (1 = ignore), by the value rules
+        of the inpainting masks."""
+        # One set of mask rules for the project: they live with the inpainting masks, a module built on
+        # this one, so it is imported here, when a mask is given.
+        from ..inpainting import to_mask_list
+
+        return to_mask_list(ignore_mask, "ignore_mask")
+
+    @staticmethod
+    def _reference_weights(ignore_masks: list[torch.Tensor], num_images: int, latent_size: tuple[int, int]):
+        """Ignore masks ``(1, H, W)`` (1 = ignore) → the STN's ``reference_weights`` ``(B, 1, h, w)``
+        (1 = use): the kept share of each latent cell, by area average, so a cell half covered by the
+        mask counts half. θ is normalised, so the mask maps onto the latent grid by this resize alone."""
+        kept = torch.cat([F.interpolate(1.0 - mask[None], size=latent_size, mode="area") for mask in ignore_masks])
+        return kept.expand(num_images, -1, -1, -1) if len(ignore_masks) == 1 else kept  # (B, 1, h, w)
 
     def _hold_small_motions(
         self, theta: torch.Tensor, pixel_sizes: list[tuple[int, int]], min_displacement: float
@@ -434,6 +510,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         refine: str | None = None,
         refine_kwargs: dict | None = None,
         decode: bool = True,
+        ignore_mask: ImageInput | list[ImageInput] | None = None,
     ) -> STNAlignmentPipelineOutput | tuple:
         r"""Align ``image`` onto ``reference``.
 
@@ -461,6 +538,10 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 (``levels``, ``iterations``, ``epsilon``, ``max_side``, ``max_correction``).
             decode: ``False`` skips the VAE decoder: ``images`` is ``None`` and only the pixel warp
                 (``warped_images``) is returned, in ``output_type``; what ``stn-diffusers align`` writes.
+            ignore_mask: the reference pixels not to use for estimating the motion (white = ignore), one
+                mask for every image or one per image, each at its reference's size; PIL, numpy or torch
+                with the inpainting masks' value rules (see the class docs). The STN weights its cells by
+                the share kept and ECC uses only kept pixels; ``architecture="correlation"`` only.
 
         Returns:
             :class:`STNAlignmentPipelineOutput`, or with ``return_dict=False`` the tuple of its fields in
@@ -472,9 +553,10 @@ class STNAlignmentPipeline(DiffusionPipeline):
         uses_reference = self.stn.config.conditioning == "reference"
         originals = to_rgb_list(image, "image") if image is not None else None
         references = to_rgb_list(reference, "reference") if reference is not None else None
+        ignore_masks = self._to_ignore_masks(ignore_mask) if ignore_mask is not None else None
         self.check_inputs(
             originals, references, latents, reference_latents, height, width, output_type, min_displacement,
-            batch_size, refine, decode,
+            batch_size, refine, decode, ignore_masks,
         )  # fmt: skip
         num_images = len(originals) if originals is not None else latents.shape[0]
         decoding = decode and output_type != "latent"
@@ -503,11 +585,14 @@ class STNAlignmentPipeline(DiffusionPipeline):
             if reference_latents is not None and reference_latents.shape[0] == 1 and num_images > 1:
                 reference_latents = reference_latents.expand(num_images, -1, -1, -1)  # one shared reference
 
-            # 4. Align
-            theta = self.predict_theta(latents, reference_latents, batch_size, progress)  # (B, 2, 3)
+            # 4. Align (an ignore mask weights the reference's latent cells and ECC's pixels)
+            reference_weights = None
+            if ignore_masks is not None:
+                reference_weights = self._reference_weights(ignore_masks, num_images, tuple(latents.shape[-2:]))
+            theta = self.predict_theta(latents, reference_latents, batch_size, progress, reference_weights)  # (B, 2, 3)
             refined = None
             if refine == "ecc":
-                theta, refined = self._refine_ecc(theta, originals, references, refine_kwargs)
+                theta, refined = self._refine_ecc(theta, originals, references, refine_kwargs, ignore_masks)
             if originals is not None:
                 pixel_sizes = [tuple(original.shape[-2:]) for original in originals]
             else:
