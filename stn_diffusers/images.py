@@ -28,6 +28,7 @@ Sizes (shared by the pipelines' warnings):
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Union
 
@@ -208,3 +209,56 @@ def tensor_to_pil(image: torch.Tensor) -> PIL.Image.Image:
     # Scaled and rounded in place, then to bytes: one float copy of a full-resolution image, not four.
     pixels = image.detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # (3, H, W)
     return PIL.Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------- masks
+# Masks (inpainting masks, ignore masks) follow the value rule above and are binarised here.
+MASK_THRESHOLD = 0.5  # fraction of full scale; StableDiffusionInpaintPipeline binarises at the same value
+
+
+def _pil_mask_to_array(mask: PIL.Image.Image, where: str) -> np.ndarray:
+    """Upright PIL mask → ``(H, W)`` float32 grey in ``[0, 1]``."""
+    mask = upright(mask)
+    bands = len(mask.getbands())
+    if bands not in (1, 3):
+        raise ValueError(f"expected {where} with 1 (grey) or 3 (RGB) channels, got mode {mask.mode!r} with {bands}")
+    if mask.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(mask, dtype=np.float32)
+        peak = 65535.0 if array.max() > 255 else 255.0 if array.max() > 1 else 1.0
+        return array / peak
+    return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+
+
+def _mask_values_to_unit_range(mask: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
+    """Mask values → float32 in ``[0, 1]`` by the rule of :mod:`stn_diffusers.images`, refusing an
+    integer 0/1 mask, which at full scale would silently be empty."""
+    dtype = str(mask.dtype).removeprefix("torch.")
+    if dtype in ("uint8", "uint16") and math.prod(mask.shape) > 0 and 0 < mask.max() <= 1:
+        raise ValueError(
+            f"expected {where} of dtype {dtype} at full scale (white = {int(FULL_SCALE[dtype])}), "
+            "found values in [0, 1]: pass a 0/1 mask as bool, or multiply it by the full scale"
+        )
+    return to_unit_range(mask, where)
+
+
+def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
+    """One mask → binary ``(1, H, W)`` float32 (1 = white: repaint, or ignore for an ignore mask),
+    binarised at :data:`MASK_THRESHOLD`. The one mask conversion of the project."""
+    if isinstance(mask, PIL.Image.Image):
+        grey = torch.from_numpy(_pil_mask_to_array(mask, where))[None]
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        tensor = _mask_values_to_unit_range(to_chw(mask, where), where)  # (C, H, W)
+        if tensor.shape[0] not in (1, 3):
+            raise ValueError(
+                f"expected {where} with 1 (grey) or 3 (RGB, converted to grey) channels, got {tensor.shape[0]} "
+                f"(shape {tuple(tensor.shape)})"
+            )
+        grey = tensor.mean(dim=0, keepdim=True)
+    else:
+        raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(mask).__name__}")
+    return (grey >= MASK_THRESHOLD).float()
+
+
+def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image") -> list[torch.Tensor]:
+    """A single mask or a batch → list of binary ``(1, H, W)`` float32 tensors."""
+    return split_batch(masks, to_mask_tensor, where)

@@ -52,7 +52,6 @@ Ignore mask (what the alignment does not look at):
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -73,19 +72,17 @@ from diffusers.utils import BaseOutput, logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import geometry
-from .images import (
+from .images import (  # the mask conversion lives with the image conversion; re-exported here
     ASPECT_TOLERANCE,
-    FULL_SCALE,
+    MASK_THRESHOLD,  # noqa: F401 (re-exported: part of this module's API)
     ImageInput,
     aspect_difference,
     format_size,
     open_image,
     pick,
-    split_batch,
-    to_chw,
+    to_mask_list,
+    to_mask_tensor,  # noqa: F401 (re-exported)
     to_rgb_list,
-    to_unit_range,
-    upright,
 )
 from .models.spatial_transformer import SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
@@ -93,7 +90,6 @@ from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline
 logger = logging.get_logger(__name__)
 
 MASK_FRAMES = ("reference", "image")
-MASK_THRESHOLD = 0.5  # fraction of full scale; StableDiffusionInpaintPipeline binarises at the same value
 OUTPUT_TYPES = ("pil", "np", "pt")
 # The components StableDiffusionInpaintPipeline is built from, in its constructor's order.
 INPAINT_COMPONENTS = (
@@ -145,54 +141,6 @@ class STNInpaintPipelineOutput(BaseOutput):
 
 
 # ------------------------------------------------------------------------------------------- masks
-def _pil_mask_to_array(mask: PIL.Image.Image, where: str) -> np.ndarray:
-    """Upright PIL mask → ``(H, W)`` float32 grey in ``[0, 1]``."""
-    mask = upright(mask)
-    bands = len(mask.getbands())
-    if bands not in (1, 3):
-        raise ValueError(f"expected {where} with 1 (grey) or 3 (RGB) channels, got mode {mask.mode!r} with {bands}")
-    if mask.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(mask, dtype=np.float32)
-        peak = 65535.0 if array.max() > 255 else 255.0 if array.max() > 1 else 1.0
-        return array / peak
-    return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-
-
-def _mask_values_to_unit_range(mask: np.ndarray | torch.Tensor, where: str) -> torch.Tensor:
-    """Mask values → float32 in ``[0, 1]`` by the rule of :mod:`stn_diffusers.images`, refusing an
-    integer 0/1 mask, which at full scale would silently be empty."""
-    dtype = str(mask.dtype).removeprefix("torch.")
-    if dtype in ("uint8", "uint16") and math.prod(mask.shape) > 0 and 0 < mask.max() <= 1:
-        raise ValueError(
-            f"expected {where} of dtype {dtype} at full scale (white = {int(FULL_SCALE[dtype])}), "
-            "found values in [0, 1]: pass a 0/1 mask as bool, or multiply it by the full scale"
-        )
-    return to_unit_range(mask, where)
-
-
-def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
-    """One mask → binary ``(1, H, W)`` float32 (1 = white: repaint, or ignore for an ignore mask),
-    binarised at :data:`MASK_THRESHOLD`. The one mask conversion of the project."""
-    if isinstance(mask, PIL.Image.Image):
-        grey = torch.from_numpy(_pil_mask_to_array(mask, where))[None]
-    elif isinstance(mask, (np.ndarray, torch.Tensor)):
-        tensor = _mask_values_to_unit_range(to_chw(mask, where), where)  # (C, H, W)
-        if tensor.shape[0] not in (1, 3):
-            raise ValueError(
-                f"expected {where} with 1 (grey) or 3 (RGB, converted to grey) channels, got {tensor.shape[0]} "
-                f"(shape {tuple(tensor.shape)})"
-            )
-        grey = tensor.mean(dim=0, keepdim=True)
-    else:
-        raise TypeError(f"expected {where} as a PIL.Image, numpy array or torch.Tensor, got {type(mask).__name__}")
-    return (grey >= MASK_THRESHOLD).float()
-
-
-def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image") -> list[torch.Tensor]:
-    """A single mask or a batch → list of binary ``(1, H, W)`` float32 tensors."""
-    return split_batch(masks, to_mask_tensor, where)
-
-
 def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
     """Open a mask file upright, its mode kept (unlike :func:`stn_diffusers.images.load_image`)."""
     return open_image(path, "mask image")

@@ -16,7 +16,16 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .. import geometry
-from ..images import ASPECT_TOLERANCE, ImageInput, aspect_difference, format_size, pick, tensor_to_pil, to_rgb_list
+from ..images import (
+    ASPECT_TOLERANCE,
+    ImageInput,
+    aspect_difference,
+    format_size,
+    pick,
+    tensor_to_pil,
+    to_mask_list,
+    to_rgb_list,
+)
 from ..models.spatial_transformer import SpatialTransformer
 from ..refine import REFINE_METHODS, import_cv2, refine_theta_ecc
 from .pipeline_output import STNAlignmentPipelineOutput
@@ -437,12 +446,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
 
     @staticmethod
     def _to_ignore_masks(ignore_mask: ImageInput | list[ImageInput]) -> list[torch.Tensor]:
-        """``ignore_mask`` → a list of binary ``(1, H, W)`` float32 masks (1 = ignore), by the value rules
-        of the inpainting masks."""
-        # One set of mask rules for the project: they live with the inpainting masks, a module built on
-        # this one, so it is imported here, when a mask is given.
-        from ..inpainting import to_mask_list
-
+        """``ignore_mask`` → a list of binary ``(1, H, W)`` float32 masks (1 = ignore), by the one set of
+        mask rules (:func:`stn_diffusers.images.to_mask_tensor`)."""
         return to_mask_list(ignore_mask, "ignore_mask")
 
     @staticmethod
