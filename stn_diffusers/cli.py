@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import data, files, geometry, refine
+from .confidence import DEFAULT_CONFIDENCE_THRESHOLD
 from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
 from .images import load_image, open_image
 
@@ -29,6 +30,8 @@ MODEL_INDEX = "model_index.json"
 COMPONENT_CONFIG = "config.json"
 COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEBUG_HELP = "on an error, print the traceback as well as the one-line message"
+# Exit status of `align --fail-below X` when the alignment's confidence is below X (2 is a user's mistake).
+LOW_CONFIDENCE_EXIT_CODE = 3
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -127,6 +130,8 @@ def run_align(args: argparse.Namespace) -> dict:
     # 1. Check the device, inputs and outputs before anything is computed
     device = check_device(args.device)
     _check_mask_flags(args)
+    if args.fail_below is not None and args.mask is not None:
+        raise ValueError("expected --fail-below without --mask: the confidence is reported for the plain alignment")
     image = load_image(args.image)
     reference = load_image(args.reference) if args.reference else None
     mask = None
@@ -188,7 +193,11 @@ def _align_image(args: argparse.Namespace, pipe, image, reference, ignore_mask) 
         report["refined"] = bool(output.refined[0])
         if not report["refined"]:
             print(f"{args.refine} refinement did not converge: kept the STN's θ")
-    print("theta (normalised, (2, 3)):")
+    if output.confidence is not None:
+        report["confidence"] = float(output.confidence[0])
+        threshold = DEFAULT_CONFIDENCE_THRESHOLD
+        print(f"confidence: {report['confidence']:.3f} (below {threshold} the alignment is likely wrong)")
+    print(f"theta (normalised, {tuple(output.theta.shape[1:])}):")
     for row in report["theta"]:
         print("  " + "  ".join(f"{v:+.6f}" for v in row))
     print(f"pixel matrix ({image.width}×{image.height}, output → input):")
@@ -229,6 +238,11 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="let an output replace an input file (--image, --reference, --mask)"
     )
+    parser.add_argument(
+        "--fail-below", type=_unit_interval, default=None, metavar="X",
+        help=f"exit with status {LOW_CONFIDENCE_EXIT_CODE} (outputs still written) when the alignment's confidence "
+        f"is below X in [0, 1] (the documented threshold is {DEFAULT_CONFIDENCE_THRESHOLD})",
+    )  # fmt: skip
     parser.set_defaults(func=run_align)
 
 
@@ -461,15 +475,24 @@ def _integer_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _fraction_below_one(text: str) -> float:
-    """An argparse ``type`` for a fraction in ``[0, 1)``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+def _fraction_type(include_one: bool):
+    """An argparse ``type`` for a number in ``[0, 1]`` (``include_one``) or ``[0, 1)``."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not (0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+_fraction_below_one = _fraction_type(include_one=False)
+_unit_interval = _fraction_type(include_one=True)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -505,13 +528,25 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     if args.threads is None:
-        return run_reporting_errors(lambda: args.func(args), debug=args.debug)
+        return _run(args)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run_reporting_errors(lambda: args.func(args), debug=args.debug)
+        return _run(args)
     finally:
         torch.set_num_threads(previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status: a user's mistake (2), an alignment below ``--fail-below`` (3), or 0."""
+    reports = []
+    status = run_reporting_errors(lambda: reports.append(args.func(args)), debug=args.debug)
+    fail_below = getattr(args, "fail_below", None)
+    confidence = reports[0].get("confidence") if status == 0 and isinstance(reports[0], dict) else None
+    if fail_below is not None and confidence is not None and confidence < fail_below:
+        print(f"error: confidence {confidence:.3f} is below --fail-below {fail_below}", file=sys.stderr)
+        return LOW_CONFIDENCE_EXIT_CODE
+    return status
 
 
 if __name__ == "__main__":

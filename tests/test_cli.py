@@ -37,6 +37,24 @@ def test_align_writes_image_and_theta(tmp_path, saved_pipeline, coffee, astronau
     assert "theta" in printed and "pixel matrix" in printed and str(output) in printed and str(theta_json) in printed
 
 
+def test_align_reports_confidence_and_fails_below_a_threshold(tmp_path, saved_pipeline, coffee, astronaut, capsys):
+    image, reference = tmp_path / "moving.png", tmp_path / "reference.png"
+    coffee.resize((512, 512)).save(image)
+    astronaut.save(reference)  # another photo: the (untrained) aligner cannot be right
+    base = ["align", "--pipeline", str(saved_pipeline), "--image", str(image), "--reference", str(reference)]
+    theta_json = tmp_path / "theta.json"
+    assert cli.main([*base, "--output", str(tmp_path / "a.png"), "--json", str(theta_json)]) == 0
+    confidence = json.loads(theta_json.read_text())["confidence"]
+    assert 0.0 <= confidence < 0.5 and "confidence:" in capsys.readouterr().out
+    # Below --fail-below: exit status 3, one line on stderr, the outputs still written.
+    code = cli.main([*base, "--output", str(tmp_path / "b.png"), "--fail-below", "0.5"])
+    assert code == cli.LOW_CONFIDENCE_EXIT_CODE and (tmp_path / "b.png").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: confidence")
+    assert cli.main([*base, "--output", str(tmp_path / "c.png"), "--fail-below", "0"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--output", str(tmp_path / "d.png"), "--fail-below", "1.5"])
+
+
 def test_align_decoded_writes_working_size(tmp_path, saved_pipeline, astronaut):
     image = tmp_path / "a.png"
     astronaut.save(image)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline
 
-from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNAlignmentPipelineOutput, geometry
+from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNAlignmentPipelineOutput, confidence, geometry
 from stn_diffusers.images import to_rgb_list
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
@@ -89,15 +89,25 @@ class TestOutputs:
 
     def test_tuple_output_holds_every_field_in_dataclass_order(self, seed_pipeline, astronaut):
         as_tuple = seed_pipeline(astronaut, min_displacement=1.0, output_type="pt", return_dict=False)
-        images, warped_images, theta, latents, displacement, unwarped, refined = as_tuple
+        images, warped_images, theta, latents, displacement, unwarped, refined, confidence = as_tuple
         assert len(images) == 1 and theta.shape == (1, 2, 3) and latents.shape == (1, 4, 64, 64)
         assert displacement.shape == (1,) and unwarped.tolist() == [True] and refined is None
+        assert confidence is None  # no reference to judge the alignment against
         as_dict = seed_pipeline(astronaut, min_displacement=1.0, output_type="pt")
         for field, value in zip(dataclasses.fields(STNAlignmentPipelineOutput), as_tuple, strict=True):
             expected = getattr(as_dict, field.name)
             assert (value is None) == (expected is None), field.name
             if value is not None:
                 torch.testing.assert_close(value, expected, msg=field.name)
+
+    def test_confidence_judges_the_returned_theta_on_the_pixels(self, registration_pipeline, astronaut, coffee):
+        # The untrained STN starts at the identity: right for a photo against itself, wrong for another photo.
+        same = registration_pipeline(astronaut, reference=astronaut, output_type="latent")
+        other = registration_pipeline(coffee.resize((512, 512)), reference=astronaut, output_type="latent")
+        assert same.confidence.shape == (1,) and 0.5 <= same.confidence.item() <= 1.0
+        assert 0.0 <= other.confidence.item() < 0.5
+        latents_only = registration_pipeline(latents=same.latents, reference_latents=same.latents)
+        assert latents_only.confidence is None
 
     def test_one_progress_bar_covers_every_chunk_of_a_batch(self, registration_pipeline, coffee, monkeypatch):
         pipe = registration_pipeline
@@ -197,7 +207,9 @@ class TestNoWaste:
         resizes, interpolate = [], torch.nn.functional.interpolate
 
         def recorded(image, size=None, **kwargs):
-            resizes.append((tuple(image.shape[-2:]), tuple(size)))
+            # The confidence check judges the result on its own small copies (longer side EVIDENCE_SIZE).
+            if max(size) != confidence.EVIDENCE_SIZE:
+                resizes.append((tuple(image.shape[-2:]), tuple(size)))
             return interpolate(image, size=size, **kwargs)
 
         monkeypatch.setattr(torch.nn.functional, "interpolate", recorded)

@@ -34,6 +34,10 @@ class STNAlignmentPipelineOutput(BaseOutput):
             ``min_displacement`` and the input was returned unwarped.
         refined (`torch.Tensor` of shape `(B,)`, bool): with ``refine="ecc"``, True where ECC converged
             and refined θ, False where it failed and the STN's θ was kept; ``None`` without refinement.
+        confidence (`torch.Tensor` of shape `(B,)`): in ``[0, 1]``, how sure the pixels are that the
+            returned θ is within 5 px at 512 px (:func:`stn_diffusers.confidence.alignment_confidence`,
+            ignored pixels left out); below ``DEFAULT_CONFIDENCE_THRESHOLD`` (0.5) treat the alignment
+            as failed. ``None`` when only latents were given.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
@@ -43,3 +47,4 @@ class STNAlignmentPipelineOutput(BaseOutput):
     displacement: torch.Tensor | None = None
     unwarped: torch.Tensor | None = None
     refined: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None

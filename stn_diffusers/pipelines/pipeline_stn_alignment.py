@@ -16,6 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .. import geometry
+from ..confidence import alignment_confidence
 from ..images import (
     ASPECT_TOLERANCE,
     ImageInput,
@@ -603,6 +604,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
             else:
                 pixel_sizes = [(work_height, work_width)] * num_images
             theta, displacement, unwarped = self._hold_small_motions(theta, pixel_sizes, min_displacement)
+            confidence = None
+            if originals is not None and references is not None:  # judged on the pixels, ignored ones left out
+                confidence = alignment_confidence(references, originals, theta.cpu(), ignore_masks)  # (B,)
             aligned_latents = geometry.warp(
                 latents.float(), theta.to(latents.device), padding_mode=self.stn.config.padding_mode
             ).to(latents.dtype)
@@ -628,6 +632,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
             displacement=displacement,
             unwarped=unwarped,
             refined=refined,
+            confidence=confidence,
         )
         if not return_dict:
             # Every field in dataclass order; BaseOutput.to_tuple() would drop the ones that are None.
