@@ -26,7 +26,7 @@ import torch
 
 from . import geometry, metrics
 from .data import Pair, seeded_pairs
-from .refine import OPENCV_INSTALL_HINT, import_cv2, refine_theta_ecc, to_gray
+from .refine import OPENCV_INSTALL_HINT, import_cv2, motion_of, refine_theta_ecc, to_gray
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def evaluate_stn(
             continue
         start = time.perf_counter()
         # ECC refines in the STN's own motion model: a homography STN gets MOTION_HOMOGRAPHY.
-        kwargs = {"motion": "homography" if geometry.is_homography(theta) else "affine", **(refine_kwargs or {})}
+        kwargs = {"motion": motion_of(theta), **(refine_kwargs or {})}
         refined = refine_theta_ecc(pair.reference, pair.moving, theta if finite else None, **kwargs)
         refine_seconds = time.perf_counter() - start
         ecc_result.seconds.append(seconds + refine_seconds)

@@ -45,6 +45,12 @@ REFINE_METHODS = ("ecc",)
 # "affine" (6 dof, (B, 2, 3)) and "homography" (8 dof, (B, 3, 3)).
 ECC_MOTIONS = ("affine", "homography")
 
+
+def motion_of(theta: torch.Tensor) -> str:
+    """The ECC motion that refines ``theta`` in its own model: ``"homography"`` for ``(B, 3, 3)``,
+    else ``"affine"``."""
+    return "homography" if geometry.is_homography(theta) else "affine"
+
 # ECC's Gaussian pre-filter (pixels) on the coarse levels: widens the basin of convergence. The
 # finest level runs unfiltered: blurring both images biases a scaled or sheared fit by 0.1–0.2 px.
 ECC_GAUSSIAN_SIZE = 5

@@ -235,6 +235,15 @@ class TestNoWaste:
         torch.testing.assert_close(out.theta, torch.eye(3)[None])
         torch.testing.assert_close(out.warped_images[0], to_rgb_list(coffee)[0], rtol=0, atol=0)
 
+    def test_ecc_refines_a_homography_stn_in_its_own_motion_model(self, coffee):
+        stn = SpatialTransformer(**{**TINY_REGISTRATION, "transform": "homography"})
+        pipe = STNAlignmentPipeline(vae=make_tiny_vae(), stn=stn)
+        out = pipe(coffee, reference=coffee, height=128, width=192, output_type="latent", refine="ecc")
+        assert out.theta.shape == (1, 3, 3) and out.refined is not None
+        with pytest.raises(ValueError, match="motion='homography'"):  # an explicit choice still wins
+            pipe(coffee, reference=coffee, height=128, width=192, output_type="latent", refine="ecc",
+                 refine_kwargs={"motion": "affine"})  # fmt: skip
+
 
 class TestValidation:
     def test_missing_reference(self, registration_pipeline, astronaut):

@@ -28,7 +28,7 @@ from ..images import (
     to_rgb_list,
 )
 from ..models.spatial_transformer import SpatialTransformer
-from ..refine import REFINE_METHODS, import_cv2, refine_theta_ecc
+from ..refine import REFINE_METHODS, import_cv2, motion_of, refine_theta_ecc
 from .pipeline_output import STNAlignmentPipelineOutput
 
 logger = logging.get_logger(__name__)
@@ -435,7 +435,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
         reference pixels ``ignore_masks`` (1 = ignore) keep, and ``(B,)`` bool, True where ECC converged
         (elsewhere the STN's θ is kept)."""
         targets = references * len(images) if len(references) == 1 else references
-        kwargs = dict(refine_kwargs or {})
+        # ECC refines in the STN's own motion model (a homography STN: MOTION_HOMOGRAPHY) unless told otherwise.
+        kwargs = {"motion": motion_of(theta), **(refine_kwargs or {})}
         if ignore_masks is not None:
             kwargs["reference_mask"] = [1.0 - mask for mask in ignore_masks]  # ECC's masks say what to use
         result = refine_theta_ecc(targets, images, theta.cpu(), **kwargs)
