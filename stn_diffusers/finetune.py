@@ -47,7 +47,7 @@ from .errors import run_reporting_errors
 from .losses import ThetaCascade, training_loss, unwrap_stn
 from .metrics import SUMMARY_HEADER, markdown_table, summarize_errors, summary_cells
 from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
-from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint
+from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint, vae_scale_factor
 
 logger = get_logger(__name__)
 
@@ -58,8 +58,6 @@ CACHE_DIR = "latent_cache"
 # Images per VAE encode while caching views, and pairs per STN call in validation.
 ENCODE_BATCH_SIZE = 8
 VALIDATION_BATCH_SIZE = 16
-# The encoder's downsampling factor of a VAE whose config does not say.
-DEFAULT_VAE_FACTOR = 8
 
 
 # ------------------------------------------------------------------------------------------- args
@@ -198,13 +196,6 @@ def load_vae(name_or_path: str, subfolder: str | None = None, revision: str | No
     return vae.eval()
 
 
-def vae_factor(vae) -> int:
-    """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
-    if hasattr(vae.config, "block_out_channels"):
-        return 2 ** (len(vae.config.block_out_channels) - 1)
-    return DEFAULT_VAE_FACTOR
-
-
 def check_resolution(resolution: int, stn: SpatialTransformer, factor: int) -> None:
     """Raise ``ValueError`` unless crops of ``resolution`` pixels encode to latents ``stn`` takes.
 
@@ -233,7 +224,7 @@ def check_resolution(resolution: int, stn: SpatialTransformer, factor: int) -> N
 def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
     """The STN to train, checked against the VAE and ``--resolution`` before any encoding starts."""
     latent_channels = vae.config.latent_channels
-    factor = vae_factor(vae)
+    factor = vae_scale_factor(vae)
     if args.pretrained_stn is not None:
         folder = Path(args.pretrained_stn)
         subfolder = "stn" if (folder / "stn" / "config.json").is_file() else None

@@ -51,8 +51,15 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+# Stable Diffusion's pixels per latent cell, for a VAE whose config does not list its levels.
+DEFAULT_VAE_SCALE_FACTOR = 8
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs and ``AutoencoderTiny``)."""
+    if hasattr(vae.config, "block_out_channels"):
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+    return DEFAULT_VAE_SCALE_FACTOR
 
 
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -109,7 +116,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
     def __init__(self, vae, stn: SpatialTransformer):
         super().__init__()
         self.register_modules(vae=vae, stn=stn)
-        self.vae_scale_factor = _vae_scale_factor(vae)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False)
         latent_channels = vae.config.latent_channels
         if stn.config.in_channels != latent_channels:
