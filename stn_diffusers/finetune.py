@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from . import data, geometry
 from .checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint
 from .errors import run_reporting_errors
-from .losses import ThetaCascade, training_loss, unwrap_stn
+from .losses import CORNER_LOSSES, ThetaCascade, training_loss, unwrap_stn
 from .metrics import SUMMARY_HEADER, markdown_table, summarize_errors, summary_cells
 from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint, vae_scale_factor
@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Workers that load and warp photos while the cache is built.")
     # Losses
     add("--corner_loss_weight", type=float, default=1.0, help="Mean corner error (pixels) against the known transform.")
+    add("--corner_loss", choices=CORNER_LOSSES, default="mean",
+        help="`mean` corner error, or `log`: the mean of log(1 + error), which missed pairs do not dominate.")
     add("--latent_loss_weight", type=float, default=0.0, help="Masked MSE between aligned and reference latents.")
     add("--theta_loss_weight", type=float, default=0.0, help="MSE between predicted and true θ entries.")
     add("--pixel_loss_weight", type=float, default=0.0,
@@ -248,6 +250,9 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
         else:
             config["in_channels"] = latent_channels
             config["sample_size"] = args.resolution // factor
+            if config["architecture"] == "search_refine":
+                # Its features start as the latents themselves: at least one feature per latent channel.
+                config["feature_dim"] = max(config.get("feature_dim", latent_channels), latent_channels)
         stn = SpatialTransformer(**config)
     if stn.config.in_channels != latent_channels:
         raise ValueError(
@@ -350,8 +355,14 @@ def validation_set(args, pipe, sources: list[torch.Tensor], paths: list[Path]) -
 
 @torch.no_grad()
 def validation_corner_error(pipe: STNAlignmentPipeline, pairs: dict, resolution: int) -> torch.Tensor:
-    """Corner error in pixels at ``resolution`` of every validation pair with ``pipe.stn``, ``(N,)``."""
-    theta = pipe.predict_theta(pairs["moving"], pairs["reference"], batch_size=VALIDATION_BATCH_SIZE).cpu()
+    """Corner error in pixels at ``resolution`` of every validation pair with ``pipe.stn``, ``(N,)``,
+    measured as at inference (eval mode: a design may decide differently there, e.g. keep aligned pairs)."""
+    was_training = pipe.stn.training
+    pipe.stn.eval()
+    try:
+        theta = pipe.predict_theta(pairs["moving"], pairs["reference"], batch_size=VALIDATION_BATCH_SIZE).cpu()
+    finally:
+        pipe.stn.train(was_training)
     return geometry.corner_error(theta, pairs["theta"], resolution, resolution)
 
 
@@ -542,6 +553,7 @@ def main(args: argparse.Namespace) -> Path:
     )
     running: dict[str, list[float]] = {}
     started = time.perf_counter()
+    model.train()  # a loaded model comes in eval mode; designs may train differently from how they infer
     while global_step < max_train_steps:
         amount = curriculum_amount(global_step, args, max_train_steps)
         for micro in range(args.gradient_accumulation_steps):
@@ -554,7 +566,7 @@ def main(args: argparse.Namespace) -> Path:
             with accelerator.accumulate(model):
                 loss, parts = training_loss(
                     model, batch, args.resolution, args.corner_loss_weight, args.latent_loss_weight,
-                    args.theta_loss_weight, args.pixel_loss_weight, decode,
+                    args.theta_loss_weight, args.pixel_loss_weight, decode, args.corner_loss,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

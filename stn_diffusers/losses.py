@@ -36,6 +36,9 @@ def unwrap_stn(model: nn.Module) -> SpatialTransformer:
     return model
 
 
+CORNER_LOSSES = ("mean", "log")
+
+
 def training_loss(
     stn: nn.Module,
     batch: dict,
@@ -45,6 +48,7 @@ def training_loss(
     theta_weight: float = 0.0,
     pixel_weight: float = 0.0,
     decode=None,
+    corner_loss: str = "mean",
 ) -> tuple[torch.Tensor, dict]:
     """The fine-tuning loss of one batch, and its parts as floats.
 
@@ -59,10 +63,16 @@ def training_loss(
             sampled inside the moving latents (the padded border is masked out).
         theta_weight: MSE between the predicted and true θ entries (the seed recipe's target).
         pixel_weight: MSE between ``decode(aligned)`` and ``decode(reference)``; needs ``decode``.
+        corner_loss: ``"mean"`` (the mean corner error in pixels) or ``"log"`` (the mean of
+            ``log(1 + error)``): a design that searches before it refines either finds a pair or does
+            not, and a pair it misses by 100 px says little about how to refine; the log keeps such
+            pairs from drowning the gradient of the pairs it finds.
 
     Returns:
         ``(loss, {"loss": …, "corner_error": …, …})``; ``corner_error`` is the final θ's, in pixels.
     """
+    if corner_loss not in CORNER_LOSSES:
+        raise ValueError(f"expected corner_loss in {CORNER_LOSSES}, got {corner_loss!r}")
     moving, reference, true = batch["moving"], batch["reference"], batch["theta"]
     config = unwrap_stn(stn).config
     condition = reference if config.conditioning == "reference" else None
@@ -77,7 +87,8 @@ def training_loss(
     loss = final.new_zeros(())
     if corner_weight > 0:
         weights = [k + 1 for k in range(len(thetas))]
-        errors = [geometry.corner_error(theta, true, resolution, resolution).mean() for theta in thetas]
+        errors = [geometry.corner_error(theta, true, resolution, resolution) for theta in thetas]
+        errors = [(error.log1p() if corner_loss == "log" else error).mean() for error in errors]
         corner = sum(w * error for w, error in zip(weights, errors)) / sum(weights)
         parts["corner_loss"] = corner
         loss = loss + corner_weight * corner

@@ -19,8 +19,11 @@ from stn_diffusers import STN_PRESETS, SpatialTransformer, STNAlignmentPipeline
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# A registration STN small enough for tests that run in seconds.
-TINY_REGISTRATION = {**STN_PRESETS["registration"], "feature_channels": (8, 16, 16, 16), "feature_dim": 16}
+# The correlation design, small enough for tests that run in seconds (most tests of the learned
+# cascade's mechanics use it: gates, confidences, weights).
+TINY_REGISTRATION = {**STN_PRESETS["correlation"], "feature_channels": (8, 16, 16, 16), "feature_dim": 16}
+# The search-refine design (the `registration` preset), with a narrower feature net.
+TINY_SEARCH_REFINE = {**STN_PRESETS["registration"], "feature_channels": (8,)}
 
 
 @pytest.fixture(scope="session")

@@ -165,8 +165,8 @@ class TestLayerTable:
         assert counted == table["total_parameters"] == sum(p.numel() for p in stn.parameters())
         assert {p["name"] for p in table["other_parameters"]} == {"log_match_scale", "residual_gate"}
 
-    def test_full_registration_design_shapes_follow_sample_size(self):
-        table = analysis.layer_table(SpatialTransformer(**STN_PRESETS["registration"]), sample_size=48)
+    def test_full_correlation_design_shapes_follow_sample_size(self):
+        table = analysis.layer_table(SpatialTransformer(**STN_PRESETS["correlation"]), sample_size=48)
         # stem, then each stride's block output and its 64-d matching features (merged where equal)
         expected = [[32, 48, 48], [48, 24, 24], [64, 24, 24], [64, 12, 12], [96, 6, 6], [64, 6, 6]]
         assert table["activation_shapes"] == expected

@@ -78,7 +78,7 @@ class TestRegistrationDesign:
         assert len(thetas) == 3
 
     def test_full_preset_builds_and_starts_at_identity(self):
-        model = SpatialTransformer(**STN_PRESETS["registration"])
+        model = SpatialTransformer(**STN_PRESETS["correlation"])
         sample, reference = latents(2, 4, 64, 64), latents(2, 4, 64, 64, seed=1)
         torch.testing.assert_close(model.predict_theta(sample, reference), geometry.identity_theta(2))
 

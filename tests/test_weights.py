@@ -23,9 +23,13 @@ SEED_KEYS = [
     "fc_loc.0.weight", "fc_loc.0.bias", "fc_loc.2.weight", "fc_loc.2.bias",
 ]  # fmt: skip
 
-# The keys of the registration design's weights (those of the shipped default): each pyramid block
+# The keys of the registration design's weights (those of the shipped default): the feature net's
+# residual branch, 1×1 conv (0), SiLU, 1×1 conv (2).
+REGISTRATION_KEYS = [f"localization.residual.{layer}.{p}" for layer in (0, 2) for p in ("weight", "bias")]
+
+# The keys of the correlation design's weights (the first registration design): each pyramid block
 # is conv (0), GroupNorm (1), ReLU, conv (3), GroupNorm (4); each confidence head conv (0), ReLU, conv (2).
-REGISTRATION_KEYS = [
+CORRELATION_KEYS = [
     "log_match_scale",
     "residual_gate",
     "localization.stem.0.weight",
@@ -36,7 +40,7 @@ REGISTRATION_KEYS = [
 ]
 
 
-# The registration design fitting its matches with a homography: the same weights, another fit.
+# The registration design refining a homography: the same weights, another motion model.
 HOMOGRAPHY_REGISTRATION = {**STN_PRESETS["registration"], "transform": "homography"}
 
 
@@ -55,6 +59,10 @@ class TestStateDictKeys:
 
     def test_registration_keys_are_the_recorded_ones(self):
         assert list(SpatialTransformer(**STN_PRESETS["registration"]).state_dict()) == REGISTRATION_KEYS
+
+    def test_correlation_keys_are_the_recorded_ones(self):
+        # Pipelines saved with the first registration design keep loading under the `correlation` preset.
+        assert list(SpatialTransformer(**STN_PRESETS["correlation"]).state_dict()) == CORRELATION_KEYS
 
     def test_shipped_default_has_the_registration_keys(self):
         assert sorted(load_file(STN_WEIGHTS)) == sorted(REGISTRATION_KEYS)
@@ -79,9 +87,10 @@ class TestEmbeddedDefault:
         # diffusers' default loader builds the model on the meta device and then replaces each
         # parameter by name: the localiser must compute with the replacements, not the placeholders.
         stn = load_default().stn
-        assert stn.localizer.residual_gate is stn.residual_gate
+        assert stn.localizer.localization is stn.localization
         assert {id(p) for p in stn.head_parameters()} <= {id(p) for p in stn.parameters()}
-        assert stn.residual_gate.abs().sum() > 0  # trained gates, not the zero initialisation
+        # trained features, not the zero initialisation of the residual branch's last layer
+        assert stn.localization.residual[2].weight.abs().sum() > 0
         sample = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(stn.predict_theta(sample, sample)).all()
 
@@ -126,8 +135,8 @@ class TestSavedWeights:
     @pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
     @pytest.mark.parametrize(
         "config",
-        [STN_PRESETS["seed"], STN_PRESETS["registration"], HOMOGRAPHY_REGISTRATION],
-        ids=["seed", "registration", "homography"],
+        [STN_PRESETS["seed"], STN_PRESETS["registration"], HOMOGRAPHY_REGISTRATION, STN_PRESETS["correlation"]],
+        ids=["seed", "registration", "homography", "correlation"],
     )
     def test_save_pretrained_reloads_equal_tensors(self, tmp_path, config, low_cpu_mem_usage):
         model = perturbed(SpatialTransformer(**config))
@@ -141,7 +150,7 @@ class TestSavedWeights:
         assert {name: id(p) for name, p in loaded.localizer.named_parameters()} == loaded_ids
 
     def test_deepcopy_gives_the_copy_its_own_localizer(self):
-        model = SpatialTransformer(**STN_PRESETS["registration"])
+        model = SpatialTransformer(**STN_PRESETS["correlation"])
         clone = copy.deepcopy(model)
         with torch.no_grad():
             clone.residual_gate.fill_(1.0)
@@ -149,7 +158,7 @@ class TestSavedWeights:
         assert model.residual_gate.abs().sum() == 0 and model.localizer.residual_gate is model.residual_gate
 
     def test_assigned_parameters_reach_the_localizer(self):
-        model = SpatialTransformer(**STN_PRESETS["registration"])
+        model = SpatialTransformer(**STN_PRESETS["correlation"])
         state = {name: tensor.clone() for name, tensor in perturbed(copy.deepcopy(model)).state_dict().items()}
         model.load_state_dict(state, assign=True)  # replaces the parameter objects
         assert model.localizer.log_match_scale is model.log_match_scale

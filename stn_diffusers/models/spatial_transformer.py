@@ -36,16 +36,34 @@ from diffusers.utils import BaseOutput
 from .. import geometry
 from .correlation_localizer import CorrelationLocalizer, FeaturePyramid, cell_centres, local_correlation
 from .localizer import Localizer
+from .search_refine_localizer import SearchRefineLocalizer
 from .seed_localizer import SEED_SAMPLE_SIZE, SeedLocalizer
 
 CONDITIONINGS = ("none", "reference")
-ARCHITECTURES = ("seed", "correlation")
+ARCHITECTURES = ("seed", "correlation", "search_refine")
 # The last is projective (θ of shape (B, 3, 3)); the others are affine (B, 2, 3).
 TRANSFORMS = ("affine", "similarity", "translation", "homography")
 
 STN_PRESETS: dict[str, dict] = {
     "seed": {},
     "registration": {
+        "conditioning": "reference",
+        "architecture": "search_refine",
+        "transform": "affine",
+        "num_iterations": 1,
+        "feature_channels": (16,),
+        "feature_dim": 4,
+        "search_stride": 4,
+        "search_rotation": 45.0,
+        "search_rotation_step": 10.0,
+        "search_scale": 1.4,
+        "search_scale_step": 1.12,
+        "search_translation": 0.25,
+        "refine_strides": (4, 2, 1),
+        "refine_iterations": (4, 4, 4),
+    },
+    # The first registration design (a learned correlation cascade), kept for pipelines saved with it.
+    "correlation": {
         "conditioning": "reference",
         "architecture": "correlation",
         "transform": "affine",
@@ -133,14 +151,38 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         iteration_strides: tuple[int, ...] = (8, 4, 2),
         search_radius: tuple[int, ...] = (4, 3, 2),
         vae_fingerprint: str | None = None,
+        search_stride: int = 4,
+        search_rotation: float = 45.0,
+        search_rotation_step: float = 10.0,
+        search_scale: float = 1.4,
+        search_scale_step: float = 1.12,
+        search_translation: float = 0.25,
+        refine_strides: tuple[int, ...] = (4, 2, 1),
+        refine_iterations: tuple[int, ...] = (4, 4, 4),
     ):
         super().__init__()
         self._check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode)
         if architecture == "seed":
             localizer = SeedLocalizer(in_channels, conditioning, transform, sample_size)
-        else:
+        elif architecture == "correlation":
             localizer = CorrelationLocalizer(
                 in_channels, conditioning, transform, feature_channels, feature_dim, iteration_strides, search_radius
+            )
+        else:
+            localizer = SearchRefineLocalizer(
+                in_channels,
+                conditioning,
+                transform,
+                feature_channels,
+                feature_dim,
+                search_stride,
+                search_rotation,
+                search_rotation_step,
+                search_scale,
+                search_scale_step,
+                search_translation,
+                refine_strides,
+                refine_iterations,
             )
         self._adopt(localizer)
 
@@ -175,6 +217,12 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         self._non_persistent_buffers_set = localizer._non_persistent_buffers_set
         # Set past nn.Module.__setattr__, which would register it in the registry it shares.
         self.__dict__["localizer"] = localizer
+
+    def train(self, mode: bool = True) -> "SpatialTransformer":
+        """Set training mode here and on the localiser, which is not a registered child (see :meth:`_adopt`)."""
+        super().train(mode)
+        self.localizer.training = mode
+        return self
 
     # --------------------------------------------------------------------------------------- public
     def head_parameters(self) -> list[nn.Parameter]:

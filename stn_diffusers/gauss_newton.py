@@ -1,0 +1,249 @@
+"""Compositional Gauss–Newton alignment of feature maps: the sub-cell refinement of the
+search-refine design. Pure functions, no modules; differentiable, so the features feeding it train
+through it.
+
+The reference never moves: its gradients and the Jacobian of the motion are computed once per level
+(:func:`linearise_reference`); each iteration warps the moving map, adds its gradients (the efficient
+second-order form, see :func:`gauss_newton_step`) and solves a 6×6 (8×8 for a homography) system. Residuals
+are weighted robustly (a Cauchy weight on each cell's residual, scaled by the median residual) so a
+moving object or a pasted region does not drag the fit, and cells the warp exposes (padding) or the
+caller ignores (``reference_weights``) take no part.
+
+θ follows the convention in :mod:`stn_diffusers.geometry`: ``warp(moving, θ) ≈ reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+
+# Levenberg–Marquardt damping, relative to the diagonal of the Gauss–Newton matrix: keeps a step
+# on a flat (textureless) map small instead of huge.
+DAMPING = 1e-3
+# Cauchy weight 1 / (1 + r² / (c² · median r²)): residuals a few times the typical one count little.
+ROBUST_SCALE = 2.0
+# The cost that compares iterates caps each cell's squared residual at this multiple of the reference
+# features' variance: a pasted object or an exposed border costs a bounded amount per cell.
+RESIDUAL_CAP = 1.0
+
+
+def cell_grid(height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised cell-centre coordinates ``x, y`` of an ``h × w`` grid (align_corners=False), ``(h·w,)`` each."""
+    ys = (torch.arange(height, device=like.device, dtype=like.dtype) * 2 + 1) / height - 1
+    xs = (torch.arange(width, device=like.device, dtype=like.dtype) * 2 + 1) / width - 1
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return grid_x.flatten(), grid_y.flatten()
+
+
+def spatial_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences of ``(B, D, h, w)`` per normalised unit (one cell spans ``2 / w``), ``(B, D, h, w)`` × 2."""
+    height, width = features.shape[-2:]
+    padded = F.pad(features, (1, 1, 1, 1), mode="replicate")
+    grad_x = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) * (width / 4.0)
+    grad_y = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) * (height / 4.0)
+    return grad_x, grad_y
+
+
+def motion_jacobian(height: int, width: int, transform: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂(warped x)/∂p and ∂(warped y)/∂p at p = 0 for each cell, ``(h·w, P)`` × 2 (P = 6 affine, 8 homography).
+
+    The parameters add to the identity matrix row by row: ``[[1 + p0, p1, p2], [p3, 1 + p4, p5], [p6, p7, 1]]``.
+    """
+    x, y = cell_grid(height, width, like)
+    ones, zeros = torch.ones_like(x), torch.zeros_like(x)
+    jac_x = [x, y, ones, zeros, zeros, zeros]
+    jac_y = [zeros, zeros, zeros, x, y, ones]
+    if transform == "homography":
+        jac_x += [-x * x, -x * y]
+        jac_y += [-x * y, -y * y]
+    return torch.stack(jac_x, -1), torch.stack(jac_y, -1)
+
+
+def params_to_matrix(params: torch.Tensor) -> torch.Tensor:
+    """``(B, 6)`` → affine θ ``(B, 2, 3)``; ``(B, 8)`` → homography ``(B, 3, 3)`` (identity plus ``params``)."""
+    batch = params.shape[0]
+    if params.shape[1] == 6:
+        return geometry.identity_theta(batch, params.device, params.dtype) + params.view(batch, 2, 3)
+    full = torch.cat([params, params.new_zeros(batch, 1)], dim=1).view(batch, 3, 3)
+    return torch.eye(3, device=params.device, dtype=params.dtype) + full
+
+
+@dataclass
+class LinearisedReference:
+    """What every Gauss–Newton iteration reads from the reference at one level, computed once.
+
+    Args:
+        features: ``(B, D, h, w)`` the reference's features.
+        grad_x, grad_y: ``(B, D, h·w)`` their spatial gradients per normalised unit.
+        jacobian: ``(2·h·w, P)`` ∂(warped x)/∂p for every cell, then ∂(warped y)/∂p.
+        jacobian_products: ``(3·h·w, P·P)`` per cell, ``Jxᵀ Jx``, then ``Jxᵀ Jy + Jyᵀ Jx``, then
+            ``Jyᵀ Jy``: the Gauss–Newton matrix is one product of these with the structure tensors.
+        weights: ``(B, h·w)`` in ``[0, 1]``, each cell's share (1 when no cell is ignored).
+        cap: ``(B, 1)`` the residual cap of :func:`alignment_cost` (see :data:`RESIDUAL_CAP`).
+    """
+
+    features: torch.Tensor
+    grad_x: torch.Tensor
+    grad_y: torch.Tensor
+    jacobian: torch.Tensor
+    jacobian_products: torch.Tensor
+    weights: torch.Tensor
+    cap: torch.Tensor
+
+    @property
+    def num_params(self) -> int:
+        return self.jacobian.shape[-1]
+
+
+def match_statistics(
+    moving: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``moving`` ``(B, D, h, w)`` with each channel's mean and spread over the ``weights`` ``(B, 1, h, w)``
+    cells set to the reference's there: a change of brightness or contrast is not mistaken for motion."""
+    total = weights.sum(dim=(2, 3), keepdim=True).clamp_min(eps)
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (x * weights).sum(dim=(2, 3), keepdim=True) / total
+        var = (((x - mean) ** 2) * weights).sum(dim=(2, 3), keepdim=True) / total
+        return mean, (var + eps).sqrt()
+
+    with torch.no_grad():
+        mean_m, std_m = stats(moving)
+        mean_r, std_r = stats(reference)
+    return (moving - mean_m) * (std_r / std_m) + mean_r
+
+
+def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_y = spatial_gradients(features)
+    return grad_x.flatten(2), grad_y.flatten(2)  # (B, D, N) each
+
+
+def linearise_reference(
+    reference: torch.Tensor, transform: str = "affine", reference_weights: torch.Tensor | None = None
+) -> LinearisedReference:
+    """The reference ``(B, D, h, w)`` linearised for :func:`gauss_newton_step` (``transform``:
+    ``"affine"`` or ``"homography"``); ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]``."""
+    batch, channels, height, width = reference.shape
+    jac_x, jac_y = motion_jacobian(height, width, transform, reference)  # (N, P) each
+    outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
+    products = torch.cat([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
+    if reference_weights is None:
+        weights = reference.new_ones(batch, height * width)
+    else:
+        weights = reference_weights.flatten(1).to(reference.dtype)
+    cap = RESIDUAL_CAP * reference.var(dim=(2, 3)).mean(dim=1, keepdim=True)  # (B, 1)
+    grad_x, grad_y = _flat_gradients(reference)
+    return LinearisedReference(reference, grad_x, grad_y, torch.cat([jac_x, jac_y]), products, weights, cap)
+
+
+def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w, 2)`` positions θ samples for an ``h × w`` output (affine or homography)."""
+    batch = theta.shape[0]
+    identity = geometry.identity_theta(batch, like.device, like.dtype)
+    positions = F.affine_grid(identity if geometry.is_homography(theta) else theta.to(like.dtype),
+                              [batch, 1, height, width], align_corners=False)  # fmt: skip
+    if geometry.is_homography(theta):
+        positions = geometry.apply_theta(theta.to(like.dtype), positions.flatten(1, 2)).view(batch, height, width, 2)
+    return positions
+
+
+def _warp_and_match(
+    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``warp(moving, θ)`` brightness-matched to the reference, ``(B, D, h, w)``; the sampling grid
+    ``(B, h, w, 2)``; and the covered reference weights ``(B, N)`` (0 where padding enters)."""
+    reference = linearised.features
+    batch, channels, height, width = reference.shape
+    grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
+    warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    with torch.no_grad():
+        # The weights decide which cells count, not how the answer moves: no gradient through them.
+        # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
+        limit = grid.new_tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height])
+        covered = (grid.abs() <= limit + 1e-6).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
+        weights = covered * linearised.weights
+    warped = match_statistics(warped, reference, weights.view(batch, 1, height, width))
+    return warped, grid, weights
+
+
+def _capped_cost(residual: torch.Tensor, cells: torch.Tensor, linearised: LinearisedReference) -> torch.Tensor:
+    """``(B,)`` robust cost: squared residuals ``(B, D, N)`` capped at the reference's ``cap``, averaged
+    over the ``cells`` ``(B, N)`` (weights in ``[0, 1]``)."""
+    squared = torch.minimum(residual.pow(2).mean(dim=1), linearised.cap)  # (B, N)
+    return (squared * cells).sum(dim=1) / cells.sum(dim=1).clamp_min(1e-12)
+
+
+def alignment_costs(
+    linearised: LinearisedReference, moving: torch.Tensor, thetas: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Robust costs ``(B,)`` of ``warp(moving, θ)`` against the reference for each θ in ``thetas``,
+    all over the same cells: those every θ covers (see :data:`RESIDUAL_CAP`); and the share of the
+    reference's weight those cells hold, ``(B,)``.
+
+    Comparing on shared cells is what makes the costs comparable: an answer that leaves part of the
+    reference uncovered (a true rotation does) is neither charged for the cells it cannot see nor
+    credited for seeing fewer.
+    """
+    warped, covered = [], linearised.weights
+    for theta in thetas:
+        image, _, weights = _warp_and_match(linearised, moving, theta)
+        warped.append(image)
+        covered = covered * (weights > 0).to(covered.dtype)
+    costs = [_capped_cost((image - linearised.features).flatten(2), covered, linearised) for image in warped]
+    share = covered.sum(dim=1) / linearised.weights.sum(dim=1).clamp_min(1e-12)
+    return costs, share
+
+
+def gauss_newton_step(
+    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor, robust: bool = True
+) -> torch.Tensor:
+    """One Gauss–Newton step: θ ``(B, 2, 3)`` or ``(B, 3, 3)`` → the refined θ, shaped like the
+    linearised motion (an affine θ is lifted when the reference was linearised for a homography).
+
+    ``moving`` ``(B, D, h, w)`` is the moving image's features on the reference's
+    grid. Solves ``min_p Σ w · |warp(moving, θ) - R(W_p x)|²`` linearised at ``p = 0``, then
+    θ ← θ ∘ W_p⁻¹; with ``robust``, each cell's weight is a Cauchy weight of its residual. The
+    gradients are the mean of the reference's and the warped moving map's (the efficient
+    second-order form): with the reference's alone, the fixed point drifts wherever the two maps
+    differ by more than motion, as latents of a warped photo do.
+
+    The normal equations are two matrix products of per-cell structure tensors with Jacobian products
+    computed once (:class:`LinearisedReference`), so no ``(B, D, cells, P)`` tensor is ever formed:
+    this is the inner loop of the aligner.
+    """
+    reference = linearised.features
+    batch, num_params = reference.shape[0], linearised.num_params
+    warped, _, weights = _warp_and_match(linearised, moving, theta)
+    residual = (warped - reference).flatten(2)  # (B, D, N)
+    if robust:
+        with torch.no_grad():
+            squared = residual.pow(2).mean(dim=1)  # (B, N)
+            masked = torch.where(weights > 0, squared, torch.full_like(squared, float("nan")))
+            typical = masked.nanmedian(dim=1, keepdim=True).values.nan_to_num(1.0).clamp_min(1e-8)
+            weights = weights / (1.0 + squared / (ROBUST_SCALE**2 * typical))
+    moving_x, moving_y = _flat_gradients(warped)
+    grad_x = 0.5 * (linearised.grad_x + moving_x)  # (B, D, N)
+    grad_y = 0.5 * (linearised.grad_y + moving_y)
+    # Per-cell structure tensor and drive, summed over channels and weighted: (B, 3N) and (B, 2N).
+    tensor = torch.cat([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], dim=1)
+    drive = torch.cat([(grad_x * residual).sum(1), (grad_y * residual).sum(1)], dim=1)
+    hessian = ((tensor * weights.repeat(1, 3)) @ linearised.jacobian_products).view(batch, num_params, num_params)
+    gradient = (drive * weights.repeat(1, 2)) @ linearised.jacobian  # (B, P)
+    damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
+    params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P)
+    if num_params == 8 and not geometry.is_homography(theta):
+        theta = geometry.to_homogeneous(theta)
+    return geometry.compose_theta(theta, geometry.invert_theta(params_to_matrix(params)))
+
+
+def refine(
+    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor, iterations: int, robust: bool = True
+) -> torch.Tensor:
+    """``iterations`` Gauss–Newton steps from θ; returns the last iterate."""
+    for _ in range(iterations):
+        theta = gauss_newton_step(linearised, moving, theta, robust)
+    return theta

@@ -1,0 +1,261 @@
+"""`SearchRefineLocalizer`: a wide search over rotation and scale, then Gauss–Newton down to the finest grid.
+
+1. **Features.** A small convolutional net maps the latents to ``feature_dim`` matching features at
+   the latents' own resolution. Its first ``in_channels`` outputs start as the latents themselves and
+   its residual branch starts at zero, so the untrained design aligns the raw latents; training
+   learns what aligns better (features that change less under rotation, brightness or a VAE's
+   non-equivariance).
+2. **Search** (:mod:`stn_diffusers.similarity_search`). On the features pooled by ``search_stride``,
+   every candidate rotation (``±search_rotation`` in steps of ``search_rotation_step`` degrees) and
+   scale (``search_scale^±1`` in steps of ``search_scale_step``) is tried at every shift within
+   ``search_translation`` of the side. A rotation of 40° is one candidate among others rather than a
+   motion a network must have learned to undo, which is what makes the basin wide.
+3. **Refinement** (:mod:`stn_diffusers.gauss_newton`). Robust Gauss–Newton on the features pooled by
+   each of ``refine_strides`` in turn, ``refine_iterations`` steps each, down to stride 1 (the latent
+   grid), with sub-cell precision. Brightness and contrast are matched on the overlap at each step.
+4. **Aligned pairs stay put.** At inference the answer is weighed against the identity by a robust
+   residual over the reference cells both cover (:func:`~stn_diffusers.gauss_newton.alignment_costs`,
+   each cell's squared residual capped, so a moving object or a pasted region costs a bounded amount);
+   when the identity fits at least as well, the pair comes back exactly unwarped. In training mode the refined answer is
+   always returned, so every pair trains the features.
+
+Reference weights (an ignore mask) weight the search score and every Gauss–Newton residual.
+
+θ follows the convention in :mod:`stn_diffusers.geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import gauss_newton, geometry, similarity_search
+from .localizer import Localizer
+
+# The search grid needs a few cells per side to tell rotations apart.
+MIN_SEARCH_CELLS = 4
+# An answer must fit this much (relative) better than the identity to move a pair: a refinement
+# always fits a little better by fitting noise, and an aligned pair must still come back unwarped.
+IDENTITY_MARGIN = 0.01
+# An answer that leaves less than this share of the reference covered is not trusted over the identity.
+MIN_SHARED_CELLS = 0.2
+# Transforms this design fits (Gauss–Newton parameterises the full affine and projective families).
+SEARCH_REFINE_TRANSFORMS = ("affine", "homography")
+
+
+class MatchingFeatures(nn.Module):
+    """Latents ``(B, C, H, W)`` → matching features ``(B, feature_dim, H, W)`` at the same resolution.
+
+    ``features = pad(latents) + residual(latents)``: the latents fill the first ``C`` channels and a
+    zero-initialised residual branch adds what training learns. The branch is pointwise (1×1
+    convolutions): it costs little, and a pointwise map commutes with any warp, so the features of a
+    rotated photo are the rotated features, which the search relies on.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, feature_dim: int):
+        super().__init__()
+        if feature_dim < in_channels:
+            raise ValueError(f"expected feature_dim >= in_channels ({in_channels}), got {feature_dim}")
+        self.in_channels = in_channels
+        self.feature_dim = feature_dim
+        self.residual = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 1),
+            nn.SiLU(),
+            nn.Conv2d(hidden_channels, feature_dim, 1),
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        passthrough = F.pad(latents, (0, 0, 0, 0, 0, self.feature_dim - self.in_channels))
+        return passthrough + self.residual(latents)
+
+
+def pool(features: torch.Tensor, stride: int) -> torch.Tensor:
+    """``(B, D, H, W)`` averaged over ``stride × stride`` cells (``⌈H / stride⌉`` per side, edges included)."""
+    if stride == 1:
+        return features
+    return F.avg_pool2d(features, stride, ceil_mode=True)
+
+
+@dataclass
+class SearchRefineContext:
+    """The reference, prepared once: features at the search stride and each refinement stride.
+
+    Args:
+        search: ``(B, D, h, w)`` standardised features at the search stride.
+        search_weights: ``(B, 1, h, w)`` reference weights there, or ``None``.
+        levels: ``{stride: LinearisedReference}`` for each refinement stride.
+        weights: ``(B, 1, H, W)`` reference weights at the latents' size, or ``None``.
+    """
+
+    search: torch.Tensor
+    search_weights: torch.Tensor | None
+    levels: dict[int, gauss_newton.LinearisedReference]
+    weights: torch.Tensor | None
+
+
+class SearchRefineLocalizer(Localizer):
+    """Search over rotation, scale and shift, then robust Gauss–Newton refinement (see the module).
+
+    Args:
+        in_channels: latent channels of the VAE.
+        conditioning: must be ``"reference"``.
+        transform: ``"affine"`` (θ ``(B, 2, 3)``) or ``"homography"`` (θ ``(B, 3, 3)``; the search
+            stays a similarity and the finest refinement stride fits the homography).
+        feature_channels: ``(hidden,)``: the width of the feature net's hidden layer (only the
+            first entry is read).
+        feature_dim: number of matching features (at least ``in_channels``).
+        search_stride, search_rotation, search_rotation_step, search_scale, search_scale_step,
+            search_translation: the search grid and its candidates (see the module).
+        refine_strides: pooling of the features at each refinement level, coarse to fine, ending at 1.
+        refine_iterations: Gauss–Newton steps at each refinement level.
+    """
+
+    supports_reference_weights = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        conditioning: str,
+        transform: str,
+        feature_channels: tuple[int, ...],
+        feature_dim: int,
+        search_stride: int,
+        search_rotation: float,
+        search_rotation_step: float,
+        search_scale: float,
+        search_scale_step: float,
+        search_translation: float,
+        refine_strides: tuple[int, ...],
+        refine_iterations: tuple[int, ...],
+    ):
+        super().__init__()
+        if conditioning != "reference":
+            raise ValueError(
+                "expected conditioning='reference' for architecture='search_refine' (it matches the sample "
+                f"against a reference), got {conditioning!r}"
+            )
+        if transform not in SEARCH_REFINE_TRANSFORMS:
+            raise ValueError(
+                f"expected transform in {SEARCH_REFINE_TRANSFORMS} for architecture='search_refine', got {transform!r}"
+            )
+        refine_strides, refine_iterations = tuple(refine_strides), tuple(refine_iterations)
+        if not refine_strides or refine_strides[-1] != 1 or any(s < 1 for s in refine_strides):
+            raise ValueError(f"expected refine_strides of positive strides ending at 1, got {refine_strides}")
+        if len(refine_iterations) != len(refine_strides) or min(refine_iterations) < 1:
+            raise ValueError(
+                f"expected one refine_iterations entry >= 1 per refine stride ({len(refine_strides)}), "
+                f"got {refine_iterations}"
+            )
+        if search_stride < 1 or search_rotation < 0 or search_rotation_step <= 0:
+            raise ValueError(
+                "expected search_stride >= 1, search_rotation >= 0 and search_rotation_step > 0, got "
+                f"{search_stride}, {search_rotation} and {search_rotation_step}"
+            )
+        if search_scale < 1 or search_scale_step <= 1 or not 0 <= search_translation < 1:
+            raise ValueError(
+                "expected search_scale >= 1, search_scale_step > 1 and search_translation in [0, 1), got "
+                f"{search_scale}, {search_scale_step} and {search_translation}"
+            )
+        self.transform = transform
+        self.search_stride = int(search_stride)
+        self.search_translation = float(search_translation)
+        self.refine_strides = refine_strides
+        self.refine_iterations = refine_iterations
+        self.localization = MatchingFeatures(in_channels, int(feature_channels[0]), int(feature_dim))
+        self.register_buffer(
+            "search_rotations", similarity_search.default_rotations(search_rotation, search_rotation_step), persistent=False
+        )
+        self.register_buffer(
+            "search_scales", similarity_search.default_scales(search_scale, search_scale_step), persistent=False
+        )
+        self._min_scale = 1.0 / float(search_scale)
+
+
+    # ------------------------------------------------------------------------------------ context
+    def _level_transform(self, stride: int) -> str:
+        # A homography's extra two parameters are poorly constrained on coarse grids: only the finest fits them.
+        return "homography" if self.transform == "homography" and stride == 1 else "affine"
+
+    def prepare(self, reference: torch.Tensor, reference_weights: torch.Tensor | None = None) -> SearchRefineContext:
+        """Reference features at the search stride and every refinement stride, linearised once
+        (the reference never moves); ``reference_weights`` ``(B, 1, H, W)`` pooled to each grid."""
+        features = self.localization(reference)  # (B, D, H, W)
+        weights = None if reference_weights is None else reference_weights.to(features.dtype)
+        search_weights = None if weights is None else pool(weights, self.search_stride)
+        search = similarity_search.standardise(pool(features, self.search_stride), search_weights)
+        levels = {
+            stride: gauss_newton.linearise_reference(
+                pool(features, stride), self._level_transform(stride), None if weights is None else pool(weights, stride)
+            )
+            for stride in self.refine_strides
+        }
+        return SearchRefineContext(search, search_weights, levels, weights)
+
+    # --------------------------------------------------------------------------------------- step
+    def _search_radius(self, height: int, width: int) -> int:
+        # A shift of the warped grid moves the moving map by L·s: the smallest scale needs the most cells.
+        return math.ceil(self.search_translation * max(height, width) / self._min_scale) + 1
+
+    def _refine(self, context: SearchRefineContext, moving: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Gauss–Newton at each refinement stride, coarse to fine."""
+        for stride, iterations in zip(self.refine_strides, self.refine_iterations):
+            # Coarse levels are not reweighted: far from the answer every residual is large, and
+            # downweighting them slows the approach; the finest level is, against local changes.
+            theta = gauss_newton.refine(context.levels[stride], pool(moving, stride), theta, iterations, stride == 1)
+        return theta
+
+    def step(self, moving: torch.Tensor, context: SearchRefineContext, iteration: int) -> torch.Tensor:
+        """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for a homography) aligning ``moving`` ``(B, C, H, W)``: search
+        (first iteration only) and refinement, with the identity kept when it fits better."""
+        features = self.localization(moving)  # (B, D, H, W)
+        batch = features.shape[0]
+        identity = geometry.identity_theta(batch, features.device, features.dtype)
+        if iteration > 0:
+            # A later cascade iteration sees the sample already aligned: refine, no new search.
+            return self._refine(context, features, identity)
+        with torch.no_grad():
+            searched = pool(features, self.search_stride)
+            searched = similarity_search.standardise(searched, context.search_weights)
+            start, _ = similarity_search.search_similarity(
+                context.search,
+                searched,
+                self.search_rotations,
+                self.search_scales,
+                self._search_radius(*searched.shape[-2:]),
+                context.search_weights,
+            )
+
+        theta = self._refine(context, features, start.to(features.dtype))
+        if self.training:
+            # Every pair trains the features through the refinement; the identity test decides at inference.
+            return theta
+        with torch.no_grad():
+            # Aligned pairs stay put: the identity wins unless the answer fits clearly better. A diverged
+            # refinement (a non-finite θ) falls back to the identity too.
+            finite = torch.isfinite(theta).flatten(1).all(dim=1)
+            if geometry.is_homography(theta):
+                identity = geometry.to_homogeneous(identity)
+            safe = torch.where(finite.view(batch, 1, 1), theta, identity)
+            (answer_cost, identity_cost), shared = gauss_newton.alignment_costs(
+                context.levels[1], features, [safe, identity]
+            )
+            keep_identity = (identity_cost <= answer_cost * (1 + IDENTITY_MARGIN)) | ~finite | (shared < MIN_SHARED_CELLS)
+        return torch.where(keep_identity.view(batch, 1, 1), identity, theta)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The last layer of the feature net (zero at initialisation)."""
+        return list(self.localization.residual[-1].parameters())
+
+    @property
+    def fixed_sample_size(self) -> None:
+        return None
+
+    @property
+    def min_sample_size(self) -> int:
+        return MIN_SEARCH_CELLS * self.search_stride

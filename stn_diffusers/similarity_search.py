@@ -1,0 +1,178 @@
+"""Exhaustive search over rotations, scales and shifts: the wide basin of the search-refine design.
+
+Pure functions, no modules. A local refinement (Gauss–Newton, a correlation window) converges only
+from a start within a few degrees and a few percent of the truth; photos rotated by 30° or scaled by
+25 % lie far outside. Rather than hope a network learns rotation-invariant features, the search tries
+each candidate rotation and scale explicitly: it warps the moving feature map by the candidate,
+correlates it with the reference at every shift within the range, and keeps the best.
+
+Scores are correlations normalised over the cells both maps cover (:func:`shift_scores`), with a
+mild preference for a larger overlap, so a candidate that keeps little overlap cannot win on a few
+lucky cells.
+
+θ follows the convention in :mod:`stn_diffusers.geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+
+# How much a larger overlap is preferred in the search score (see :func:`shift_scores`).
+OVERLAP_EXPONENT = 1.0
+
+
+def similarity_candidates(
+    rotations: torch.Tensor, scales: torch.Tensor, aspect: float = 1.0
+) -> torch.Tensor:
+    """θ ``(R·S, 2, 3)`` of every rotation (degrees, ``(R,)``) and scale (``(S,)``) about the centre.
+
+    Rotations are true rotations in pixels for ``aspect = W / H``; ordered rotation-major.
+    """
+    angle = torch.deg2rad(rotations.double())[:, None]  # (R, 1)
+    scale = scales.double()[None, :]  # (1, S)
+    cos, sin = (angle.cos() * scale).flatten(), (angle.sin() * scale).flatten()  # (R·S,)
+    zeros = torch.zeros_like(cos)
+    # In normalised units x_n = x_p·2/W, y_n = y_p·2/H: L_n = diag(1/aspect, 1) · L_p · diag(aspect, 1).
+    theta = torch.stack(
+        [torch.stack([cos, -sin / aspect, zeros], -1), torch.stack([sin * aspect, cos, zeros], -1)], -2
+    )
+    return theta.float()
+
+
+def standardise(features: torch.Tensor, weights: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean and unit variance per map and channel: ``(B, D, h, w)`` → ``(B, D, h, w)``.
+
+    With ``weights`` ``(B, 1, h, w)``, the statistics are those of the weighted cells.
+    """
+    if weights is None:
+        mean = features.mean(dim=(2, 3), keepdim=True)
+        var = features.var(dim=(2, 3), keepdim=True, unbiased=False)
+    else:
+        total = weights.sum(dim=(2, 3), keepdim=True).clamp_min(eps)
+        mean = (features * weights).sum(dim=(2, 3), keepdim=True) / total
+        var = (((features - mean) ** 2) * weights).sum(dim=(2, 3), keepdim=True) / total
+    return (features - mean) / (var + eps).sqrt()
+
+
+def shift_scores(
+    reference: torch.Tensor,
+    moving: torch.Tensor,
+    coverage: torch.Tensor,
+    radius: int,
+    reference_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalised correlation of each reference with its moving maps at every integer shift within ``radius``.
+
+    ``reference`` ``(B, D, h, w)``; ``moving`` ``(B, K, D, h, w)``, ``K`` maps per reference, zero
+    where they have no content, and their ``coverage`` ``(B, K, 1, h, w)`` in ``[0, 1]``;
+    ``reference_weights`` ``(B, 1, h, w)`` (default: ones). Returns ``(B, K, 2r+1, 2r+1)``, entry
+    ``[..., i, j]`` for the moving map shifted by ``(i - r, j - r)`` cells (rows, columns):
+
+        ``Σ ⟨r, m⟩ / √(Σ |r|² · Σ |m|²) · (overlap / (h·w)) ** OVERLAP_EXPONENT``
+
+    with every sum over the cells both maps cover at that shift. Normalising over the overlap keeps a
+    rotated candidate, whose corners fall outside, level with the unrotated one; the overlap factor
+    keeps a candidate that matches a sliver from winning.
+
+    All four sums are correlations, computed together by FFT over maps zero-padded by at least
+    ``radius`` (so no shift wraps around): one forward transform per side, one inverse for all four.
+    """
+    batch, channels, height, width = reference.shape
+    weights = reference.new_ones(batch, 1, height, width) if reference_weights is None else reference_weights
+    reference = reference * weights
+    size = (height + radius + (height + radius) % 2, width + radius + (width + radius) % 2)
+    reference_side = torch.fft.rfft2(torch.cat([reference, weights, reference.pow(2).sum(1, keepdim=True)], 1), s=size)
+    moving_side = torch.fft.rfft2(torch.cat([moving, coverage, moving.pow(2).sum(2, keepdim=True)], 2), s=size)
+    reference_side = reference_side.conj().unsqueeze(1)  # (B, 1, D + 2, ·, ·)
+    spectra = torch.stack(
+        [
+            (moving_side[:, :, :channels] * reference_side[:, :, :channels]).sum(2),  # Σ ⟨r, m⟩
+            moving_side[:, :, channels] * reference_side[:, :, channels + 1],  # Σ |r|² over coverage
+            moving_side[:, :, channels + 1] * reference_side[:, :, channels],  # Σ |m|² over weights
+            moving_side[:, :, channels] * reference_side[:, :, channels],  # overlap
+        ],
+        dim=2,
+    )  # (B, K, 4, ·, ·)
+    circular = torch.fft.irfft2(spectra, s=size)  # entry [s] for shift s mod size
+    rows = torch.arange(-radius, radius + 1, device=reference.device) % size[0]
+    cols = torch.arange(-radius, radius + 1, device=reference.device) % size[1]
+    product, reference_energy, moving_energy, overlap = circular[..., rows, :][..., cols].unbind(2)
+    normalised = product / (reference_energy * moving_energy).clamp_min(1e-12).sqrt()
+    return normalised * (overlap.clamp_min(0) / (height * width)) ** OVERLAP_EXPONENT
+
+
+def search_similarity(
+    reference: torch.Tensor,
+    moving: torch.Tensor,
+    rotations: torch.Tensor,
+    scales: torch.Tensor,
+    radius: int,
+    reference_weights: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+    top_k: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best θ ``(B, 2, 3)`` over every candidate rotation, scale and integer shift, and its score ``(B,)``;
+    with ``top_k > 1``, the best shifts of the ``top_k`` best candidates, ``(B, k, 2, 3)`` and ``(B, k)``.
+
+    Args:
+        reference: ``(B, D, h, w)`` features of the reference (standardised by the caller).
+        moving: ``(B, D, h·f, w·f)`` features of the moving image on the same grid or one ``f`` times
+            finer (warped there, then averaged down by ``f``).
+        rotations: ``(R,)`` candidate rotations in degrees.
+        scales: ``(S,)`` candidate scales.
+        radius: shifts of up to ``radius`` cells per axis are tried.
+        reference_weights: ``(B, 1, h, w)`` in ``[0, 1]``: cells of weight 0 take no part in the score.
+        start: ``(B, 2, 3)``: candidates are ``start ∘ candidate`` (a finer search around an earlier
+            answer); default: the identity.
+
+    The search is not differentiable (it picks an argmax); what follows it refines and trains.
+    """
+    batch, channels, height, width = reference.shape
+    factor = moving.shape[-1] // width
+    candidates = similarity_candidates(rotations, scales, width / height).to(reference)  # (K, 2, 3)
+    num_candidates = candidates.shape[0]
+    thetas = candidates.repeat(batch, 1, 1)  # (B·K, 2, 3)
+    if start is not None:
+        thetas = geometry.compose_theta(start.to(reference).repeat_interleave(num_candidates, dim=0), thetas)
+    # The map and a plane of ones warped together: the ones say where the candidate has content.
+    stacked = torch.cat([moving, torch.ones_like(moving[:, :1])], dim=1).repeat_interleave(num_candidates, dim=0)
+    # Warped at the moving map's own resolution, then averaged down to the reference's grid: every
+    # candidate is then as smooth as the reference, which an upsampled (zoomed-in) candidate would
+    # otherwise not be, and smoother maps correlate better.
+    warped = geometry.warp(stacked, thetas)
+    if factor > 1:
+        warped = F.avg_pool2d(warped, factor, ceil_mode=True)
+    warped = warped.view(batch, num_candidates, channels + 1, height, width)
+    scores = shift_scores(reference, warped[:, :, :channels], warped[:, :, channels:], radius, reference_weights)
+    # The best shift of each candidate, then the best candidates: distinct rotations or scales.
+    per_candidate, shifts = scores.flatten(2).max(dim=2)  # (B, K)
+    best_score, candidate = per_candidate.topk(min(top_k, num_candidates), dim=1)  # (B, k)
+    shift = shifts.gather(1, candidate)  # (B, k)
+    window = 2 * radius + 1
+    # A shift of s cells on the warped grid samples the moving map at θ_c·(p + s): translation L_c·s.
+    shift_cells = torch.stack([shift % window - radius, shift // window - radius], -1).to(reference)  # (B, k, 2)
+    shift_normalised = shift_cells * shift_cells.new_tensor([2.0 / width, 2.0 / height])
+    theta = thetas.view(batch, num_candidates, 2, 3).gather(1, candidate[..., None, None].expand(-1, -1, 2, 3))
+    translation = theta[..., 2] + (theta[..., :2] @ shift_normalised.unsqueeze(-1)).squeeze(-1)
+    theta = torch.cat([theta[..., :2], translation.unsqueeze(-1)], dim=-1)  # (B, k, 2, 3)
+    if top_k == 1:
+        return theta[:, 0], best_score[:, 0]
+    return theta, best_score
+
+
+def default_rotations(max_degrees: float, step_degrees: float) -> torch.Tensor:
+    """Rotations ``(R,)`` from ``-max_degrees`` to ``max_degrees`` in steps of at most ``step_degrees``."""
+    count = 2 * math.ceil(max_degrees / step_degrees) + 1
+    return torch.linspace(-max_degrees, max_degrees, count)
+
+
+def default_scales(max_scale: float, step_ratio: float) -> torch.Tensor:
+    """Scales ``(S,)`` from ``1 / max_scale`` to ``max_scale``, geometrically spaced, neighbours at most
+    ``step_ratio`` apart; an odd count, so 1 is always one of them (aligned pairs need no scale step)."""
+    steps = max(0, math.ceil(math.log(max_scale) / math.log(step_ratio)))
+    return max_scale ** torch.linspace(-1.0, 1.0, 2 * steps + 1)

@@ -1,0 +1,266 @@
+"""The search-refine design (the `registration` preset): search, Gauss–Newton, features, training."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stn_diffusers import STN_PRESETS, SpatialTransformer, gauss_newton, geometry, similarity_search
+from stn_diffusers.finetune import main as finetune_main
+from stn_diffusers.finetune import parse_args
+from stn_diffusers.losses import training_loss
+from tests.conftest import TINY_SEARCH_REFINE
+
+
+def smooth_field(height: int, width: int, channels: int = 4, seed: int = 0) -> torch.Tensor:
+    """``(1, C, H, W)`` random structure at several scales: textured like latents, smooth enough to align."""
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.zeros(1, channels, height, width)
+    for cells in (4, 8, 16):
+        coarse = torch.randn(1, channels, max(2, height // cells), max(2, width // cells), generator=generator)
+        field += F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return field
+
+
+def similarity(degrees: float, scale: float, tx: float = 0.0, ty: float = 0.0, aspect: float = 1.0) -> torch.Tensor:
+    """θ ``(1, 2, 3)`` of a rotation and scale about the centre, then a shift (normalised units)."""
+    theta = similarity_search.similarity_candidates(torch.tensor([degrees]), torch.tensor([scale]), aspect)
+    theta[:, 0, 2], theta[:, 1, 2] = tx, ty
+    return theta
+
+
+def moved(reference: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The moving latents that ``theta`` aligns onto ``reference`` (border-padded, as a larger photo would be)."""
+    return geometry.warp(reference, geometry.invert_theta(theta), padding_mode="border")
+
+
+def error_px(theta: torch.Tensor, truth: torch.Tensor, height: int, width: int) -> float:
+    """Mean corner error in pixels of the 8× larger image the latents stand for."""
+    return float(geometry.corner_error(theta, truth, 8 * height, 8 * width).max())
+
+
+@pytest.fixture
+def model() -> SpatialTransformer:
+    return SpatialTransformer(**TINY_SEARCH_REFINE).eval()
+
+
+class TestSimilaritySearch:
+    def test_default_candidates_contain_the_identity(self):
+        rotations = similarity_search.default_rotations(45.0, 10.0)
+        scales = similarity_search.default_scales(1.4, 1.12)
+        assert rotations.numel() % 2 == 1 and rotations.abs().min() == 0 and rotations.max() == 45.0
+        assert scales.numel() % 2 == 1 and torch.isclose(scales.median(), torch.tensor(1.0))
+        assert (scales[1:] / scales[:-1]).max() <= 1.12 + 1e-6 and scales.max() == pytest.approx(1.4)
+
+    def test_shift_scores_match_a_direct_computation(self):
+        generator = torch.Generator().manual_seed(0)
+        reference = torch.randn(2, 3, 9, 11, generator=generator)
+        moving = torch.randn(2, 4, 3, 9, 11, generator=generator)
+        coverage = (torch.rand(2, 4, 1, 9, 11, generator=generator) > 0.2).float()
+        moving = moving * coverage
+        radius = 3
+        scores = similarity_search.shift_scores(reference, moving, coverage, radius)
+        # Direct: shift the moving map by (dy, dx) with zeros entering, sum over the overlap.
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                padded = F.pad(moving, (radius, radius, radius, radius))
+                padded_cover = F.pad(coverage, (radius, radius, radius, radius))
+                window = (..., slice(radius + dy, radius + dy + 9), slice(radius + dx, radius + dx + 11))
+                shifted, cover = padded[window], padded_cover[window]
+                product = (reference.unsqueeze(1) * shifted).sum(dim=(2, 3, 4))
+                ref_energy = (reference.pow(2).sum(1, keepdim=True).unsqueeze(1) * cover).sum(dim=(2, 3, 4))
+                mov_energy = shifted.pow(2).sum(dim=(2, 3, 4))
+                overlap = cover.sum(dim=(2, 3, 4)) / (9 * 11)
+                expected = product / (ref_energy * mov_energy).sqrt() * overlap**similarity_search.OVERLAP_EXPONENT
+                torch.testing.assert_close(scores[:, :, dy + radius, dx + radius], expected, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.parametrize("degrees, scale", [(0.0, 1.0), (30.0, 1.0), (-40.0, 1.2), (20.0, 0.8)])
+    def test_finds_the_candidate_nearest_the_truth(self, degrees, scale):
+        reference = similarity_search.standardise(F.avg_pool2d(smooth_field(64, 64), 4))
+        truth = similarity(degrees, scale, 0.1, -0.05)
+        moving = similarity_search.standardise(F.avg_pool2d(moved(smooth_field(64, 64), truth), 4))
+        rotations = similarity_search.default_rotations(45.0, 10.0)
+        scales = similarity_search.default_scales(1.4, 1.12)
+        theta, score = similarity_search.search_similarity(reference, moving, rotations, scales, radius=5)
+        linear = theta[0, :, :2]
+        found_degrees = math.degrees(math.atan2(float(linear[1, 0]), float(linear[0, 0])))
+        assert abs(found_degrees - degrees) <= 5.0 + 1e-3  # half a rotation step
+        assert abs(math.log(float(linear.det().sqrt())) - math.log(scale)) <= math.log(1.12) / 2 + 0.02
+        assert 0 < float(score) <= 1.0
+
+
+class TestGaussNewton:
+    @pytest.mark.parametrize("transform", ["affine", "homography"])
+    def test_converges_to_an_exact_warp_from_nearby(self, transform):
+        reference = smooth_field(64, 64)
+        truth = geometry.compose_theta(similarity(3.0, 1.03, 0.02, -0.01), torch.tensor([[[1.0, 0.02, 0.0], [0.0, 0.98, 0.0]]]))
+        if transform == "homography":
+            truth = geometry.compose_theta(truth, torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.02, -0.01, 1.0]]]))
+        moving = moved(reference, truth)
+        linearised = gauss_newton.linearise_reference(reference, transform)
+        start = geometry.identity_theta(1)
+        theta = gauss_newton.refine(linearised, moving, start, iterations=10)
+        assert theta.shape == truth.shape
+        assert error_px(theta, truth, 64, 64) < 0.5 < error_px(start, truth, 64, 64)
+
+    def test_ignored_cells_do_not_pull_the_fit(self):
+        reference = smooth_field(64, 64)
+        truth = similarity(2.0, 1.02, 0.03, 0.0)
+        moving = moved(reference, truth)
+        corrupted = reference.clone()
+        corrupted[..., 10:40, 10:40] = 5 * torch.randn(1, 4, 30, 30, generator=torch.Generator().manual_seed(3))
+        weights = torch.ones(1, 1, 64, 64)
+        weights[..., 10:40, 10:40] = 0
+        kept = gauss_newton.linearise_reference(corrupted, reference_weights=weights)
+        theta = gauss_newton.refine(kept, moving, geometry.identity_theta(1), 10, robust=False)
+        assert error_px(theta, truth, 64, 64) < 0.5
+
+    def test_cost_is_lowest_at_the_truth(self):
+        reference = smooth_field(64, 64)
+        truth = similarity(5.0, 0.9)  # zoomed in: every reference cell stays covered
+        moving = moved(reference, truth)
+        linearised = gauss_newton.linearise_reference(reference)
+        (at_truth, elsewhere), shared = gauss_newton.alignment_costs(
+            linearised, moving, [truth, geometry.identity_theta(1)]
+        )
+        assert float(at_truth) < 0.1 * float(elsewhere)
+        assert 0.9 < float(shared) <= 1.0
+
+    def test_costs_compare_on_the_cells_both_cover(self):
+        # A true rotation leaves the reference's corners uncovered; the truth must still fit better
+        # than the identity (it did not when uncovered cells cost the cap: smooth maps lost to identity).
+        reference = smooth_field(32, 32, seed=3)
+        truth = similarity(20.0, 1.0)
+        moving = moved(reference, truth)
+        linearised = gauss_newton.linearise_reference(reference)
+        (at_truth, identity), shared = gauss_newton.alignment_costs(
+            linearised, moving, [truth, geometry.identity_theta(1)]
+        )
+        assert float(shared) < 0.95  # the corners are out
+        assert float(at_truth) < 0.2 * float(identity)
+
+
+class TestSearchRefineDesign:
+    @pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 64), (48, 32), (40, 72)])
+    def test_any_size_from_the_minimum(self, model, size):
+        sample, reference = smooth_field(*size, seed=1), smooth_field(*size, seed=2)
+        out = model(sample, reference)
+        assert out.sample.shape == sample.shape and out.theta.shape == (1, 2, 3)
+        assert torch.isfinite(out.theta).all()
+        assert model.min_sample_size == 16 and model.fixed_sample_size is None
+
+    def test_refuses_a_sample_below_the_minimum(self, model):
+        with pytest.raises(ValueError, match="at least 16×16"):
+            model(torch.randn(1, 4, 12, 12), torch.randn(1, 4, 12, 12))
+
+    @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+    @pytest.mark.parametrize("degrees, scale, shift", [(0.0, 1.0, (0.15, -0.1)), (25.0, 1.15, (0.1, 0.1)), (-40.0, 0.8, (-0.1, 0.05))])
+    def test_recovers_wide_motions_untrained(self, model, size, degrees, scale, shift):
+        height, width = size
+        reference = smooth_field(height, width, seed=4)
+        truth = similarity(degrees, scale, *shift, aspect=width / height)
+        with torch.no_grad():
+            theta = model.predict_theta(moved(reference, truth), reference)
+        assert error_px(theta, truth, height, width) < 2.0
+
+    def test_aligned_pairs_come_back_as_the_identity(self, model):
+        reference = smooth_field(64, 64, seed=5)
+        changed = reference.clone()
+        changed[..., 20:36, 30:50] = smooth_field(16, 20, seed=6)  # a local change, no motion
+        brighter = 1.3 * reference + 0.2
+        with torch.no_grad():
+            for moving in (reference, changed, brighter):
+                theta = model.predict_theta(moving, reference)
+                torch.testing.assert_close(theta, geometry.identity_theta(1), rtol=0, atol=0)
+
+    def test_reference_weights_shape_the_estimate(self, model):
+        reference = smooth_field(64, 64, seed=7)
+        truth = similarity(10.0, 1.05, 0.05, 0.0)
+        moving = moved(reference, truth)
+        corrupted = reference.clone()
+        corrupted[..., :, :28] = torch.randn(1, 4, 64, 28, generator=torch.Generator().manual_seed(8))
+        weights = torch.ones(1, 1, 64, 64)
+        weights[..., :, :28] = 0
+        with torch.no_grad():
+            theta = model.predict_theta(moving, corrupted, reference_weights=weights)
+        assert error_px(theta, truth, 64, 64) < 2.0
+
+    def test_homography_transform_returns_and_refines_a_homography(self):
+        model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "transform": "homography"}).eval()
+        reference = smooth_field(64, 64, seed=9)
+        truth = geometry.compose_theta(similarity(15.0, 1.1, 0.05, 0.0),
+                                       torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.05, -0.03, 1.0]]]))  # fmt: skip
+        with torch.no_grad():
+            theta = model.predict_theta(moved(reference, truth), reference)
+        assert theta.shape == (1, 3, 3)
+        assert error_px(theta, truth, 64, 64) < 2.0
+
+    @pytest.mark.parametrize("option, value", [
+        ("conditioning", "none"), ("transform", "similarity"), ("refine_strides", (2, 2)),
+        ("refine_iterations", (4,)), ("search_scale", 0.9), ("search_translation", 1.5), ("feature_dim", 2),
+    ])  # fmt: skip
+    def test_bad_configs_name_the_expected_value(self, option, value):
+        with pytest.raises(ValueError, match="expected"):
+            SpatialTransformer(**{**TINY_SEARCH_REFINE, option: value})
+
+
+class TestTraining:
+    def test_gradient_reaches_every_trainable_parameter(self):
+        model = SpatialTransformer(**TINY_SEARCH_REFINE)
+        # At initialisation the residual branch's last layer is zero: only it gets a gradient.
+        reference = smooth_field(32, 32, seed=10).repeat(2, 1, 1, 1)
+        truth = torch.cat([similarity(12.0, 1.1, 0.05, 0.0), similarity(-20.0, 0.9, 0.0, 0.1)])
+        moving = torch.cat([moved(reference[:1], truth[:1]), moved(reference[1:], truth[1:])])
+        geometry.corner_error(model.predict_theta(moving, reference), truth, 256, 256).mean().backward()
+        first, last = model.localization.residual[0], model.localization.residual[2]
+        assert last.weight.grad.abs().sum() > 0 and first.weight.grad.abs().sum() == 0
+        model.zero_grad()
+        with torch.no_grad():
+            last.weight.normal_(0, 0.1)
+        geometry.corner_error(model.predict_theta(moving, reference), truth, 256, 256).mean().backward()
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+    def test_log_corner_loss_bounds_a_missed_pair(self):
+        model = SpatialTransformer(**TINY_SEARCH_REFINE)
+        reference = smooth_field(32, 32, seed=11)
+        batch = {"moving": reference, "reference": reference, "theta": similarity(90.0, 1.0)}  # far outside the search
+        mean_loss, parts = training_loss(model, batch, 256, corner_loss="mean")
+        log_loss, _ = training_loss(model, batch, 256, corner_loss="log")
+        mean_loss, log_loss = mean_loss.detach(), log_loss.detach()
+        assert float(log_loss) == pytest.approx(math.log1p(parts["corner_error"]), rel=1e-4)
+        assert float(log_loss) < float(mean_loss)
+        with pytest.raises(ValueError, match="corner_loss"):
+            training_loss(model, batch, 256, corner_loss="median")
+
+    def test_a_few_finetune_steps_on_a_tiny_vae_change_the_features(self, tmp_path):
+        import PIL.Image
+        import skimage.data
+
+        from tests.conftest import make_tiny_vae
+
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        PIL.Image.fromarray(skimage.data.astronaut()).save(photos / "astronaut.jpg")
+        PIL.Image.fromarray(skimage.data.coffee()).save(photos / "coffee.png")
+        make_tiny_vae().save_pretrained(tmp_path / "vae")
+        (tmp_path / "stn.json").write_text(json.dumps(TINY_SEARCH_REFINE))
+        args = parse_args([
+            "--pretrained_vae_name_or_path", str(tmp_path / "vae"), "--train_data_dir", str(photos),
+            "--output_dir", str(tmp_path / "out"), "--stn_config", str(tmp_path / "stn.json"),
+            "--resolution", "256", "--train_batch_size", "4", "--max_train_steps", "4", "--pairs_per_image", "2",
+            "--lr_warmup_steps", "1", "--learning_rate", "1e-2", "--corner_loss", "log",
+            "--validation_steps", "4", "--num_validation_pairs", "2", "--checkpointing_steps", "4", "--report_to", "none",
+        ])  # fmt: skip
+        finetune_main(args)
+        trained = SpatialTransformer.from_pretrained(tmp_path / "out" / "stn")
+        assert trained.config.architecture == "search_refine"
+        assert trained.localization.residual[2].weight.abs().sum() > 0  # moved off its zero initialisation
+
+
+def test_registration_preset_is_the_search_refine_design():
+    model = SpatialTransformer(**STN_PRESETS["registration"])
+    assert model.config.architecture == "search_refine" and model.supports_reference_weights
+    assert sum(p.numel() for p in model.parameters()) < 1_000
