@@ -20,19 +20,26 @@ def merge_reports(paths: list[Path]) -> list[dict]:
     """Reports grouped by setting (pairs, resolution, warp, photometric, local change, seed), methods merged."""
     merged: dict[tuple, dict] = {}
     for path in paths:
-        report = json.loads(Path(path).read_text())
-        key = (
-            report["pairs"], report["resolution"], report["warp"], report["photometric"],
-            report.get("local_change", 0.0), report.get("seed", 0),
-        )  # fmt: skip
-        target = merged.setdefault(key, {**report, "methods": {}, "skipped": {}})
-        for name, summary in report["methods"].items():
-            target["methods"].setdefault(name, summary)
-        for name, reason in report.get("skipped", {}).items():
-            target["skipped"].setdefault(name, reason)
+        loaded = json.loads(Path(path).read_text())
+        # `evaluate --warp A,B` writes a list of reports; one warp, a single report.
+        for report in loaded if isinstance(loaded, list) else [loaded]:
+            _merge_one(merged, report)
     for report in merged.values():
         report["skipped"] = {k: v for k, v in report["skipped"].items() if k not in report["methods"]}
     return list(merged.values())
+
+
+def _merge_one(merged: dict, report: dict) -> None:
+    """Add one report's methods to the table of its setting (the first report of a method wins)."""
+    key = (
+        report["pairs"], report["resolution"], report["warp"], report["photometric"],
+        report.get("local_change", 0.0), report.get("seed", 0),
+    )  # fmt: skip
+    target = merged.setdefault(key, {**report, "methods": {}, "skipped": {}})
+    for name, summary in report["methods"].items():
+        target["methods"].setdefault(name, summary)
+    for name, reason in report.get("skipped", {}).items():
+        target["skipped"].setdefault(name, reason)
 
 
 def main(argv: list[str] | None = None) -> None:

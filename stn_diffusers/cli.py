@@ -149,7 +149,9 @@ def run_align(args: argparse.Namespace) -> dict:
     files.check_outputs(
         {"--output": args.output, "--output-mask": args.output_mask, "--json": args.json},
         inputs={
-            "--image": args.image, "--reference": args.reference, "--mask": args.mask,
+            "--image": args.image,
+            "--reference": args.reference,
+            "--mask": args.mask,
             "--ignore-mask": args.ignore_mask,
         },  # fmt: skip
         images=("--output", "--output-mask"),
@@ -215,12 +217,8 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=None, help="the reference image")
     parser.add_argument("--output", required=True, help="where to write the aligned image")
     parser.add_argument("--json", default=None, help="also write θ and its pixel matrix as JSON here")
-    parser.add_argument(
-        "--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp"
-    )
-    parser.add_argument(
-        "--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped"
-    )
+    parser.add_argument("--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp")
+    parser.add_argument("--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped")
     parser.add_argument(
         "--refine", default=None, choices=refine.REFINE_METHODS, help="refine θ from the STN's estimate with OpenCV"
     )
@@ -392,27 +390,45 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     files.check_outputs({"--json": args.json, "--markdown": args.markdown})
     sources, paths = data.load_photo_folder(args.data)
 
-    # 2. Evaluate
+    # 2. Evaluate: one report per warp, on the same photos and pipelines
     uses_stn = any(m in STN_METHODS for m in methods)
     pipelines = _named_pipelines(args.pipeline, device) if uses_stn else {}
-    report = evaluate(
-        pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
-        resolution=args.resolution, seed=args.seed, warp=args.warp, photometric=args.photometric,
-        methods=methods, kornia_budget=args.kornia_budget, local_change=args.local_change,
-    )  # fmt: skip
-    table = markdown_table(report)
-    print(table)
+    reports = []
+    for warp in args.warp:
+        report = evaluate(
+            pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
+            resolution=args.resolution, seed=args.seed, warp=warp, photometric=args.photometric,
+            methods=methods, kornia_budget=args.kornia_budget, local_change=args.local_change,
+        )  # fmt: skip
+        reports.append(report)
+        print(markdown_table(report) + "\n")
+    table = "\n\n".join(markdown_table(report) for report in reports)
 
-    # 3. Write every output at once
+    # 3. Write every output at once: one report as an object, several as a list
     writers = {}
     if args.json:
-        writers[args.json] = files.text_writer(json.dumps(report, indent=2))
+        writers[args.json] = files.text_writer(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     if args.markdown:
         writers[args.markdown] = files.text_writer(table + "\n")
     files.write_outputs(writers)
     for path in writers:
         print(f"wrote {path}")
-    return report
+    return reports[0] if len(reports) == 1 else {"reports": reports}
+
+
+def _warp_list(value: str) -> tuple[str, ...]:
+    """``--warp standard,large,none`` → the presets in order; an unknown one is a usage error naming the choices."""
+    warps = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [warp for warp in warps if warp not in geometry.WARP_PRESETS]
+    if not warps or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated presets from {', '.join(geometry.WARP_PRESETS)}, got {value!r}"
+        )
+    return warps
+
+
+# The standard report: the training range, the wide basin, and pairs that are already aligned.
+DEFAULT_EVALUATION_WARPS = "standard,large,none"
 
 
 def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
@@ -427,15 +443,19 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--data", required=True, help="folder of photos the pipelines never trained on")
     parser.add_argument(
-        "--num-pairs", type=_integer_at_least(1), default=DEFAULT_NUM_PAIRS,
+        "--num-pairs",
+        type=_integer_at_least(1),
+        default=DEFAULT_NUM_PAIRS,
         help="seeded pairs (cycling over the photos)",
     )
     parser.add_argument("--resolution", type=_integer_at_least(1), default=512, help="pixel side of the square pairs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
     # "none" too: zero-motion pairs (with --local-change) measure the false motion a local change causes.
     parser.add_argument(
-        "--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment of the pairs"
-    )
+        "--warp", default=DEFAULT_EVALUATION_WARPS, type=_warp_list, metavar="PRESET[,PRESET...]",
+        help=f"misalignment of the pairs, one report per preset (from {', '.join(geometry.WARP_PRESETS)}; "
+        "default: %(default)s: the training range, large warps, and aligned pairs)",
+    )  # fmt: skip
     parser.add_argument(
         "--local-change", type=_fraction_below_one, default=0.0, metavar="FRACTION",
         help="share of each moving image replaced by other content (a pasted patch, an edit), in [0, 1)",
@@ -444,9 +464,7 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
         "--photometric", default="none", choices=data.PHOTOMETRIC_MODES, help="photometric change of the moving image"
     )
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods to run")
-    parser.add_argument(
-        "--kornia-budget", type=float, default=600.0, help="seconds kornia may take over all pairs"
-    )
+    parser.add_argument("--kornia-budget", type=float, default=600.0, help="seconds kornia may take over all pairs")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table as markdown here")
     parser.set_defaults(func=run_evaluate)

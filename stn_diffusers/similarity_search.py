@@ -26,9 +26,7 @@ from . import geometry
 OVERLAP_EXPONENT = 1.0
 
 
-def similarity_candidates(
-    rotations: torch.Tensor, scales: torch.Tensor, aspect: float = 1.0
-) -> torch.Tensor:
+def similarity_candidates(rotations: torch.Tensor, scales: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
     """θ ``(R·S, 2, 3)`` of every rotation (degrees, ``(R,)``) and scale (``(S,)``) about the centre.
 
     Rotations are true rotations in pixels for ``aspect = W / H``; ordered rotation-major.
@@ -38,9 +36,7 @@ def similarity_candidates(
     cos, sin = (angle.cos() * scale).flatten(), (angle.sin() * scale).flatten()  # (R·S,)
     zeros = torch.zeros_like(cos)
     # In normalised units x_n = x_p·2/W, y_n = y_p·2/H: L_n = diag(1/aspect, 1) · L_p · diag(aspect, 1).
-    theta = torch.stack(
-        [torch.stack([cos, -sin / aspect, zeros], -1), torch.stack([sin * aspect, cos, zeros], -1)], -2
-    )
+    theta = torch.stack([torch.stack([cos, -sin / aspect, zeros], -1), torch.stack([sin * aspect, cos, zeros], -1)], -2)
     return theta.float()
 
 

@@ -272,12 +272,19 @@ def test_evaluate_accepts_every_warp_preset_and_a_local_change_fraction(capsys):
     parser = cli.build_parser()
     # "none" included: zero-motion pairs with a local change measure the false motion it causes.
     for warp in geometry.WARP_PRESETS:
-        assert parser.parse_args(["evaluate", "--data", "photos", "--warp", warp]).warp == warp
+        assert parser.parse_args(["evaluate", "--data", "photos", "--warp", warp]).warp == (warp,)
+    # The standard report: the training range, the wide basin and aligned pairs, in that order.
+    assert parser.parse_args(["evaluate", "--data", "photos"]).warp == ("standard", "large", "none")
+    assert parser.parse_args(["evaluate", "--data", "photos", "--warp", "huge, none"]).warp == ("huge", "none")
     assert parser.parse_args(["evaluate", "--data", "photos"]).local_change == 0.0
     assert parser.parse_args(["evaluate", "--data", "photos", "--local-change", "0.2"]).local_change == 0.2
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--data", "photos", "--warp", "sideways"])
-    assert "--warp" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "--warp" in line and "sideways" in line and "large" in line
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--data", "photos", "--warp", "standard,sideways"])
+    assert "sideways" in _one_error_line(capsys)
 
 
 def test_evaluate_passes_the_warp_and_local_change_on(tmp_path, astronaut, monkeypatch):
@@ -292,6 +299,35 @@ def test_evaluate_passes_the_warp_and_local_change_on(tmp_path, astronaut, monke
     argv = ["evaluate", "--data", str(folder), "--methods", "identity", "--warp", "none", "--local-change", "0.25"]
     assert cli.main(argv) == 0
     assert given["warp"] == "none" and given["local_change"] == 0.25
+
+
+def test_evaluate_writes_one_report_per_warp(tmp_path, astronaut, monkeypatch):
+    from stn_diffusers import evaluation
+
+    warps = []
+    monkeypatch.setattr(
+        evaluation, "evaluate", lambda *args, **kwargs: warps.append(kwargs["warp"]) or {**_EMPTY_REPORT, **kwargs}
+    )
+    monkeypatch.setattr(evaluation, "markdown_table", lambda report: f"table of {report['warp']}")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "astronaut.png")
+    out_json, out_md = tmp_path / "report.json", tmp_path / "report.md"
+    argv = [
+        "evaluate",
+        "--data",
+        str(folder),
+        "--methods",
+        "identity",
+        "--json",
+        str(out_json),
+        "--markdown",
+        str(out_md),
+    ]
+    assert cli.main(argv) == 0
+    assert warps == ["standard", "large", "none"]
+    assert [report["warp"] for report in json.loads(out_json.read_text())] == warps
+    assert out_md.read_text().split("\n\n") == [f"table of {warp}" for warp in warps[:-1]] + ["table of none\n"]
 
 
 _EMPTY_REPORT = {"methods": {}, "skipped": {}}
@@ -347,7 +383,7 @@ def test_evaluate_writes_reports_and_warns_once_about_unreadable_photos(
     report, table = tmp_path / "out" / "report.json", tmp_path / "out" / "table.md"
     with caplog.at_level(logging.WARNING, logger="stn_diffusers.data"):
         code = cli.main(["evaluate", "--data", str(photo_folder_with_corrupt_file), "--methods", "identity",
-                         "--num-pairs", "1", "--resolution", "64",
+                         "--num-pairs", "1", "--resolution", "64", "--warp", "standard",
                          "--json", str(report), "--markdown", str(table)])  # fmt: skip
     assert code == 0
     assert json.loads(report.read_text())["methods"]["identity"]["mean"] > 0
@@ -364,4 +400,3 @@ def test_analyze_checks_its_output_folder_before_computing(tmp_path, monkeypatch
     assert cli.main(["analyze", "--output", str(tmp_path / "report")]) == 2
     line = _one_error_line(capsys)
     assert "--output" in line and "report" in line
-

@@ -95,9 +95,13 @@ class TestGaussNewton:
     @pytest.mark.parametrize("transform", ["affine", "homography"])
     def test_converges_to_an_exact_warp_from_nearby(self, transform):
         reference = smooth_field(64, 64)
-        truth = geometry.compose_theta(similarity(3.0, 1.03, 0.02, -0.01), torch.tensor([[[1.0, 0.02, 0.0], [0.0, 0.98, 0.0]]]))
+        truth = geometry.compose_theta(
+            similarity(3.0, 1.03, 0.02, -0.01), torch.tensor([[[1.0, 0.02, 0.0], [0.0, 0.98, 0.0]]])
+        )
         if transform == "homography":
-            truth = geometry.compose_theta(truth, torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.02, -0.01, 1.0]]]))
+            truth = geometry.compose_theta(
+                truth, torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.02, -0.01, 1.0]]])
+            )
         moving = moved(reference, truth)
         linearised = gauss_newton.linearise_reference(reference, transform)
         start = geometry.identity_theta(1)
@@ -156,7 +160,9 @@ class TestSearchRefineDesign:
             model(torch.randn(1, 4, 12, 12), torch.randn(1, 4, 12, 12))
 
     @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
-    @pytest.mark.parametrize("degrees, scale, shift", [(0.0, 1.0, (0.15, -0.1)), (25.0, 1.15, (0.1, 0.1)), (-40.0, 0.8, (-0.1, 0.05))])
+    @pytest.mark.parametrize(
+        "degrees, scale, shift", [(0.0, 1.0, (0.15, -0.1)), (25.0, 1.15, (0.1, 0.1)), (-40.0, 0.8, (-0.1, 0.05))]
+    )
     def test_recovers_wide_motions_untrained(self, model, size, degrees, scale, shift):
         height, width = size
         reference = smooth_field(height, width, seed=4)
@@ -190,8 +196,8 @@ class TestSearchRefineDesign:
     def test_homography_transform_returns_and_refines_a_homography(self):
         model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "transform": "homography"}).eval()
         reference = smooth_field(64, 64, seed=9)
-        truth = geometry.compose_theta(similarity(15.0, 1.1, 0.05, 0.0),
-                                       torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.05, -0.03, 1.0]]]))  # fmt: skip
+        perspective = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.05, -0.03, 1.0]]])
+        truth = geometry.compose_theta(similarity(15.0, 1.1, 0.05, 0.0), perspective)
         with torch.no_grad():
             theta = model.predict_theta(moved(reference, truth), reference)
         assert theta.shape == (1, 3, 3)
@@ -252,7 +258,8 @@ class TestTraining:
             "--output_dir", str(tmp_path / "out"), "--stn_config", str(tmp_path / "stn.json"),
             "--resolution", "256", "--train_batch_size", "4", "--max_train_steps", "4", "--pairs_per_image", "2",
             "--lr_warmup_steps", "1", "--learning_rate", "1e-2", "--corner_loss", "log",
-            "--validation_steps", "4", "--num_validation_pairs", "2", "--checkpointing_steps", "4", "--report_to", "none",
+            "--validation_steps", "4", "--num_validation_pairs", "2", "--checkpointing_steps", "4",
+            "--report_to", "none",
         ])  # fmt: skip
         finetune_main(args)
         trained = SpatialTransformer.from_pretrained(tmp_path / "out" / "stn")

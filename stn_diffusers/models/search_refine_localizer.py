@@ -169,13 +169,14 @@ class SearchRefineLocalizer(Localizer):
         self.refine_iterations = refine_iterations
         self.localization = MatchingFeatures(in_channels, int(feature_channels[0]), int(feature_dim))
         self.register_buffer(
-            "search_rotations", similarity_search.default_rotations(search_rotation, search_rotation_step), persistent=False
+            "search_rotations",
+            similarity_search.default_rotations(search_rotation, search_rotation_step),
+            persistent=False,
         )
         self.register_buffer(
             "search_scales", similarity_search.default_scales(search_scale, search_scale_step), persistent=False
         )
         self._min_scale = 1.0 / float(search_scale)
-
 
     # ------------------------------------------------------------------------------------ context
     def _level_transform(self, stride: int) -> str:
@@ -191,7 +192,9 @@ class SearchRefineLocalizer(Localizer):
         search = similarity_search.standardise(pool(features, self.search_stride), search_weights)
         levels = {
             stride: gauss_newton.linearise_reference(
-                pool(features, stride), self._level_transform(stride), None if weights is None else pool(weights, stride)
+                pool(features, stride),
+                self._level_transform(stride),
+                None if weights is None else pool(weights, stride),
             )
             for stride in self.refine_strides
         }
@@ -245,7 +248,9 @@ class SearchRefineLocalizer(Localizer):
             (answer_cost, identity_cost), shared = gauss_newton.alignment_costs(
                 context.levels[1], features, [safe, identity]
             )
-            keep_identity = (identity_cost <= answer_cost * (1 + IDENTITY_MARGIN)) | ~finite | (shared < MIN_SHARED_CELLS)
+            keep_identity = (
+                (identity_cost <= answer_cost * (1 + IDENTITY_MARGIN)) | ~finite | (shared < MIN_SHARED_CELLS)
+            )
         return torch.where(keep_identity.view(batch, 1, 1), identity, theta)
 
     def head_parameters(self) -> list[nn.Parameter]:
