@@ -177,6 +177,30 @@ def _capped_cost(residual: torch.Tensor, cells: torch.Tensor, linearised: Linear
     return (squared * cells).sum(dim=1) / cells.sum(dim=1).clamp_min(1e-12)
 
 
+def alignment_cost(linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` robust cost of ``warp(moving, θ)`` over all the reference's cells, a cell it leaves
+    uncovered costing the cap: among candidates of one pair, more overlap that fits as well wins."""
+    warped, _, covered = _warp_and_match(linearised, moving, theta)
+    squared = torch.minimum((warped - linearised.features).flatten(2).pow(2).mean(dim=1), linearised.cap)
+    squared = torch.where(covered > 0, squared, linearised.cap.expand_as(squared))
+    share = linearised.weights
+    return (squared * share).sum(dim=1) / share.sum(dim=1).clamp_min(1e-12)
+
+
+def repeat_linearised(linearised: LinearisedReference, repeats: int) -> LinearisedReference:
+    """Each pair's linearised reference repeated ``repeats`` times along the batch (``repeat_interleave``):
+    several candidates of one pair refined as one batch."""
+    if repeats == 1:
+        return linearised
+    per_pair = {
+        name: getattr(linearised, name).repeat_interleave(repeats, dim=0)
+        for name in ("features", "grad_x", "grad_y", "weights", "cap")
+    }
+    return LinearisedReference(
+        jacobian=linearised.jacobian, jacobian_products=linearised.jacobian_products, **per_pair
+    )
+
+
 def alignment_costs(
     linearised: LinearisedReference, moving: torch.Tensor, thetas: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:

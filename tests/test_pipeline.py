@@ -87,6 +87,12 @@ class TestOutputs:
         assert np.abs(out.warped_images[0] - np.asarray(astronaut) / 255).max() < 1e-6
         assert seed_pipeline(astronaut, min_displacement=0.1).unwarped.tolist() == [False]
 
+    def test_an_exact_identity_is_unwarped_at_the_default_min_displacement(self, seed_pipeline, astronaut):
+        # The seed design starts at the identity: at min_displacement=0 the input comes back untouched.
+        out = seed_pipeline(astronaut, output_type="np")
+        assert out.displacement.tolist() == [0.0] and out.unwarped.tolist() == [True]
+        assert np.array_equal(out.warped_images[0], np.asarray(astronaut, dtype=np.float32) / 255)
+
     def test_tuple_output_holds_every_field_in_dataclass_order(self, seed_pipeline, astronaut):
         as_tuple = seed_pipeline(astronaut, min_displacement=1.0, output_type="pt", return_dict=False)
         images, warped_images, theta, latents, displacement, unwarped, refined, confidence = as_tuple

@@ -193,6 +193,40 @@ class TestSearchRefineDesign:
             theta = model.predict_theta(moving, corrupted, reference_weights=weights)
         assert error_px(theta, truth, 64, 64) < 2.0
 
+    def test_an_answer_covering_little_of_the_reference_is_not_trusted(self, model):
+        # A pure shift of 60 % of the side leaves 40 % of the reference covered: below MIN_SHARED_CELLS,
+        # so the identity stands even though the refined answer fits its sliver.
+        from stn_diffusers.models import search_refine_localizer
+
+        assert search_refine_localizer.MIN_SHARED_CELLS > 0.4
+        reference = smooth_field(64, 64, seed=12)
+        truth = similarity(0.0, 1.0, 1.2, 0.0)
+        with torch.no_grad():
+            theta = model.predict_theta(moved(reference, truth), reference)
+        torch.testing.assert_close(theta, geometry.identity_theta(1), rtol=0, atol=0)
+
+    def test_candidates_are_told_apart_after_coarse_refinement(self, model):
+        # Of a wrong start and one near the truth, the selection keeps the one that fits after the
+        # coarsest Gauss–Newton level, whatever their order.
+        reference = smooth_field(64, 64, seed=10)
+        truth = similarity(25.0, 1.15, 0.1, -0.05)
+        moving = moved(reference, truth)
+        near, wrong = similarity(22.0, 1.12, 0.08, -0.04), similarity(-30.0, 0.8, -0.2, 0.1)
+        localizer = model.localizer
+        with torch.no_grad():
+            context = localizer.prepare(reference)
+            features = localizer.localization(moving)
+            for starts in (torch.stack([near, wrong], 1), torch.stack([wrong, near], 1)):
+                chosen = localizer._select(context, features, starts)
+                assert error_px(chosen, truth, 64, 64) < error_px(near, truth, 64, 64)
+
+    def test_uncovered_cells_cost_the_cap(self):
+        reference = smooth_field(32, 32, seed=11)
+        linearised = gauss_newton.linearise_reference(reference)
+        inside = gauss_newton.alignment_cost(linearised, reference, geometry.identity_theta(1))
+        outside = gauss_newton.alignment_cost(linearised, reference, similarity(0.0, 1.0, 5.0, 0.0))
+        assert float(inside) < 1e-6 and float(outside) == pytest.approx(float(linearised.cap), rel=1e-5)
+
     def test_homography_transform_returns_and_refines_a_homography(self):
         model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "transform": "homography"}).eval()
         reference = smooth_field(64, 64, seed=9)
@@ -206,6 +240,7 @@ class TestSearchRefineDesign:
     @pytest.mark.parametrize("option, value", [
         ("conditioning", "none"), ("transform", "similarity"), ("refine_strides", (2, 2)),
         ("refine_iterations", (4,)), ("search_scale", 0.9), ("search_translation", 1.5), ("feature_dim", 2),
+        ("search_candidates", 0),
     ])  # fmt: skip
     def test_bad_configs_name_the_expected_value(self, option, value):
         with pytest.raises(ValueError, match="expected"):

@@ -59,6 +59,7 @@ STN_PRESETS: dict[str, dict] = {
         "search_scale": 1.4,
         "search_scale_step": 1.12,
         "search_translation": 0.25,
+        "search_candidates": 3,
         "refine_strides": (4, 2, 1),
         "refine_iterations": (4, 4, 4),
     },
@@ -157,6 +158,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         search_scale: float = 1.4,
         search_scale_step: float = 1.12,
         search_translation: float = 0.25,
+        search_candidates: int = 1,
         refine_strides: tuple[int, ...] = (4, 2, 1),
         refine_iterations: tuple[int, ...] = (4, 4, 4),
     ):
@@ -181,6 +183,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
                 search_scale,
                 search_scale_step,
                 search_translation,
+                search_candidates,
                 refine_strides,
                 refine_iterations,
             )

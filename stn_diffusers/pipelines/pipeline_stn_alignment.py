@@ -472,14 +472,16 @@ class STNAlignmentPipeline(DiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ ``(B, 2, 3)`` or ``(B, 3, 3)`` set to the identity where its mean corner motion at
         ``pixel_sizes[i] = (H, W)`` is below ``min_displacement`` pixels; returns
-        ``(theta, displacement (B,), unwarped (B,) bool)``."""
+        ``(theta, displacement (B,), unwarped (B,) bool)``. An exact identity (the registration design
+        keeps aligned pairs there) is unwarped at any ``min_displacement``, the default 0 included:
+        the input comes back untouched rather than resampled in place."""
         identity = geometry.identity_theta(theta.shape[0], theta.device)
         if geometry.is_homography(theta):
             identity = geometry.to_homogeneous(identity)  # (B, 3, 3), the shape of θ
         displacement = torch.stack([
             geometry.corner_error(theta[i : i + 1], identity[i : i + 1], *size)[0] for i, size in enumerate(pixel_sizes)
         ])  # fmt: skip
-        unwarped = displacement < min_displacement
+        unwarped = (displacement < min_displacement) | (displacement == 0)
         return torch.where(unwarped.view(-1, 1, 1), identity, theta), displacement, unwarped
 
     def _warp_originals(
