@@ -283,7 +283,8 @@ class StnEstimate:
     encode_seconds: float
 
 
-@torch.no_grad()
+# Inference mode, as the pipeline's own call: the timed estimate pays no autograd bookkeeping.
+@torch.inference_mode()
 def estimate_stn(pipe, reference: torch.Tensor, moving: torch.Tensor) -> StnEstimate:
     """Encode both images ``(3, H, W)`` in ``[0, 1]`` at ``pipe``'s working size (one batch), then
     predict θ from the latents; each step timed on its own."""
@@ -307,7 +308,8 @@ def latent_floor_theta(
     would be the truth; how far it drifts is the floor of any aligner that looks only at latents.
     Returns θ of ``theta_true``'s shape, float32 on the CPU.
     """
-    moving, reference = moving.detach().float().cpu(), reference.detach().float().cpu()
+    # Clones: the latents may be inference tensors (see estimate_stn), which autograd cannot record.
+    moving, reference = moving.detach().float().cpu().clone(), reference.detach().float().cpu().clone()
     theta = theta_true.detach().double().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([theta], max_iter=iterations, line_search_fn="strong_wolfe")
 
