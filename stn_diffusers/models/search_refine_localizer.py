@@ -44,6 +44,9 @@ MIN_SEARCH_CELLS = 4
 # pair must still come back unwarped. Chosen on held-out zero-motion pairs with a 20 % local change
 # (all kept) against `standard`, `large` and `huge` pairs (none lost); see benchmarks/RESULTS.md.
 IDENTITY_MARGIN = 0.4
+# A Gauss–Newton level stops at inference once a step moves no entry of θ by more than this
+# (normalised units: 0.08 px at 512 px), far below the latent floor.
+CONVERGED = 3e-4
 # An answer that leaves less than this share of the reference covered is not trusted over the identity.
 MIN_SHARED_CELLS = 0.3
 # Transforms this design fits (Gauss–Newton parameterises the full affine and projective families).
@@ -222,8 +225,14 @@ class SearchRefineLocalizer(Localizer):
         for stride, iterations in levels:
             # Coarse levels are not reweighted: far from the answer every residual is large, and
             # downweighting them slows the approach; the finest level is, against local changes.
-            theta = gauss_newton.refine(context.levels[stride], pool(moving, stride), theta, iterations, stride == 1)
+            theta = gauss_newton.refine(
+                context.levels[stride], pool(moving, stride), theta, iterations, stride == 1, self._tolerance()
+            )
         return theta
+
+    def _tolerance(self) -> float:
+        # At inference a level stops once its steps no longer move θ; training takes every step.
+        return 0.0 if self.training else CONVERGED
 
     def _select(self, context: SearchRefineContext, features: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """The best of ``starts`` ``(B, k, 2, 3)`` after the coarsest refinement level, ``(B, 2, 3)``.
