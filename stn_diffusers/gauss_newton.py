@@ -296,6 +296,7 @@ def refine(
     for _ in range(iterations):
         previous = theta
         theta = gauss_newton_step(linearised, moving, theta, robust)
-        if tolerance > 0 and previous.shape == theta.shape and float((theta - previous).detach().abs().max()) < tolerance:
-            break
+        if tolerance > 0 and previous.shape == theta.shape:
+            if float((theta - previous).detach().abs().max()) < tolerance:
+                break
     return theta
