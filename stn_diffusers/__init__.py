@@ -22,6 +22,8 @@ _LAZY_EXPORTS = {
     "STNInpaintPipeline": ".inpainting",
     "STNInpaintPipelineOutput": ".inpainting",
     "prepare_inpainting_inputs": ".inpainting",
+    "RealignEditOutput": ".realign",
+    "realign_edit": ".realign",
 }
 # Submodules that importing the package used to load along the way, reachable as attributes as before.
 _LAZY_SUBMODULES = ("images", "models", "pipelines", "refine")
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # static analysis sees the lazy exports as ordinary imports
     from .inpainting import InpaintingInputs, STNInpaintPipeline, STNInpaintPipelineOutput, prepare_inpainting_inputs
     from .models import STN_PRESETS, SpatialTransformer, SpatialTransformerOutput
     from .pipelines import STNAlignmentPipeline, STNAlignmentPipelineOutput
+    from .realign import RealignEditOutput, realign_edit
 
 
 def __getattr__(name: str):
@@ -56,4 +59,6 @@ __all__ = [
     "geometry",
     "load_default",
     "prepare_inpainting_inputs",
+    "RealignEditOutput",
+    "realign_edit",
 ]

@@ -126,10 +126,13 @@ def _motion_basis(
     """The jacobian ``(2·h·w, P)`` and its per-cell products ``(3·h·w, P·P)`` of
     :class:`LinearisedReference`: they depend on the grid alone, so one pair after another reuses
     them (computing them was a tenth of an alignment's time). Never modified in place."""
-    jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=dtype, device=device))
-    outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
-    products = torch.cat([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
-    return torch.cat([jac_x, jac_y]), products
+    # Normal tensors even when first asked for under inference mode: a cached inference tensor could
+    # not take part in a later training step.
+    with torch.inference_mode(False), torch.no_grad():
+        jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=dtype, device=device))
+        outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
+        products = torch.cat([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
+        return torch.cat([jac_x, jac_y]), products
 
 
 def linearise_reference(

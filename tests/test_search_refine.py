@@ -275,6 +275,18 @@ class TestTraining:
         for name, parameter in model.named_parameters():
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
+    def test_trains_after_inference_on_the_same_grid(self):
+        # The motion basis is cached per grid; made first under inference mode, it must still train.
+        gauss_newton._motion_basis.cache_clear()
+        model = SpatialTransformer(**TINY_SEARCH_REFINE)
+        reference = smooth_field(24, 24, seed=15)
+        with torch.inference_mode():
+            model.eval().predict_theta(reference, reference)
+        model.train()
+        theta = model.predict_theta(moved(reference, similarity(5.0, 1.0)), reference)
+        theta.sum().backward()
+        assert model.localization.residual[2].weight.grad is not None
+
     def test_log_corner_loss_bounds_a_missed_pair(self):
         model = SpatialTransformer(**TINY_SEARCH_REFINE)
         reference = smooth_field(32, 32, seed=11)
