@@ -244,6 +244,84 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_align)
 
 
+def run_realign(args: argparse.Namespace) -> dict:
+    from .realign import realign_edit
+
+    # 1. Check the device, inputs and outputs before anything is computed
+    device = check_device(args.device)
+    edited, original = load_image(args.edited), load_image(args.original)
+    edit_mask = open_image(args.edit_mask, "edit mask") if args.edit_mask is not None else None
+    if edit_mask is not None and edit_mask.size != original.size:
+        raise ValueError(
+            f"expected --edit-mask of the original's size, {original.width}×{original.height} (it marks pixels "
+            f"of the original), got {edit_mask.width}×{edit_mask.height}"
+        )
+    files.check_outputs(
+        {"--output": args.output, "--output-mask": args.output_mask, "--json": args.json},
+        inputs={"--edited": args.edited, "--original": args.original, "--edit-mask": args.edit_mask},
+        images=("--output", "--output-mask"),
+        overwrite=args.overwrite,
+        overwrite_label="--overwrite",
+    )
+
+    # 2. Re-align
+    pipe = load_pipeline(args.pipeline, device)
+    out = realign_edit(
+        edited, original, edit_mask, pipeline=pipe, paste_back=args.paste_back,
+        refine=None if args.no_refine else "ecc", feather=args.feather,
+    )  # fmt: skip
+    report = _theta_report(out.theta, original.height, original.width)
+    report.update(refined=out.refined, confidence=out.confidence, paste_back=args.paste_back)
+    report["edited_fraction"] = float((out.edit_mask >= 0.5).float().mean())
+
+    # 3. Write every output at once
+    from .inpainting import mask_to_pil
+
+    writers = {args.output: files.image_writer(out.image, args.output)}
+    if args.output_mask:
+        writers[args.output_mask] = files.image_writer(mask_to_pil(out.edit_mask), args.output_mask)
+    if args.json:
+        writers[args.json] = files.text_writer(json.dumps(report, indent=2))
+    files.write_outputs(writers)
+    if out.confidence is not None:
+        print(f"confidence: {out.confidence:.3f} (below {DEFAULT_CONFIDENCE_THRESHOLD} the alignment is likely wrong)")
+    what = "the original with the re-aligned edit pasted in" if args.paste_back else "the re-aligned edit"
+    print(f"wrote {args.output} ({what}; edited region {report['edited_fraction']:.1%} of the original)")
+    for path in writers:
+        if path != args.output:
+            print(f"wrote {path}")
+    return report
+
+
+def _add_realign(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "realign", parents=[common], help="warp an image-editing model's output back onto its input"
+    )
+    parser.add_argument(
+        "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
+    )
+    parser.add_argument("--edited", required=True, help="the edit model's output")
+    parser.add_argument("--original", required=True, help="the image the edit was made from")
+    parser.add_argument("--output", required=True, help="where to write the re-aligned image")
+    parser.add_argument(
+        "--edit-mask", default=None, metavar="FILE",
+        help="the edited region on the original (white = edited), at its size; default: found from the difference",
+    )  # fmt: skip
+    parser.add_argument(
+        "--paste-back", action="store_true",
+        help="write the original outside the edited region and the re-aligned edit inside it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--feather", type=float, default=None, metavar="PX",
+        help="the seam's blur in pixels (default: 1 %% of the shorter side)",
+    )  # fmt: skip
+    parser.add_argument("--no-refine", action="store_true", help="the STN's θ alone, without ECC on the pixels")
+    parser.add_argument("--output-mask", default=None, help="also write the edited region used for the blend")
+    parser.add_argument("--json", default=None, help="also write θ, its pixel matrix and the confidence as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="let an output replace an input file")
+    parser.set_defaults(func=run_realign)
+
+
 def _check_mask_flags(args: argparse.Namespace) -> None:
     """``align --mask`` needs ``--reference`` and ``--output-mask`` and no ``--decoded``; the other mask
     flags need ``--mask``; ``--ignore-mask`` (drawn on the reference) needs ``--reference``."""
@@ -532,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     common = _common_options()
     _add_align(subparsers, common)
+    _add_realign(subparsers, common)
     _add_demo(subparsers, common)
     _add_analyze(subparsers, common)
     _add_evaluate(subparsers, common)

@@ -33,6 +33,8 @@ DEFAULT_FEATHER = 0.01
 # EDIT_NOISE_FACTOR times the typical difference, whichever is larger: JPEG and resampling stay below.
 EDIT_THRESHOLD = 0.08
 EDIT_NOISE_FACTOR = 4.0
+# A region found to cover more than this share is not an edit but a failed first estimate: not used.
+MAX_FOUND_REGION = 0.6
 # The estimated edited region is grown by this share of the shorter side, so its seam falls outside.
 EDIT_GROWTH = 0.02
 
@@ -142,8 +144,9 @@ def realign_edit(
         original: the input it was made from: the reference frame, and the output's size.
         edit_mask: the region the edit changed, drawn on ``original`` (white = edited), at its size.
             It is left out of the motion estimate; with ``paste_back``, it is where the edit is kept.
-            Without it the estimate uses every pixel, and ``paste_back`` finds the edited region from
-            the difference after re-alignment (:func:`estimate_edit_region`).
+            Without it, the estimate uses every pixel; with ``refine="ecc"`` the edited region is
+            then found from the difference (:func:`estimate_edit_region`) and ECC runs again without
+            it. ``paste_back`` uses the region found.
         pipeline: an :class:`~stn_diffusers.STNAlignmentPipeline` (default: the embedded one).
         paste_back: return the original outside the edited region and the re-aligned edit inside it,
             blended over a seam feathered by ``feather``.
@@ -175,18 +178,17 @@ def realign_edit(
         from .default import load_default
 
         pipe = pipeline if pipeline is not None else load_default()
-        out = pipe(
-            edited_rgb, reference=original_rgb, ignore_mask=mask, refine=refine, decode=False, output_type="pt"
-        )
+        out = pipe(edited_rgb, reference=original_rgb, ignore_mask=mask, refine=refine, decode=False, output_type="pt")
         theta = out.theta.float().cpu()
         refined = None if out.refined is None else bool(out.refined[0])
         confidence = None if out.confidence is None else float(out.confidence[0])
+        if refine == "ecc":
+            theta, refined = _refine_for_edit(edited_rgb, original_rgb, theta, mask, refined)
     else:
         theta = _check_theta(theta)
 
     # The output warped onto the original's grid, at the original's size, and where it has content.
-    aligned = geometry.warp(edited_rgb[None], theta, size=size, mode="bicubic")[0].clamp(0, 1)  # (3, H, W)
-    covered = geometry.warp(torch.ones(1, 1, *edited_rgb.shape[-2:]), theta, size=size, mode="nearest")[0]
+    aligned, _, covered = _warped(edited_rgb, original_rgb, theta)
     region = mask if mask is not None else estimate_edit_region(aligned, original_rgb, covered)
     sigma = DEFAULT_FEATHER * min(size) if feather is None else feather
     soft = gaussian_blur(region[None], sigma)[0].clamp(0, 1)  # (1, H, W)
@@ -199,6 +201,54 @@ def realign_edit(
     return RealignEditOutput(
         image=_to_output(image, output_type), theta=theta, edit_mask=soft, refined=refined, confidence=confidence
     )
+
+
+def _median_difference(edited: torch.Tensor, original: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor | None):
+    """Median absolute difference (mean over RGB) between ``edited`` warped by θ and ``original``, over
+    the pixels it covers and ``keep`` ``(1, H, W)`` allows: robust to an edit of up to half the picture."""
+    aligned, _, covered = _warped(edited, original, theta)
+    inside = covered[0] > 0.5
+    if keep is not None:
+        inside &= keep[0] > 0.5
+    if not bool(inside.any()):
+        return float("inf")
+    return float((aligned - original).abs().mean(0)[inside].median())
+
+
+def _refine_for_edit(
+    edited: torch.Tensor, original: torch.Tensor, theta: torch.Tensor, mask: torch.Tensor | None, refined: bool | None
+) -> tuple[torch.Tensor, bool | None]:
+    """ECC tuned for an edit output: started from the pipeline's θ and from the identity (an edit model
+    moves its output by a few percent, inside ECC's own basin), the better by the median difference
+    kept; without a mask, once more with the edited region found after it left out.
+
+    The pipeline's estimate uses every pixel when no mask is given, and a large edit can pull it
+    away; the identity start does not depend on it. The median difference ignores the edit itself.
+    """
+    from .refine import refine_theta_ecc
+
+    keep = None if mask is None else 1 - mask
+    from_identity = refine_theta_ecc(original[None], edited[None], None, reference_mask=keep)
+    candidates = [(theta, refined)]
+    if bool(from_identity.converged[0]):
+        candidates.append((from_identity.theta.float(), True))
+    theta, refined = min(candidates, key=lambda c: _median_difference(edited, original, c[0], keep))
+    if mask is None:
+        found = estimate_edit_region(*_warped(edited, original, theta))
+        if 0 < float(found.mean()) < MAX_FOUND_REGION:
+            again = refine_theta_ecc(original[None], edited[None], theta, reference_mask=1 - found)
+            if bool(again.converged[0]):
+                theta, refined = again.theta.float(), True
+    return theta, refined
+
+
+def _warped(edited: torch.Tensor, original: torch.Tensor, theta: torch.Tensor):
+    """``(aligned (3, H, W), original, covered (1, H, W))``: ``edited`` warped by θ onto ``original``'s
+    grid and size, and the pixels it reaches."""
+    size = tuple(original.shape[-2:])
+    aligned = geometry.warp(edited[None], theta, size=size, mode="bicubic")[0].clamp(0, 1)
+    covered = geometry.warp(torch.ones(1, 1, *edited.shape[-2:]), theta, size=size, mode="nearest")[0]
+    return aligned, original, covered
 
 
 def _to_output(image: torch.Tensor, output_type: str):

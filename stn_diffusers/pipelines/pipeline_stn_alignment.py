@@ -288,7 +288,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
             raise ValueError(
                 f"expected ignore_mask=None for an stn with architecture={self.stn.config.architecture!r}: it "
                 "regresses θ from the latents as a whole and cannot leave regions out; an stn with "
-                "architecture='correlation' can"
+                "architecture='search_refine' (the registration preset) or 'correlation' can"
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"expected output_type in {OUTPUT_TYPES}, got {output_type!r}")
@@ -557,7 +557,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
             ignore_mask: the reference pixels not to use for estimating the motion (white = ignore), one
                 mask for every image or one per image, each at its reference's size; PIL, numpy or torch
                 with the inpainting masks' value rules (see the class docs). The STN weights its cells by
-                the share kept and ECC uses only kept pixels; ``architecture="correlation"`` only.
+                the share kept and ECC uses only kept pixels; the registration designs only
+                (``architecture="search_refine"`` or ``"correlation"``), not the seed design.
 
         Returns:
             :class:`STNAlignmentPipelineOutput`, or with ``return_dict=False`` the tuple of its fields in
