@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import geometry
-from .localizer import Localizer
+from .localizer import Localizer, require_reference
 
 # Initial sharpness of the soft-argmax over correlations of unit-length features (range ±1).
 INITIAL_MATCH_SCALE = 10.0
@@ -145,11 +145,7 @@ class CorrelationLocalizer(Localizer):
         search_radius: tuple[int, ...],
     ):
         super().__init__()
-        if conditioning != "reference":
-            raise ValueError(
-                "expected conditioning='reference' for architecture='correlation' (it matches the sample "
-                f"against a reference), got {conditioning!r}"
-            )
+        require_reference(conditioning, "correlation")
         self.transform = transform
         self.iteration_strides = tuple(iteration_strides)
         self.search_radius = tuple(search_radius)

@@ -3,8 +3,9 @@
 A localiser turns latents into a residual θ, one cascade iteration at a time; the
 :class:`~stn_diffusers.models.spatial_transformer.SpatialTransformer` around it validates inputs,
 runs the cascade (warp by the θ so far, ask for the residual, compose) and warps the output. The
-designs are :class:`~stn_diffusers.models.seed_localizer.SeedLocalizer` and
-:class:`~stn_diffusers.models.correlation_localizer.CorrelationLocalizer`.
+designs are :class:`~stn_diffusers.models.seed_localizer.SeedLocalizer`,
+:class:`~stn_diffusers.models.correlation_localizer.CorrelationLocalizer` and
+:class:`~stn_diffusers.models.search_refine_localizer.SearchRefineLocalizer`.
 
 θ follows the convention in :mod:`stn_diffusers.geometry`.
 """
@@ -16,6 +17,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+
+def require_reference(conditioning: str, architecture: str) -> None:
+    """A named error unless ``conditioning == "reference"``: a design that matches the sample against
+    a reference cannot work without one."""
+    if conditioning != "reference":
+        raise ValueError(
+            f"expected conditioning='reference' for architecture={architecture!r} (it matches the sample "
+            f"against a reference), got {conditioning!r}"
+        )
 
 
 class Localizer(nn.Module, abc.ABC):

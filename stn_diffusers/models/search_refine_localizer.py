@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import gauss_newton, geometry, similarity_search
-from .localizer import Localizer
+from .localizer import Localizer, require_reference
 
 # The search grid needs a few cells per side to tell rotations apart.
 MIN_SEARCH_CELLS = 4
@@ -144,11 +144,7 @@ class SearchRefineLocalizer(Localizer):
         refine_iterations: tuple[int, ...],
     ):
         super().__init__()
-        if conditioning != "reference":
-            raise ValueError(
-                "expected conditioning='reference' for architecture='search_refine' (it matches the sample "
-                f"against a reference), got {conditioning!r}"
-            )
+        require_reference(conditioning, "search_refine")
         if transform not in SEARCH_REFINE_TRANSFORMS:
             raise ValueError(
                 f"expected transform in {SEARCH_REFINE_TRANSFORMS} for architecture='search_refine', got {transform!r}"
