@@ -300,6 +300,34 @@ class TestPipelineRefine:
         error_plain = geometry.corner_error(plain.theta, pair.theta[None], 256, 256).item()
         assert error < 0.5 < error_plain
 
+    def test_a_refinement_the_evidence_does_not_support_is_not_accepted(
+        self, registration_pipeline, astronaut, coffee, monkeypatch
+    ):
+        # ECC converges somewhere on unrelated photos (its own test passes): here it is made to, with a
+        # shear. The confidence of what it found is low, so the STN's θ stands and refined is False.
+        from stn_diffusers.pipelines import pipeline_stn_alignment
+        from stn_diffusers.refine import RefinementResult
+
+        sheared = torch.tensor([[[1.0, -0.5, 0.1], [0.2, 1.0, 0.0]]])
+        monkeypatch.setattr(
+            pipeline_stn_alignment, "refine_theta_ecc",
+            lambda *args, **kwargs: RefinementResult(sheared, torch.tensor([True]), torch.tensor([0.9])),
+        )  # fmt: skip
+        unrelated, reference = coffee.resize((256, 256)), astronaut.resize((256, 256))
+        out = registration_pipeline(unrelated, reference=reference, output_type="pt", refine="ecc")
+        plain = registration_pipeline(unrelated, reference=reference, output_type="pt")
+        assert out.refined.tolist() == [False]
+        torch.testing.assert_close(out.theta, plain.theta)
+        torch.testing.assert_close(out.confidence, plain.confidence)
+
+    def test_a_supported_refinement_is_accepted_with_its_confidence(self, registration_pipeline, photo_tensor):
+        pair = _pairs(photo_tensor, warp="small", num_pairs=1)[0]
+        out = registration_pipeline(pair.moving, reference=pair.reference, output_type="pt", refine="ecc")
+        from stn_diffusers.confidence import alignment_confidence
+
+        assert out.refined.tolist() == [True] and out.confidence[0] > 0.5
+        torch.testing.assert_close(out.confidence, alignment_confidence(pair.reference, pair.moving, out.theta))
+
     def test_refine_needs_images_not_only_latents(self, registration_pipeline):
         latents = torch.zeros(1, 4, 32, 32)
         with pytest.raises(ValueError, match="image and reference"):

@@ -16,7 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .. import geometry
-from ..confidence import alignment_confidence
+from ..confidence import DEFAULT_CONFIDENCE_THRESHOLD, alignment_confidence
 from ..images import (
     ASPECT_TOLERANCE,
     ImageInput,
@@ -437,21 +437,38 @@ class STNAlignmentPipeline(DiffusionPipeline):
         references: list[torch.Tensor],
         refine_kwargs: dict | None = None,
         ignore_masks: list[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ ``(B, 2, 3)`` refined by ECC on the pixels (see :mod:`stn_diffusers.refine`), using only the
-        reference pixels ``ignore_masks`` (1 = ignore) keep, and ``(B,)`` bool, True where ECC converged
-        (elsewhere the STN's θ is kept)."""
+        reference pixels ``ignore_masks`` (1 = ignore) keep; ``(B,)`` bool, True where the refinement
+        was accepted (elsewhere the STN's θ is kept); and the confidence ``(B,)`` of the returned θ.
+
+        A refinement is accepted only on evidence: ECC's own test (it converged, raised the
+        correlation and moved plausibly far), then the confidence of the refined θ
+        (:func:`~stn_diffusers.confidence.alignment_confidence`) at least
+        :data:`~stn_diffusers.confidence.DEFAULT_CONFIDENCE_THRESHOLD`. ECC converges somewhere on
+        unrelated images too; the confidence says whether that somewhere aligns anything.
+        """
         targets = references * len(images) if len(references) == 1 else references
         # ECC refines in the STN's own motion model (a homography STN: MOTION_HOMOGRAPHY) unless told otherwise.
         kwargs = {"motion": motion_of(theta), **(refine_kwargs or {})}
         if ignore_masks is not None:
             kwargs["reference_mask"] = [1.0 - mask for mask in ignore_masks]  # ECC's masks say what to use
         result = refine_theta_ecc(targets, images, theta.cpu(), **kwargs)
-        refined = result.converged
+        refined_theta = result.theta.to(theta.device)
+        confidence = alignment_confidence(targets, images, refined_theta.cpu(), ignore_masks)  # (B,)
+        doubtful = result.converged & (confidence < DEFAULT_CONFIDENCE_THRESHOLD)
+        refined = result.converged & ~doubtful
+        if doubtful.any():
+            refined_theta = torch.where(doubtful.view(-1, 1, 1).to(theta.device), theta, refined_theta)
+            kept = alignment_confidence(targets, images, theta.cpu(), ignore_masks)
+            confidence = torch.where(doubtful, kept, confidence)
         if not refined.all():
             failed = int((~refined).sum())
-            logger.warning("ECC refinement failed on %d of %d image(s); kept the STN's θ there.", failed, len(images))
-        return result.theta.to(theta.device), refined
+            logger.warning(
+                "ECC refinement failed or was not supported by the evidence on %d of %d image(s); kept the "
+                "STN's θ there.", failed, len(images),
+            )  # fmt: skip
+        return refined_theta, refined, confidence
 
     @staticmethod
     def _to_ignore_masks(ignore_mask: ImageInput | list[ImageInput]) -> list[torch.Tensor]:
@@ -549,7 +566,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 and their references together); a progress bar shows above one batch.
             refine: ``None`` or ``"ecc"``: refine each θ with OpenCV's ECC on the original images,
                 started from the STN's θ (needs ``pip install "stn-diffusers[opencv]"`` and the images,
-                not only latents). Where ECC fails, the STN's θ is kept and ``refined`` is False.
+                not only latents). Where ECC fails, or the refined θ's confidence is below
+                :data:`~stn_diffusers.confidence.DEFAULT_CONFIDENCE_THRESHOLD` (ECC converged on
+                something that aligns nothing), the STN's θ is kept and ``refined`` is False.
             refine_kwargs: keyword arguments of :func:`stn_diffusers.refine.refine_theta_ecc`
                 (``levels``, ``iterations``, ``epsilon``, ``max_side``, ``max_correction``).
             decode: ``False`` skips the VAE decoder: ``images`` is ``None`` and only the pixel warp
@@ -607,17 +626,21 @@ class STNAlignmentPipeline(DiffusionPipeline):
             if ignore_masks is not None:
                 reference_weights = self._reference_weights(ignore_masks, num_images, tuple(latents.shape[-2:]))
             theta = self.predict_theta(latents, reference_latents, batch_size, progress, reference_weights)  # (B, 2, 3)
-            refined = None
+            refined = judged = None
             if refine == "ecc":
-                theta, refined = self._refine_ecc(theta, originals, references, refine_kwargs, ignore_masks)
+                theta, refined, judged = self._refine_ecc(theta, originals, references, refine_kwargs, ignore_masks)
             if originals is not None:
                 pixel_sizes = [tuple(original.shape[-2:]) for original in originals]
             else:
                 pixel_sizes = [(work_height, work_width)] * num_images
+            held = theta
             theta, displacement, unwarped = self._hold_small_motions(theta, pixel_sizes, min_displacement)
             confidence = None
             if originals is not None and references is not None:  # judged on the pixels, ignored ones left out
-                confidence = alignment_confidence(references, originals, theta.cpu(), ignore_masks)  # (B,)
+                if judged is not None and torch.equal(held, theta):
+                    confidence = judged  # the θ ECC's acceptance was judged on: already measured
+                else:
+                    confidence = alignment_confidence(references, originals, theta.cpu(), ignore_masks)  # (B,)
             aligned_latents = geometry.warp(
                 latents.float(), theta.to(latents.device), padding_mode=self.stn.config.padding_mode
             ).to(latents.dtype)
