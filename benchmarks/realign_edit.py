@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pipeline", default=None, help="saved pipeline (default: the embedded one)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--mask-only", action="store_true", help="only the setting with the edit mask given")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import cv2
@@ -110,6 +111,8 @@ def main() -> None:
         "no mask (region found)": {"mask": False, "refine": "ecc"},
         "STN alone, mask given": {"mask": True, "refine": None},
     }
+    if args.mask_only:
+        settings = {name: setting for name, setting in settings.items() if name == "edit mask given"}
     errors = {name: [] for name in settings}
     psnr_after = {name: [] for name in settings}
     psnr_before, seconds = [], {name: 0.0 for name in settings}
