@@ -46,7 +46,7 @@ from .checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint
 from .errors import run_reporting_errors
 from .losses import CORNER_LOSSES, ThetaCascade, training_loss, unwrap_stn
 from .metrics import SUMMARY_HEADER, markdown_table, summarize_errors, summary_cells
-from .models.spatial_transformer import STN_PRESETS, SpatialTransformer
+from .models.spatial_transformer import STN_PRESETS, TRANSFORMS, SpatialTransformer
 from .pipelines.pipeline_stn_alignment import STNAlignmentPipeline, vae_fingerprint, vae_scale_factor
 
 logger = get_logger(__name__)
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--vae_subfolder", default=None, help="Subfolder of the VAE, e.g. `vae` of a full Stable Diffusion checkpoint.")
     add("--revision", default=None, help="Hub revision of the VAE.")
     add("--stn_config", default="registration", help="`registration` (default), `seed`, or a path to a config.json.")
+    add("--transform", default=None, choices=TRANSFORMS,
+        help="Replace the config's motion model, e.g. `homography` for viewpoint changes "
+        "(with --warp_preset projective).")
     add("--pretrained_stn", default=None, help="Start from these STN weights (a saved stn folder or pipeline folder).")
     # Data
     add("--train_data_dir", required=True, help="Folder of training images (searched recursively).")
@@ -230,7 +233,10 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
     if args.pretrained_stn is not None:
         folder = Path(args.pretrained_stn)
         subfolder = "stn" if (folder / "stn" / "config.json").is_file() else None
-        stn = SpatialTransformer.from_pretrained(args.pretrained_stn, subfolder=subfolder)
+        # --transform swaps the motion model of trained weights (the search-refine design's features
+        # serve an affine and a homography fit alike).
+        overrides = {} if args.transform is None else {"transform": args.transform}
+        stn = SpatialTransformer.from_pretrained(args.pretrained_stn, subfolder=subfolder, **overrides)
     else:
         if args.stn_config in STN_PRESETS:
             config = dict(STN_PRESETS[args.stn_config])
@@ -241,6 +247,8 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
                 f"expected --stn_config in {tuple(STN_PRESETS)} or a config.json path, got {args.stn_config!r}"
             )
         config.pop("vae_fingerprint", None)
+        if args.transform is not None:
+            config["transform"] = args.transform
         if config.get("architecture", "seed") == "seed":
             if latent_channels != 4:
                 raise ValueError(

@@ -325,6 +325,27 @@ class TestTraining:
         assert trained.localization.residual[2].weight.abs().sum() > 0  # moved off its zero initialisation
 
 
+def test_finetune_transform_flag_sets_the_motion_model(tmp_path):
+    from stn_diffusers.finetune import build_stn
+    from tests.conftest import make_tiny_vae
+
+    vae = make_tiny_vae()
+    common = ["--pretrained_vae_name_or_path", "unused", "--train_data_dir", "unused", "--output_dir", "unused"]
+    built = build_stn(parse_args([*common, "--transform", "homography"]), vae)
+    assert built.config.transform == "homography" and built.config.architecture == "search_refine"
+    # Trained weights keep their values under another motion model.
+    saved = SpatialTransformer(**TINY_SEARCH_REFINE)
+    with torch.no_grad():
+        saved.localization.residual[2].weight.fill_(0.25)
+    saved.save_pretrained(tmp_path / "stn")
+    flags = ["--pretrained_stn", str(tmp_path / "stn"), "--transform", "homography"]
+    loaded = build_stn(parse_args([*common, *flags]), vae)
+    assert loaded.config.transform == "homography"
+    assert torch.equal(loaded.localization.residual[2].weight, saved.localization.residual[2].weight)
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--transform", "perspective"])
+
+
 def test_registration_preset_is_the_search_refine_design():
     model = SpatialTransformer(**STN_PRESETS["registration"])
     assert model.config.architecture == "search_refine" and model.supports_reference_weights
