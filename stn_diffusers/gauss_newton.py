@@ -81,8 +81,11 @@ class LinearisedReference:
         features: ``(B, D, h, w)`` the reference's features.
         grad_x, grad_y: ``(B, D, h·w)`` their spatial gradients per normalised unit.
         jacobian: ``(2·h·w, P)`` ∂(warped x)/∂p for every cell, then ∂(warped y)/∂p.
-        jacobian_products: ``(3·h·w, P·P)`` per cell, ``Jxᵀ Jx``, then ``Jxᵀ Jy + Jyᵀ Jx``, then
-            ``Jyᵀ Jy``: the Gauss–Newton matrix is one product of these with the structure tensors.
+        monomials: ``(h·w, K)`` the cell coordinates' monomials ``xⁱ yʲ`` up to degree 2 (affine) or
+            4 (homography); ``assemble``: ``(3·K, P·P)``. Per cell, ``Jxᵀ Jx``, ``Jxᵀ Jy + Jyᵀ Jx`` and
+            ``Jyᵀ Jy`` are polynomials in the coordinates, so the Gauss–Newton matrix is the structure
+            tensors' moments against the monomials, ``(3, K)`` per pair, times ``assemble``: far fewer
+            products than summing the ``P × P`` matrices cell by cell.
         weights: ``(B, h·w)`` in ``[0, 1]``, each cell's share (1 when no cell is ignored).
         cap: ``(B, 1)`` the residual cap of :func:`alignment_cost` (see :data:`RESIDUAL_CAP`).
     """
@@ -91,7 +94,8 @@ class LinearisedReference:
     grad_x: torch.Tensor
     grad_y: torch.Tensor
     jacobian: torch.Tensor
-    jacobian_products: torch.Tensor
+    monomials: torch.Tensor
+    assemble: torch.Tensor
     weights: torch.Tensor
     cap: torch.Tensor
 
@@ -122,17 +126,22 @@ def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 @functools.lru_cache(maxsize=32)
 def _motion_basis(
     height: int, width: int, transform: str, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The jacobian ``(2·h·w, P)`` and its per-cell products ``(3·h·w, P·P)`` of
-    :class:`LinearisedReference`: they depend on the grid alone, so one pair after another reuses
-    them (computing them was a tenth of an alignment's time). Never modified in place."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``jacobian``, ``monomials`` and ``assemble`` of :class:`LinearisedReference`: they depend
+    on the grid alone, so one pair after another reuses them. Never modified in place."""
     # Normal tensors even when first asked for under inference mode: a cached inference tensor could
     # not take part in a later training step.
     with torch.inference_mode(False), torch.no_grad():
-        jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=dtype, device=device))
+        jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=torch.float64, device=device))
         outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
-        products = torch.cat([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
-        return torch.cat([jac_x, jac_y]), products
+        products = torch.stack([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
+        x, y = cell_grid(height, width, jac_x)
+        degree = 4 if transform == "homography" else 2
+        monomials = torch.stack([x**i * y**j for i in range(degree + 1) for j in range(degree + 1 - i)], dim=-1)
+        # Exact: each product is a polynomial of at most that degree (least squares only finds its coefficients).
+        assemble = torch.linalg.lstsq(monomials.expand(3, -1, -1), products).solution  # (3, K, P·P)
+        jacobian = torch.cat([jac_x, jac_y])
+        return jacobian.to(dtype), monomials.to(dtype), assemble.flatten(0, 1).to(dtype)
 
 
 def linearise_reference(
@@ -141,14 +150,14 @@ def linearise_reference(
     """The reference ``(B, D, h, w)`` linearised for :func:`gauss_newton_step` (``transform``:
     ``"affine"`` or ``"homography"``); ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]``."""
     batch, channels, height, width = reference.shape
-    jacobian, products = _motion_basis(height, width, transform, reference.dtype, reference.device)
+    jacobian, monomials, assemble = _motion_basis(height, width, transform, reference.dtype, reference.device)
     if reference_weights is None:
         weights = reference.new_ones(batch, height * width)
     else:
         weights = reference_weights.flatten(1).to(reference.dtype)
     cap = RESIDUAL_CAP * reference.var(dim=(2, 3)).mean(dim=1, keepdim=True)  # (B, 1)
     grad_x, grad_y = _flat_gradients(reference)
-    return LinearisedReference(reference, grad_x, grad_y, jacobian, products, weights, cap)
+    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, assemble, weights, cap)
 
 
 def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -206,9 +215,8 @@ def repeat_linearised(linearised: LinearisedReference, repeats: int) -> Linearis
         name: getattr(linearised, name).repeat_interleave(repeats, dim=0)
         for name in ("features", "grad_x", "grad_y", "weights", "cap")
     }
-    return LinearisedReference(
-        jacobian=linearised.jacobian, jacobian_products=linearised.jacobian_products, **per_pair
-    )
+    shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "assemble")}
+    return LinearisedReference(**shared, **per_pair)
 
 
 def compare_with_identity(
@@ -273,7 +281,8 @@ def gauss_newton_step(
     weights = weights.unsqueeze(1)  # (B, 1, N)
     tensor = torch.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], dim=1)
     drive = torch.stack([(grad_x * residual).sum(1), (grad_y * residual).sum(1)], dim=1)
-    hessian = ((tensor * weights).flatten(1) @ linearised.jacobian_products).view(batch, num_params, num_params)
+    moments = (tensor * weights) @ linearised.monomials  # (B, 3, K)
+    hessian = (moments.flatten(1) @ linearised.assemble).view(batch, num_params, num_params)
     gradient = (drive * weights).flatten(1) @ linearised.jacobian  # (B, P)
     damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
     params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P)
