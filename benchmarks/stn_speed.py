@@ -1,0 +1,106 @@
+"""The STN's own cost with latents given, per pair and per stage, beside pyramid ECC in the same run.
+
+    taskset -c 0 python benchmarks/stn_speed.py --data data/photos/heldout --warp standard --repeats 5
+
+`stn-diffusers evaluate` times each pair's estimate right after that pair's VAE encode, so the
+estimate starts with caches the encoder has just filled with its own activations. Here every pair
+is encoded first; then the pipeline's `predict_theta` (batch 1, one thread, inference mode) runs
+over all pairs `--repeats` times, and OpenCV's 3-level pyramid ECC (the `ecc` method of
+`evaluate`, one thread) over the same pairs as many times. Reported: the median and mean per pair,
+and the median of each stage of the search-refine design (features, search, candidate selection,
+refinement, identity test) from a profile of one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from stn_diffusers import data, geometry, metrics
+from stn_diffusers.cli import load_pipeline
+from stn_diffusers.evaluation import CLASSICAL_ESTIMATORS
+
+STAGES = {
+    "search": "similarity_search.py",
+    "selection (3 candidates, stride 4)": "_select",
+    "refinement (strides 2, 1)": "_refine",
+    "identity test": "compare_with_identity",
+    "reference prepared": "prepare",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/photos/heldout")
+    parser.add_argument("--pipeline", default=None, help="saved pipeline (default: the embedded one)")
+    parser.add_argument("--num-pairs", type=int, default=24)
+    parser.add_argument("--warp", default="standard")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import cv2
+
+    cv2.setNumThreads(1)
+    pipe = load_pipeline(args.pipeline, "cpu")
+    sources, paths = data.load_photo_folder(args.data)
+    pairs = data.seeded_pairs(sources, args.num_pairs, 512, args.warp, args.seed, names=[p.name for p in paths])
+    with torch.inference_mode():
+        moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
+        reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
+
+    stn_seconds, errors = [], []
+    with torch.inference_mode():
+        pipe.predict_theta(moving[:1], reference[:1])  # warm-up: the grid's motion basis is cached once
+        for _ in range(args.repeats):
+            for i, pair in enumerate(pairs):
+                start = time.perf_counter()
+                theta = pipe.predict_theta(moving[i : i + 1], reference[i : i + 1])
+                stn_seconds.append(time.perf_counter() - start)
+                errors.append(float(geometry.corner_error(theta, pair.theta[None], 512, 512)))
+    ecc_seconds = []
+    for _ in range(args.repeats):
+        for pair in pairs:
+            start = time.perf_counter()
+            try:
+                CLASSICAL_ESTIMATORS["ecc"](pair.reference, pair.moving)
+            except Exception:  # a failed ECC still cost its time  # noqa: BLE001
+                pass
+            ecc_seconds.append(time.perf_counter() - start)
+
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    with torch.inference_mode():
+        profile.enable()
+        for i in range(len(pairs)):
+            pipe.predict_theta(moving[i : i + 1], reference[i : i + 1])
+        profile.disable()
+    stats = pstats.Stats(profile).stats
+    stage_ms = {}
+    for stage, key in STAGES.items():
+        total = sum(v[3] for (file, _, name), v in stats.items() if key in (name, file.rsplit("/", 1)[-1]))
+        if key == "similarity_search.py":
+            total = sum(v[3] for (file, _, name), v in stats.items() if name == "search_similarity")
+        stage_ms[stage] = 1e3 * total / len(pairs)
+
+    rows = [
+        ["STN, latents given", metrics.format_milliseconds(statistics.median(stn_seconds)),
+         metrics.format_milliseconds(statistics.mean(stn_seconds))],
+        ["ECC, 3-level pyramid", metrics.format_milliseconds(statistics.median(ecc_seconds)),
+         metrics.format_milliseconds(statistics.mean(ecc_seconds))],
+    ]  # fmt: skip
+    print(f"{len(pairs)} pairs, warp `{args.warp}`, {args.repeats} passes, one thread.\n")
+    print(metrics.markdown_table(["method", "median / pair", "mean / pair"], rows))
+    ratio = statistics.median(ecc_seconds) / statistics.median(stn_seconds)
+    print(f"\nECC / STN, medians: {ratio:.1f}×; STN median corner error {statistics.median(errors):.2f} px")
+    print("\nStages (profiled pass, per pair, the profiler's own overhead included):\n")
+    print(metrics.markdown_table(["stage", "ms / pair"], [[k, f"{v:.2f}"] for k, v in stage_ms.items()]))
+
+
+if __name__ == "__main__":
+    main()
