@@ -1,15 +1,17 @@
-"""16-channel VAEs with a `shift_factor` (the SD3 and FLUX latent layout), end to end, on a tiny local model."""
+"""Other VAEs than the default's, end to end on tiny local models: 16 channels with a `shift_factor` (the
+SD3 and FLUX latent layout), and `AutoencoderTiny` (TAESD's architecture)."""
 
 import numpy as np
 import PIL.Image
 import pytest
 import skimage.data
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 
-from stn_diffusers import STNAlignmentPipeline, data, geometry, prepare_inpainting_inputs
+from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, data, geometry, prepare_inpainting_inputs
 from stn_diffusers.finetune import main as finetune_main
 from stn_diffusers.finetune import parse_args
+from tests.conftest import TINY_SEARCH_REFINE
 
 SIZE = 256
 THETA = torch.tensor([[[1.02, 0.03, 0.05], [-0.03, 1.02, -0.04]]])
@@ -87,3 +89,18 @@ def test_inpainting_preprocessing(trained, pair):
     aligned_mask = aligned_mask / aligned_mask.max()
     assert aligned_mask.shape == (SIZE, SIZE) and aligned_mask[100:160, 80:170].mean() > 0.99
     assert aligned_mask.mean() < 0.2  # the repainted region and the exposed border, not the whole frame
+
+
+def test_autoencoder_tiny_aligns_and_skips_the_decoder(pair):
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+    ).eval()  # fmt: skip
+    pipe = STNAlignmentPipeline(vae=vae, stn=SpatialTransformer(**TINY_SEARCH_REFINE))
+    reference, moving = pair
+    latents = pipe(moving, reference=reference, output_type="latent")
+    height, width = pipe.working_size((SIZE, SIZE))
+    assert latents.latents.shape == (1, 4, height // 8, width // 8) and latents.images is None
+    out = pipe(moving, reference=reference, refine="ecc", output_type="pt", decode=False)
+    assert float(geometry.corner_error(out.theta, THETA, SIZE, SIZE)) < 0.5 and out.refined.tolist() == [True]
