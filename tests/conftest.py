@@ -44,10 +44,11 @@ def photo_tensor(astronaut) -> torch.Tensor:
     return torch.from_numpy(np.array(astronaut)).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
-def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """An AutoencoderKL with the Stable Diffusion latent layout (8×, 4 channels), randomly initialised."""
+def make_tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
+    """An AutoencoderKL with the Stable Diffusion latent layout (8×, 4 channels), randomly initialised;
+    ``config`` replaces entries (e.g. ``latent_channels=16, shift_factor=0.1`` for SD3/FLUX's layout)."""
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    defaults = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -57,7 +58,8 @@ def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=16,
         sample_size=64,
-    ).eval()
+    )
+    return AutoencoderKL(**{**defaults, **config}).eval()
 
 
 @pytest.fixture

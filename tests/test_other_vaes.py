@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, data, geometry, prepare_inpainting_inputs
 from stn_diffusers.finetune import main as finetune_main
 from stn_diffusers.finetune import parse_args
-from tests.conftest import TINY_SEARCH_REFINE
+from tests.conftest import TINY_SEARCH_REFINE, make_tiny_vae
 
 SIZE = 256
 THETA = torch.tensor([[[1.02, 0.03, 0.05], [-0.03, 1.02, -0.04]]])
@@ -19,17 +19,7 @@ THETA = torch.tensor([[[1.02, 0.03, 0.05], [-0.03, 1.02, -0.04]]])
 
 def tiny_vae16() -> AutoencoderKL:
     """An AutoencoderKL with SD3/FLUX's latent layout: 8× downsampling, 16 channels, a shift and a scale."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=16,
-        scaling_factor=1.5,
-        shift_factor=0.1,
-    ).eval()
+    return make_tiny_vae(block_out_channels=(16, 32, 32, 32), latent_channels=16, scaling_factor=1.5, shift_factor=0.1)
 
 
 @pytest.fixture(scope="module")
