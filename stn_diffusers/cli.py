@@ -23,7 +23,7 @@ import torch
 from . import data, files, geometry, refine
 from .confidence import DEFAULT_CONFIDENCE_THRESHOLD
 from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
-from .images import load_image, open_image
+from .images import load_image, mask_to_pil, open_image
 
 # The files of a saved pipeline folder that loading reads (diffusers' names).
 MODEL_INDEX = "model_index.json"
@@ -275,8 +275,6 @@ def run_realign(args: argparse.Namespace) -> dict:
     report["edited_fraction"] = float((out.edit_mask >= 0.5).float().mean())
 
     # 3. Write every output at once
-    from .inpainting import mask_to_pil
-
     writers = {args.output: files.image_writer(out.image, args.output)}
     if args.output_mask:
         writers[args.output_mask] = files.image_writer(mask_to_pil(out.edit_mask), args.output_mask)
@@ -348,7 +346,7 @@ def _align_with_mask(args: argparse.Namespace, pipe, image, mask, reference, ign
     """``align --mask``: the image and mask aligned into the reference frame (``{path: picture}``), for any
     inpainting tool, and the θ report."""
     from .images import tensor_to_pil
-    from .inpainting import mask_to_pil, prepare_inpainting_inputs
+    from .inpainting import prepare_inpainting_inputs
 
     align_kwargs = {"min_displacement": args.min_displacement, "refine": args.refine}
     # Flags not given leave the library's defaults (the mask frame; which pixels the alignment ignores).

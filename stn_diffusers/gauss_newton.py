@@ -27,8 +27,9 @@ from . import geometry
 DAMPING = 1e-3
 # Cauchy weight 1 / (1 + r² / (c² · median r²)): residuals a few times the typical one count little.
 ROBUST_SCALE = 2.0
-# The cost that compares iterates caps each cell's squared residual at this multiple of the reference
-# features' variance: a pasted object or an exposed border costs a bounded amount per cell.
+# The cost that compares search candidates (alignment_cost) caps each cell's squared residual at this
+# multiple of the reference features' variance: a pasted object or an exposed border costs a bounded
+# amount per cell.
 RESIDUAL_CAP = 1.0
 
 
@@ -189,13 +190,6 @@ def _warp_and_match(
     return warped, grid, weights
 
 
-def _capped_cost(residual: torch.Tensor, cells: torch.Tensor, linearised: LinearisedReference) -> torch.Tensor:
-    """``(B,)`` robust cost: squared residuals ``(B, D, N)`` capped at the reference's ``cap``, averaged
-    over the ``cells`` ``(B, N)`` (weights in ``[0, 1]``)."""
-    squared = torch.minimum(residual.pow(2).mean(dim=1), linearised.cap)  # (B, N)
-    return (squared * cells).sum(dim=1) / cells.sum(dim=1).clamp_min(1e-12)
-
-
 def alignment_cost(linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``(B,)`` robust cost of ``warp(moving, θ)`` over all the reference's cells, a cell it leaves
     uncovered costing the cap: among candidates of one pair, more overlap that fits as well wins."""
@@ -234,13 +228,13 @@ def compare_with_identity(
     identity = geometry.identity_theta(theta.shape[0], theta.device, theta.dtype)
     if geometry.is_homography(theta):
         identity = geometry.to_homogeneous(identity)
-    squared, seen = [], linearised.weights > 0
+    used = linearised.weights > 0
+    squared, seen = [], used
     for candidate in (theta, identity):
         warped, _, covered = _warp_and_match(linearised, moving, candidate)
         squared.append((warped - linearised.features).flatten(2).pow(2).mean(dim=1))  # (B, N)
         seen = seen & (covered > 0)
     answer = torch.where(seen, squared[0], squared[1])
-    used = linearised.weights > 0
     nan = torch.full_like(answer, float("nan"))
     costs = [torch.where(used, cells, nan).nanmedian(dim=1).values for cells in (answer, squared[1])]
     share = (seen * linearised.weights).sum(dim=1) / linearised.weights.sum(dim=1).clamp_min(1e-12)

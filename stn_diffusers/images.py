@@ -259,6 +259,11 @@ def to_mask_tensor(mask: ImageInput, where: str = "mask_image") -> torch.Tensor:
     return (grey >= MASK_THRESHOLD).float()
 
 
+def mask_to_pil(mask: torch.Tensor) -> PIL.Image.Image:
+    """``(1, H, W)`` in ``[0, 1]`` → ``L`` mode PIL mask, 255 = white (repaint, ignore, edited)."""
+    return PIL.Image.fromarray((mask[0].detach().cpu().numpy() * 255).round().astype(np.uint8), mode="L")
+
+
 def to_mask_list(masks: ImageInput | list[ImageInput], where: str = "mask_image") -> list[torch.Tensor]:
     """A single mask or a batch → list of binary ``(1, H, W)`` float32 tensors."""
     return split_batch(masks, to_mask_tensor, where)

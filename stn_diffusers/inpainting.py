@@ -78,6 +78,7 @@ from .images import (  # the mask conversion lives with the image conversion; re
     ImageInput,
     aspect_difference,
     format_size,
+    mask_to_pil,  # noqa: F401 (re-exported)
     open_image,
     pick,
     to_mask_list,
@@ -144,11 +145,6 @@ class STNInpaintPipelineOutput(BaseOutput):
 def load_mask(path: str | os.PathLike) -> PIL.Image.Image:
     """Open a mask file upright, its mode kept (unlike :func:`stn_diffusers.images.load_image`)."""
     return open_image(path, "mask image")
-
-
-def mask_to_pil(mask: torch.Tensor) -> PIL.Image.Image:
-    """Binary ``(1, H, W)`` → ``L`` mode PIL mask, 255 = repaint."""
-    return PIL.Image.fromarray((mask[0].detach().cpu().numpy() * 255).round().astype(np.uint8), mode="L")
 
 
 def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

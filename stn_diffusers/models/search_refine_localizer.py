@@ -272,7 +272,9 @@ class SearchRefineLocalizer(Localizer):
                 start = self._select(context, features, start.to(features.dtype))
         start = start.to(features.dtype)
         if self.training or self.search_candidates == 1:
-            # Training refines from the selected start through every level, so the features learn them all.
+            # Training refines the selected candidate again through every level, the coarsest
+            # included (the selection ran without gradient), so the features learn every level;
+            # inference goes on from the selection's coarsest level.
             theta = self._refine(context, features, start)
         else:
             theta = self._refine(context, features, start, first_level=1)
