@@ -31,6 +31,9 @@ ROBUST_SCALE = 2.0
 # multiple of the reference features' variance: a pasted object or an exposed border costs a bounded
 # amount per cell.
 RESIDUAL_CAP = 1.0
+# A cell samples the moving map's content when the bilinearly sampled moving weight reaches this:
+# every latent cell it reads is content, none is padding.
+CONTENT_LEVEL = 0.999
 
 
 def cell_grid(height: int, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +175,17 @@ def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tens
 
 
 def _warp_and_match(
-    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor
+    linearised: LinearisedReference,
+    moving: torch.Tensor,
+    theta: torch.Tensor,
+    moving_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``warp(moving, θ)`` brightness-matched to the reference, ``(B, D, h, w)``; the sampling grid
-    ``(B, h, w, 2)``; and the covered reference weights ``(B, N)`` (0 where padding enters)."""
+    ``(B, h, w, 2)``; and the covered reference weights ``(B, N)`` (0 where padding enters).
+
+    ``moving_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` mark the moving map's own content: a cell that
+    samples where they are below 1 (zero padding inside the moving image) is not covered either.
+    """
     reference = linearised.features
     batch, channels, height, width = reference.shape
     grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
@@ -185,15 +195,23 @@ def _warp_and_match(
         # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
         limit = grid.new_tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height])
         covered = (grid.abs() <= limit + 1e-6).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
+        if moving_weights is not None:
+            content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
+            covered = covered * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
         weights = covered * linearised.weights
     warped = match_statistics(warped, reference, weights.view(batch, 1, height, width))
     return warped, grid, weights
 
 
-def alignment_cost(linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def alignment_cost(
+    linearised: LinearisedReference,
+    moving: torch.Tensor,
+    theta: torch.Tensor,
+    moving_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(B,)`` robust cost of ``warp(moving, θ)`` over all the reference's cells, a cell it leaves
     uncovered costing the cap: among candidates of one pair, more overlap that fits as well wins."""
-    warped, _, covered = _warp_and_match(linearised, moving, theta)
+    warped, _, covered = _warp_and_match(linearised, moving, theta, moving_weights)
     squared = torch.minimum((warped - linearised.features).flatten(2).pow(2).mean(dim=1), linearised.cap)
     squared = torch.where(covered > 0, squared, linearised.cap.expand_as(squared))
     share = linearised.weights
@@ -214,7 +232,10 @@ def repeat_linearised(linearised: LinearisedReference, repeats: int) -> Linearis
 
 
 def compare_with_identity(
-    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor
+    linearised: LinearisedReference,
+    moving: torch.Tensor,
+    theta: torch.Tensor,
+    moving_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Robust costs ``(B,)`` of ``warp(moving, θ)`` and of the unwarped ``moving`` against the
     reference, and the share ``(B,)`` of the reference's weight that both cover.
@@ -223,17 +244,21 @@ def compare_with_identity(
     residual: up to half of the picture may change (a moved object, a pasted patch, an edit) without
     moving it. A cell the answer leaves uncovered counts what it counts for the identity, so an
     answer gains nothing by looking away from a region it cannot explain, and loses nothing for the
-    corners a true rotation leaves uncovered.
+    corners a true rotation leaves uncovered. Cells the identity sees as the moving image's padding
+    (``moving_weights``) take no part: neither candidate can explain them.
     """
     identity = geometry.identity_theta(theta.shape[0], theta.device, theta.dtype)
     if geometry.is_homography(theta):
         identity = geometry.to_homogeneous(identity)
-    used = linearised.weights > 0
-    squared, seen = [], used
-    for candidate in (theta, identity):
-        warped, _, covered = _warp_and_match(linearised, moving, candidate)
-        squared.append((warped - linearised.features).flatten(2).pow(2).mean(dim=1))  # (B, N)
-        seen = seen & (covered > 0)
+    residuals, covered = {}, {}
+    for name, candidate in (("answer", theta), ("identity", identity)):
+        warped, _, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
+        residuals[name] = (warped - linearised.features).flatten(2).pow(2).mean(dim=1)  # (B, N)
+        covered[name] = weights > 0
+    # The identity covers every cell of weight > 0 but the moving image's padding: the cells both costs use.
+    used = covered["identity"]
+    seen = used & covered["answer"]
+    squared = [residuals["answer"], residuals["identity"]]
     answer = torch.where(seen, squared[0], squared[1])
     nan = torch.full_like(answer, float("nan"))
     costs = [torch.where(used, cells, nan).nanmedian(dim=1).values for cells in (answer, squared[1])]
@@ -242,7 +267,11 @@ def compare_with_identity(
 
 
 def gauss_newton_step(
-    linearised: LinearisedReference, moving: torch.Tensor, theta: torch.Tensor, robust: bool = True
+    linearised: LinearisedReference,
+    moving: torch.Tensor,
+    theta: torch.Tensor,
+    robust: bool = True,
+    moving_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Gauss–Newton step: θ ``(B, 2, 3)`` or ``(B, 3, 3)`` → the refined θ, shaped like the
     linearised motion (an affine θ is lifted when the reference was linearised for a homography).
@@ -260,7 +289,7 @@ def gauss_newton_step(
     """
     reference = linearised.features
     batch, num_params = reference.shape[0], linearised.num_params
-    warped, _, weights = _warp_and_match(linearised, moving, theta)
+    warped, _, weights = _warp_and_match(linearised, moving, theta, moving_weights)
     residual = (warped - reference).flatten(2)  # (B, D, N)
     if robust:
         with torch.no_grad():
@@ -292,6 +321,7 @@ def refine(
     iterations: int,
     robust: bool = True,
     tolerance: float = 0.0,
+    moving_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Up to ``iterations`` Gauss–Newton steps from θ; returns the last iterate.
 
@@ -301,7 +331,7 @@ def refine(
     """
     for _ in range(iterations):
         previous = theta
-        theta = gauss_newton_step(linearised, moving, theta, robust)
+        theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

@@ -111,6 +111,7 @@ def search_similarity(
     reference_weights: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
     top_k: int = 1,
+    moving_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best θ ``(B, 2, 3)`` over every candidate rotation, scale and integer shift, and its score ``(B,)``;
     with ``top_k > 1``, the best shifts of the ``top_k`` best candidates, ``(B, k, 2, 3)`` and ``(B, k)``.
@@ -125,6 +126,9 @@ def search_similarity(
         reference_weights: ``(B, 1, h, w)`` in ``[0, 1]``: cells of weight 0 take no part in the score.
         start: ``(B, 2, 3)``: candidates are ``start ∘ candidate`` (a finer search around an earlier
             answer); default: the identity.
+        moving_weights: ``(B, 1, h·f, w·f)`` in ``[0, 1]``: the moving map's content (0 over the zero
+            padding of an earlier warp), which then counts as uncovered, like the cells a candidate
+            brings in from outside the map; default: ones.
 
     The search is not differentiable (it picks an argmax); what follows it refines and trains.
     """
@@ -135,8 +139,9 @@ def search_similarity(
     thetas = candidates.repeat(batch, 1, 1)  # (B·K, 2, 3)
     if start is not None:
         thetas = geometry.compose_theta(start.to(reference).repeat_interleave(num_candidates, dim=0), thetas)
-    # The map and a plane of ones warped together: the ones say where the candidate has content.
-    stacked = torch.cat([moving, torch.ones_like(moving[:, :1])], dim=1).repeat_interleave(num_candidates, dim=0)
+    # The map and its content plane warped together: the plane says where the candidate has content.
+    content = torch.ones_like(moving[:, :1]) if moving_weights is None else moving_weights.to(moving.dtype)
+    stacked = torch.cat([moving * content, content], dim=1).repeat_interleave(num_candidates, dim=0)
     # Warped at the moving map's own resolution, then averaged down to the reference's grid: every
     # candidate is then as smooth as the reference, which an upsampled (zoomed-in) candidate would
     # otherwise not be, and smoother maps correlate better.

@@ -39,6 +39,9 @@ class Localizer(nn.Module, abc.ABC):
     #: Whether the design can give cells of the reference their own weight in the fit (the
     #: ``reference_weights`` of :meth:`prepare`); a design that reads the latents as a whole cannot.
     supports_reference_weights: bool = False
+    #: Whether :meth:`step` takes ``moving_weights`` ``(B, 1, H, W)`` in ``[0, 1]``: which cells of the
+    #: moving latents hold picture content (0 over the zero padding of an earlier warp).
+    supports_moving_weights: bool = False
 
     @abc.abstractmethod
     def prepare(self, reference: torch.Tensor | None, reference_weights: torch.Tensor | None = None) -> Any:
@@ -52,7 +55,8 @@ class Localizer(nn.Module, abc.ABC):
     def step(self, moving: torch.Tensor, context: Any, iteration: int) -> torch.Tensor:
         """The residual θ ``(B, 2, 3)``, or ``(B, 3, 3)`` for a homography, that aligns ``moving``
         ``(B, C, H, W)``, the sample warped by the θ of the iterations before ``iteration`` (0-based);
-        ``context`` is :meth:`prepare`'s. One localiser returns one shape at every iteration."""
+        ``context`` is :meth:`prepare`'s. One localiser returns one shape at every iteration. A design
+        with :attr:`supports_moving_weights` also takes ``moving_weights=`` (see there)."""
 
     @abc.abstractmethod
     def head_parameters(self) -> list[nn.Parameter]:

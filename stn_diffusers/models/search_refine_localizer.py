@@ -19,7 +19,10 @@
    better, the pair comes back exactly unwarped. In training mode the refined answer is
    always returned, so every pair trains the features.
 
-Reference weights (an ignore mask) weight the search score and every Gauss–Newton residual.
+Reference weights (an ignore mask) weight the search score and every Gauss–Newton residual. Moving
+weights mark the moving latents' content: cells over the zero padding of an earlier warp (a rotated
+photo's black corners) count as uncovered, in the search and in every refinement step, so a padded
+border is not matched against picture content.
 
 θ follows the convention in :mod:`stn_diffusers.geometry`.
 """
@@ -88,6 +91,14 @@ def pool(features: torch.Tensor, stride: int) -> torch.Tensor:
     return F.avg_pool2d(features, stride, ceil_mode=True)
 
 
+def pool_content(weights: torch.Tensor | None, stride: int) -> torch.Tensor | None:
+    """Content weights ``(B, 1, H, W)`` on the ``stride`` grid, by their minimum: a pooled cell holds
+    content only if every cell it averages does (a partly padded cell's average is not the picture's)."""
+    if weights is None or stride == 1:
+        return weights
+    return -F.max_pool2d(-weights, stride, ceil_mode=True)
+
+
 @dataclass
 class SearchRefineContext:
     """The reference, prepared once: features at the search stride and each refinement stride.
@@ -125,6 +136,7 @@ class SearchRefineLocalizer(Localizer):
     """
 
     supports_reference_weights = True
+    supports_moving_weights = True
 
     def __init__(
         self,
@@ -214,7 +226,12 @@ class SearchRefineLocalizer(Localizer):
         return math.ceil(self.search_translation * max(height, width) / self._min_scale) + 1
 
     def _refine(
-        self, context: SearchRefineContext, moving: torch.Tensor, theta: torch.Tensor, first_level: int = 0
+        self,
+        context: SearchRefineContext,
+        moving: torch.Tensor,
+        theta: torch.Tensor,
+        first_level: int = 0,
+        moving_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gauss–Newton at each refinement stride from ``first_level`` on, coarse to fine."""
         levels = list(zip(self.refine_strides, self.refine_iterations))[first_level:]
@@ -222,7 +239,13 @@ class SearchRefineLocalizer(Localizer):
             # Coarse levels are not reweighted: far from the answer every residual is large, and
             # downweighting them slows the approach; the finest level is, against local changes.
             theta = gauss_newton.refine(
-                context.levels[stride], pool(moving, stride), theta, iterations, stride == 1, self._tolerance()
+                context.levels[stride],
+                pool(moving, stride),
+                theta,
+                iterations,
+                robust=stride == 1,
+                tolerance=self._tolerance(),
+                moving_weights=pool_content(moving_weights, stride),
             )
         return theta
 
@@ -230,35 +253,58 @@ class SearchRefineLocalizer(Localizer):
         # At inference a level stops once its steps no longer move θ; training takes every step.
         return 0.0 if self.training else CONVERGED
 
-    def _select(self, context: SearchRefineContext, features: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def _select(
+        self,
+        context: SearchRefineContext,
+        features: torch.Tensor,
+        starts: torch.Tensor,
+        moving_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The best of ``starts`` ``(B, k, 2, 3)`` after the coarsest refinement level, ``(B, 2, 3)``.
 
         The search scores whole candidates on a coarse grid, where the true rotation and a wrong one
         can score alike on smooth photos; a few Gauss–Newton steps pull the true one much closer, and
-        the cost after them tells the two apart.
+        the cost after them tells the two apart. The cost is the identity test's median cell residual
+        (:func:`~stn_diffusers.gauss_newton.compare_with_identity`): a mean, even a capped one, lets a
+        wrong zoom into a smooth region beat the truth whose overlap is partly uncovered.
         """
         batch, count = starts.shape[:2]
         stride, iterations = self.refine_strides[0], self.refine_iterations[0]
         level = gauss_newton.repeat_linearised(context.levels[stride], count)
         moving = pool(features, stride).repeat_interleave(count, dim=0)
-        refined = gauss_newton.refine(level, moving, starts.flatten(0, 1), iterations, robust=False)
-        cost = gauss_newton.alignment_cost(level, moving, refined).view(batch, count)
+        content = pool_content(moving_weights, stride)
+        content = None if content is None else content.repeat_interleave(count, dim=0)
+        refined = gauss_newton.refine(
+            level, moving, starts.flatten(0, 1), iterations, robust=False, moving_weights=content
+        )
+        cost = gauss_newton.compare_with_identity(level, moving, refined, content)[0].view(batch, count)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
         best = cost.argmin(dim=1)
         return refined.view(batch, count, *refined.shape[1:])[torch.arange(batch), best]
 
-    def step(self, moving: torch.Tensor, context: SearchRefineContext, iteration: int) -> torch.Tensor:
+    def step(
+        self,
+        moving: torch.Tensor,
+        context: SearchRefineContext,
+        iteration: int,
+        moving_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for a homography) aligning ``moving`` ``(B, C, H, W)``: search
-        (first iteration only) and refinement, with the identity kept when it fits better."""
+        (first iteration only) and refinement, with the identity kept when it fits better.
+        ``moving_weights`` ``(B, 1, H, W)``: the moving latents' content (see the module)."""
         features = self.localization(moving)  # (B, D, H, W)
         batch = features.shape[0]
         identity = geometry.identity_theta(batch, features.device, features.dtype)
         if iteration > 0:
             # A later cascade iteration sees the sample already aligned: refine, no new search.
-            return self._refine(context, features, identity)
+            return self._refine(context, features, identity, moving_weights=moving_weights)
         with torch.no_grad():
             searched = pool(features, self.search_stride)
-            searched = similarity_search.standardise(searched, context.search_weights)
+            search_content = pool_content(moving_weights, self.search_stride)
+            # Statistics over the moving map's own content when it is known: padding would skew them.
+            searched = similarity_search.standardise(
+                searched, context.search_weights if search_content is None else search_content
+            )
             start, _ = similarity_search.search_similarity(
                 context.search,
                 searched,
@@ -267,17 +313,18 @@ class SearchRefineLocalizer(Localizer):
                 self._search_radius(*searched.shape[-2:]),
                 context.search_weights,
                 top_k=self.search_candidates,
+                moving_weights=search_content,
             )
             if self.search_candidates > 1:
-                start = self._select(context, features, start.to(features.dtype))
+                start = self._select(context, features, start.to(features.dtype), moving_weights)
         start = start.to(features.dtype)
         if self.training or self.search_candidates == 1:
             # Training refines the selected candidate again through every level, the coarsest
             # included (the selection ran without gradient), so the features learn every level;
             # inference goes on from the selection's coarsest level.
-            theta = self._refine(context, features, start)
+            theta = self._refine(context, features, start, moving_weights=moving_weights)
         else:
-            theta = self._refine(context, features, start, first_level=1)
+            theta = self._refine(context, features, start, first_level=1, moving_weights=moving_weights)
         if self.training:
             # Every pair trains the features through the refinement; the identity test decides at inference.
             return theta
@@ -288,7 +335,9 @@ class SearchRefineLocalizer(Localizer):
             if geometry.is_homography(theta):
                 identity = geometry.to_homogeneous(identity)
             safe = torch.where(finite.view(batch, 1, 1), theta, identity)
-            answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(context.levels[1], features, safe)
+            answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
+                context.levels[1], features, safe, moving_weights
+            )
             keep_identity = (
                 (answer_cost >= (1 - IDENTITY_MARGIN) * identity_cost) | ~finite | (shared < MIN_SHARED_CELLS)
             )

@@ -248,8 +248,17 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         """Whether this model takes ``reference_weights`` (the correlation design does, the seed does not)."""
         return self.localizer.supports_reference_weights
 
+    @property
+    def supports_moving_weights(self) -> bool:
+        """Whether this model takes ``moving_weights`` (the search-refine design does)."""
+        return self.localizer.supports_moving_weights
+
     def check_inputs(
-        self, sample: torch.Tensor, reference: torch.Tensor | None, reference_weights: torch.Tensor | None = None
+        self,
+        sample: torch.Tensor,
+        reference: torch.Tensor | None,
+        reference_weights: torch.Tensor | None = None,
+        moving_weights: torch.Tensor | None = None,
     ) -> None:
         """Raise ``ValueError``/``TypeError`` naming the expected value for any bad input."""
         channels = self.config.in_channels
@@ -288,34 +297,40 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
             if tensor is not None and not torch.isfinite(tensor).all():
                 raise ValueError(f"expected finite values in {name}, got NaN or inf")
         if reference_weights is not None:
-            self._check_reference_weights(sample, reference_weights)
+            if not self.supports_reference_weights:
+                raise ValueError(
+                    f"expected reference_weights=None for architecture={self.config.architecture!r}: it regresses "
+                    "θ from the latent map as a whole and cannot weight cells; architecture='correlation' weights "
+                    "its matches"
+                )
+            self._check_cell_weights(sample, reference_weights, "reference_weights", "reference")
+        if moving_weights is not None:
+            if not self.supports_moving_weights:
+                raise ValueError(
+                    f"expected moving_weights=None for architecture={self.config.architecture!r}; "
+                    "architecture='search_refine' takes them"
+                )
+            self._check_cell_weights(sample, moving_weights, "moving_weights", "sample")
 
-    def _check_reference_weights(self, sample: torch.Tensor, weights: torch.Tensor) -> None:
-        if not self.supports_reference_weights:
-            raise ValueError(
-                f"expected reference_weights=None for architecture={self.config.architecture!r}: it regresses θ "
-                "from the latent map as a whole and cannot weight cells; architecture='correlation' weights its "
-                "matches"
-            )
+    @staticmethod
+    def _check_cell_weights(sample: torch.Tensor, weights: torch.Tensor, name: str, owner: str) -> None:
         expected = (sample.shape[0], 1, *sample.shape[-2:])
         if not isinstance(weights, torch.Tensor):
-            raise TypeError(
-                f"expected reference_weights to be a torch.Tensor of shape {expected}, got {type(weights).__name__}"
-            )
+            raise TypeError(f"expected {name} to be a torch.Tensor of shape {expected}, got {type(weights).__name__}")
         if tuple(weights.shape) != expected:
             raise ValueError(
-                f"expected reference_weights of shape {expected} (one weight per latent cell of each reference), "
+                f"expected {name} of shape {expected} (one weight per latent cell of each {owner}), "
                 f"got {tuple(weights.shape)}"
             )
         if not torch.isfinite(weights).all() or weights.min() < 0 or weights.max() > 1:
             raise ValueError(
-                "expected reference_weights in [0, 1] (1 = use the cell), "
+                f"expected {name} in [0, 1] (1 = use the cell), "
                 f"found values in [{weights.min().item():g}, {weights.max().item():g}]"
             )
         unused = (weights.flatten(1).sum(dim=1) == 0).nonzero().flatten().tolist()
         if unused:
             raise ValueError(
-                "expected reference_weights that keep some cells of every reference, got all zeros at batch "
+                f"expected {name} that keep some cells of every {owner}, got all zeros at batch "
                 f"index {unused}: with every cell ignored there is nothing to estimate the motion from"
             )
 
@@ -326,6 +341,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         return_intermediate: bool = False,
         *,
         reference_weights: torch.Tensor | None = None,
+        moving_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """θ that aligns ``sample`` (onto ``reference``), without warping the output: ``(B, 2, 3)``, or
         ``(B, 3, 3)`` for ``transform="homography"``.
@@ -334,17 +350,26 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         is the answer), for training every iteration. ``reference_weights`` ``(B, 1, H, W)`` in
         ``[0, 1]``, in the reference frame at the latents' size: each cell's share in the estimate
         (1 = use, 0 = ignore, e.g. over an edited region); correlation design only (see the module).
+        ``moving_weights`` ``(B, 1, H, W)`` in ``[0, 1]``, in the sample's frame: which of its cells hold
+        picture content (0 over zero padding left by an earlier warp); search-refine design only.
         """
-        self.check_inputs(sample, reference, reference_weights)
+        self.check_inputs(sample, reference, reference_weights, moving_weights)
         # The reference (and so its weights) is prepared once: the cascade warps only the sample.
         context = self.localizer.prepare(reference, reference_weights)
         # The first estimate stands as it is: composing it with the identity would only add rounding
         # to a model that starts as an exact no-op.
-        theta = self.localizer.step(sample, context, 0)  # (B, 2, 3), or (B, 3, 3) for a homography
+        # Moving weights go only to a design that takes them, and only when given.
+        if moving_weights is not None:
+            moving_weights = moving_weights.to(sample.dtype)
+        weighted = {} if moving_weights is None else {"moving_weights": moving_weights}
+        theta = self.localizer.step(sample, context, 0, **weighted)  # (B, 2, 3), or (B, 3, 3) for a homography
         thetas = [theta]
         for iteration in range(1, self.config.num_iterations):
             moving = geometry.warp(sample, theta, padding_mode=self.config.padding_mode)  # (B, C, H, W)
-            theta = geometry.compose_theta(theta, self.localizer.step(moving, context, iteration))
+            if moving_weights is not None:
+                # The warp also leaves the cells it brings in from outside the sample without content.
+                weighted = {"moving_weights": geometry.warp(moving_weights, theta, padding_mode="zeros")}
+            theta = geometry.compose_theta(theta, self.localizer.step(moving, context, iteration, **weighted))
             thetas.append(theta)
         return thetas if return_intermediate else theta
 

@@ -17,6 +17,7 @@ from diffusers.utils import logging
 
 from .. import geometry
 from ..confidence import DEFAULT_CONFIDENCE_THRESHOLD, alignment_confidence
+from ..content import content_weights
 from ..images import (
     ASPECT_TOLERANCE,
     ImageInput,
@@ -204,6 +205,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         batch_size: int | None = None,
         progress_bar=None,
         reference_weights: torch.Tensor | None = None,
+        moving_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """θ ``(B, 2, 3)`` float32 that aligns ``latents`` ``(B, C, h, w)`` onto ``reference_latents``.
 
@@ -211,7 +213,8 @@ class STNAlignmentPipeline(DiffusionPipeline):
         to the STN's device and dtype; ``progress_bar`` (a tqdm bar) advances by one per chunk. A
         reference is passed on only to an STN that looks at one, so callers never branch on
         ``conditioning``. ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` (1 = use the cell) go to
-        :meth:`SpatialTransformer.predict_theta`. Runs under the caller's grad mode.
+        :meth:`SpatialTransformer.predict_theta`, and so do ``moving_weights`` ``(B, 1, h, w)`` (the
+        latents' content, :meth:`content_weights`). Runs under the caller's grad mode.
         """
         batch_size = batch_size or latents.shape[0]
         uses_reference = self.stn.config.conditioning == "reference"
@@ -221,15 +224,36 @@ class STNAlignmentPipeline(DiffusionPipeline):
         thetas = []
         for start in range(0, latents.shape[0], batch_size):
             moving = latents[start : start + batch_size].to(device=device, dtype=dtype)
-            reference = weights = None
+            reference = None
             if uses_reference:
                 reference = reference_latents[start : start + batch_size].to(device=device, dtype=dtype)
-            if reference_weights is not None:
-                weights = reference_weights[start : start + batch_size].to(device=device, dtype=dtype)
-            thetas.append(self.stn.predict_theta(moving, reference, reference_weights=weights).float())
+            weights = {"reference_weights": reference_weights}
+            if moving_weights is not None:  # only to an STN given some: only the search-refine design takes them
+                weights["moving_weights"] = moving_weights
+            weights = {
+                name: None if value is None else value[start : start + batch_size].to(device=device, dtype=dtype)
+                for name, value in weights.items()
+            }
+            thetas.append(self.stn.predict_theta(moving, reference, **weights).float())
             if progress_bar is not None:
                 progress_bar.update()
         return torch.cat(thetas)
+
+    def content_weights(
+        self, images: list[torch.Tensor] | torch.Tensor, latent_size: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """Which latent cells of each image ``(3, H, W)`` in ``[0, 1]`` hold picture content rather than
+        the zero padding of an earlier warp: ``(B, 1, h, w)`` in ``{0, 1}`` at ``latent_size``, or
+        ``None`` when no image has padding or the STN cannot use the weights
+        (:func:`stn_diffusers.content.content_weights`). Any image size: the cells are area shares.
+        """
+        if not self.stn.supports_moving_weights:
+            return None
+        found = [content_weights(image[None].float(), latent_size) for image in images]
+        if all(weights is None for weights in found):
+            return None
+        ones = torch.ones(1, 1, *latent_size)
+        return torch.cat([ones if weights is None else weights for weights in found])
 
     def decode(self, latents: torch.Tensor, batch_size: int | None = None, progress_bar=None) -> torch.Tensor:
         """Scaled latents ``(B, C, h, w)`` → images ``(B, 3, h·f, w·f)`` in ``[-1, 1]``, ``batch_size`` at
@@ -544,6 +568,7 @@ class STNAlignmentPipeline(DiffusionPipeline):
         refine_kwargs: dict | None = None,
         decode: bool = True,
         ignore_mask: ImageInput | list[ImageInput] | None = None,
+        ignore_padding: bool = True,
     ) -> STNAlignmentPipelineOutput | tuple:
         r"""Align ``image`` onto ``reference``.
 
@@ -578,6 +603,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 with the inpainting masks' value rules (see the class docs). The STN weights its cells by
                 the share kept and ECC uses only kept pixels; the registration designs only
                 (``architecture="search_refine"`` or ``"correlation"``), not the seed design.
+            ignore_padding: zero padding in the images (exactly black regions that touch the border, as
+                an earlier rotation or zoom-out leaves) is not matched as picture content; the
+                search-refine design only, and only for images given as pixels.
 
         Returns:
             :class:`STNAlignmentPipelineOutput`, or with ``return_dict=False`` the tuple of its fields in
@@ -622,10 +650,15 @@ class STNAlignmentPipeline(DiffusionPipeline):
                 reference_latents = reference_latents.expand(num_images, -1, -1, -1)  # one shared reference
 
             # 4. Align (an ignore mask weights the reference's latent cells and ECC's pixels)
-            reference_weights = None
+            latent_size = tuple(latents.shape[-2:])
+            reference_weights = moving_weights = None
             if ignore_masks is not None:
-                reference_weights = self._reference_weights(ignore_masks, num_images, tuple(latents.shape[-2:]))
-            theta = self.predict_theta(latents, reference_latents, batch_size, progress, reference_weights)  # (B, 2, 3)
+                reference_weights = self._reference_weights(ignore_masks, num_images, latent_size)
+            if ignore_padding and originals is not None and images_to_encode:
+                moving_weights = self.content_weights(originals, latent_size)  # (B, 1, h, w) or None
+            theta = self.predict_theta(
+                latents, reference_latents, batch_size, progress, reference_weights, moving_weights
+            )  # (B, 2, 3)
             refined = judged = None
             if refine == "ecc":
                 theta, refined, judged = self._refine_ecc(theta, originals, references, refine_kwargs, ignore_masks)
