@@ -8,6 +8,7 @@ STN for that VAE (``python -m stn_diffusers.finetune --pretrained_vae_name_or_pa
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -33,5 +34,21 @@ def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = 
     # float32 is what loading gives anyway; naming it would cost a warning on every load where diffusers
     # has renamed the keyword (`torch_dtype` to `dtype`), and older releases know only the old name.
     dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
-    pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, use_safetensors=True, **dtype)
+    with _quiet_loading():
+        pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, use_safetensors=True, **dtype)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" bar for the two small local files: it would be the only
+    thing a plain ``stn-diffusers align`` prints to stderr. The caller's setting is restored."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was_enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()

@@ -119,6 +119,16 @@ class TestEmbeddedDefault:
         with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
             load_default()
 
+    def test_loads_without_a_word_on_stderr_or_a_warning(self, capfd, recwarn):
+        from diffusers.utils import logging as diffusers_logging
+
+        capfd.readouterr()
+        load_default()
+        assert capfd.readouterr().err == ""
+        assert [str(w.message) for w in recwarn] == []
+        # The loading bar is silenced for this load only: the caller's own pipelines keep theirs.
+        assert diffusers_logging.is_progress_bar_enabled()
+
     def test_package_data_ships_every_weights_file(self):
         config = configparser.ConfigParser()
         config.read(REPO_ROOT / "setup.cfg")
