@@ -1,6 +1,7 @@
 """The ``stn-diffusers`` command line: thin parsers over library functions.
 
     stn-diffusers align --pipeline DIR --image moving.jpg --reference reference.jpg --output aligned.png
+    stn-diffusers align --pipeline DIR --pairs pairs.csv --output-dir aligned      # many pairs, see batch_align
 
 Every verb checks its device, inputs and outputs before it computes anything, and writes its
 outputs only once all are computed, all or none (:func:`stn_diffusers.files.write_outputs`), so that
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, files, geometry, refine
+from . import batch_align, data, files, geometry, refine
 from .confidence import DEFAULT_CONFIDENCE_THRESHOLD
 from .errors import USER_ERROR_EXIT_CODE, run_reporting_errors
 from .images import load_image, mask_to_pil, open_image
@@ -115,20 +116,15 @@ def _is_hub_id(name_or_path: str) -> bool:
 
 
 def _theta_report(theta: torch.Tensor, height: int, width: int) -> dict:
-    pixel = geometry.theta_to_pixel_matrix(theta.double(), height, width)[0]
-    return {
-        "theta": theta[0].tolist(),
-        "pixel_matrix": pixel.tolist(),
-        "image_size": [height, width],
-        "convention": "theta maps output (aligned) normalised coords to input coords, align_corners=False; "
-        "pixel_matrix maps output pixels to input pixels (cv2.warpAffine, or cv2.warpPerspective for a "
-        "homography, with WARP_INVERSE_MAP)",
-    }
+    return {**batch_align.theta_report(theta, height, width), "convention": batch_align.THETA_CONVENTION}
 
 
 def run_align(args: argparse.Namespace) -> dict:
+    if args.image is None:
+        return run_align_pairs(args)
     # 1. Check the device, inputs and outputs before anything is computed
     device = check_device(args.device)
+    _check_single_pair_flags(args)
     _check_mask_flags(args)
     if args.fail_below is not None and args.mask is not None:
         raise ValueError("expected --fail-below without --mask: the confidence is reported for the plain alignment")
@@ -208,14 +204,133 @@ def _align_image(args: argparse.Namespace, pipe, image, reference, ignore_mask) 
     return {args.output: aligned}, report
 
 
+# Flags of one pair (--image) and of many (--pairs, --image-dir, --dataset), each refused with the other.
+SINGLE_PAIR_FLAGS = {
+    "--reference": "reference", "--output": "output", "--json": "json", "--mask": "mask",
+    "--output-mask": "output_mask", "--mask-frame": "mask_frame", "--ignore-mask": "ignore_mask",
+    "--fail-below": "fail_below", "--overwrite": "overwrite",
+}  # fmt: skip
+MANY_PAIRS_FLAGS = {
+    "--output-dir": "output_dir", "--skip-existing": "skip_existing", "--strict": "strict",
+    "--reference-dir": "reference_dir", "--image-column": "image_column", "--reference-column": "reference_column",
+    "--mask-column": "mask_column", "--split": "split", "--dataset-config": "dataset_config",
+    "--batch-size": "batch_size",
+}  # fmt: skip
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The flags of ``flags`` (``{flag: attribute}``) given a value other than their default."""
+    return [flag for flag, name in flags.items() if getattr(args, name) not in (None, False)]
+
+
+def _check_single_pair_flags(args: argparse.Namespace) -> None:
+    given = _given(args, MANY_PAIRS_FLAGS)
+    if args.output is None:
+        raise ValueError("expected --output (where to write the aligned image) with --image")
+    if given:
+        raise ValueError(f"expected {', '.join(given)} only with --pairs, --image-dir or --dataset, got --image")
+
+
+def _pair_list(args: argparse.Namespace) -> batch_align.PairList:
+    """The pairs named by ``--pairs``, ``--image-dir``/``--reference-dir`` or ``--dataset`` and its columns."""
+    source = "--pairs" if args.pairs else "--image-dir" if args.image_dir else "--dataset"
+    wrong = [
+        flag for flag, needs in (("--reference-dir", "--image-dir"), ("--image-column", "--dataset"),
+                                 ("--reference-column", "--dataset"), ("--mask-column", "--dataset"),
+                                 ("--split", "--dataset"), ("--dataset-config", "--dataset"))
+        if flag in _given(args, MANY_PAIRS_FLAGS) and needs != source
+    ]  # fmt: skip
+    if wrong:
+        raise ValueError(f"expected {', '.join(wrong)} only with the input it belongs to, got {source}")
+    if args.pairs:
+        return batch_align.pairs_from_csv(args.pairs)
+    if args.image_dir:
+        if args.reference_dir is None:
+            raise ValueError("expected --reference-dir with --image-dir: the references, matched by file name")
+        return batch_align.pairs_from_folders(args.image_dir, args.reference_dir)
+    if args.image_column is None or args.reference_column is None:
+        raise ValueError("expected --image-column and --reference-column with --dataset: the columns of each pair")
+    return batch_align.pairs_from_dataset(
+        args.dataset, args.image_column, args.reference_column, args.mask_column, args.dataset_config,
+        args.split or data.DEFAULT_SPLIT,
+    )  # fmt: skip
+
+
+def run_align_pairs(args: argparse.Namespace) -> dict:
+    """``align --pairs / --image-dir / --dataset``: a thin layer over :func:`batch_align.align_pairs`;
+    every process of a launched run (accelerate, torchrun) runs it, the main one prints the summary."""
+    # 1. Check the device, the flags, the pairs and the output folder before anything is computed
+    device = check_device(args.device)
+    given = _given(args, SINGLE_PAIR_FLAGS)
+    if given:
+        raise ValueError(f"expected {', '.join(given)} only with --image (one pair), got many pairs")
+    if args.output_dir is None:
+        raise ValueError("expected --output-dir (the folder for the aligned images and results.jsonl) with many pairs")
+    pairs = _pair_list(args)
+    batch_align.check_output_dir(pairs, args.output_dir, args.skip_existing, label="--output-dir")
+    state, device = batch_align.launch_state(device)
+
+    # 2. Align, each process its share
+    pipe = load_pipeline(args.pipeline, device)
+    summary = batch_align.align_pairs(
+        pipe, pairs, args.output_dir, batch_size=args.batch_size or batch_align.DEFAULT_BATCH_SIZE,
+        skip_existing=args.skip_existing, strict=args.strict, min_displacement=args.min_displacement,
+        refine=args.refine, decoded=args.decoded, state=state,
+    )  # fmt: skip
+    if summary is None:  # not the main process
+        return {}
+    print(batch_align.summary_text(summary, args.output_dir))
+    return summary
+
+
 def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("align", parents=[common], help="align an image onto a reference and write it")
+    parser = subparsers.add_parser(
+        "align", parents=[common], help="align an image onto a reference, or many pairs, and write them"
+    )
     parser.add_argument(
         "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
     )
-    parser.add_argument("--image", required=True, help="the moving image")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", default=None, help="the moving image (one pair; with --output)")
+    inputs.add_argument(
+        "--pairs", default=None, metavar="CSV",
+        help="many pairs: a CSV with the columns image,reference[,mask] (paths relative to its folder; mask: "
+        "reference pixels not to use, white = ignore, at the reference's size)",
+    )  # fmt: skip
+    inputs.add_argument("--image-dir", default=None, help="many pairs: the moving images (with --reference-dir)")
+    inputs.add_argument(
+        "--dataset", default=None, metavar="NAME_OR_PATH",
+        help="many pairs: a Hugging Face dataset (a save_to_disk folder, an imagefolder folder or a Hub id), "
+        "a pair per row (with --image-column and --reference-column)",
+    )  # fmt: skip
     parser.add_argument("--reference", default=None, help="the reference image")
-    parser.add_argument("--output", required=True, help="where to write the aligned image")
+    parser.add_argument("--output", default=None, help="where to write the aligned image (with --image)")
+    parser.add_argument(
+        "--reference-dir", default=None, help="the references, each with the relative path of its image in --image-dir"
+    )
+    parser.add_argument("--image-column", default=None, help="--dataset's column of moving images")
+    parser.add_argument("--reference-column", default=None, help="--dataset's column of references")
+    parser.add_argument(
+        "--mask-column", default=None, help="--dataset's column of ignore masks (white = reference pixels not to use)"
+    )
+    parser.add_argument("--split", default=None, help=f"--dataset's split (default: {data.DEFAULT_SPLIT})")
+    parser.add_argument("--dataset-config", default=None, help="--dataset's configuration name, where it has several")
+    parser.add_argument(
+        "--output-dir", default=None,
+        help="many pairs: the folder for the aligned images, results.jsonl (one record per pair) and summary.json",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=_integer_at_least(1), default=None,
+        help=f"many pairs: pairs read and encoded at once (default: {batch_align.DEFAULT_BATCH_SIZE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-existing", action="store_true",
+        help="many pairs: resume an interrupted run in --output-dir; pairs already recorded are not aligned again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="many pairs: stop at the first pair that fails instead of recording its error and going on",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write θ and its pixel matrix as JSON here")
     parser.add_argument("--decoded", action="store_true", help="write the VAE-decoded image instead of the pixel warp")
     parser.add_argument("--min-displacement", type=float, default=0.0, help="pixels; below it the image is not warped")
@@ -464,7 +579,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     device = check_device(args.device)
     methods = parse_methods(args.methods)
     files.check_outputs({"--json": args.json, "--markdown": args.markdown})
-    sources, paths = data.load_photo_folder(args.data)
+    sources, names, _ = data.load_photos(
+        args.data, args.dataset_name, args.image_column, args.dataset_config_name, args.dataset_split
+    )
 
     # 2. Evaluate: one report per warp, on the same photos and pipelines
     uses_stn = any(m in STN_METHODS for m in methods)
@@ -472,7 +589,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     reports = []
     for warp in args.warp:
         report = evaluate(
-            pipelines, sources, names=[path.name for path in paths], num_pairs=args.num_pairs,
+            pipelines, sources, names=names, num_pairs=args.num_pairs,
             resolution=args.resolution, seed=args.seed, warp=warp, photometric=args.photometric,
             methods=methods, kornia_budget=args.kornia_budget, local_change=args.local_change,
         )  # fmt: skip
@@ -517,7 +634,25 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
         "--pipeline", action="append", default=None, metavar="[NAME=]DIR",
         help="saved STNAlignmentPipeline folder, repeatable as NAME=DIR (default: the embedded one)",
     )  # fmt: skip
-    parser.add_argument("--data", required=True, help="folder of photos the pipelines never trained on")
+    photos = parser.add_mutually_exclusive_group(required=True)
+    photos.add_argument("--data", default=None, help="folder of photos the pipelines never trained on")
+    # diffusers' flag names, and the spelling of this command line's other flags
+    photos.add_argument(
+        "--dataset_name", "--dataset-name", default=None, metavar="NAME_OR_PATH",
+        help="or a Hugging Face dataset of such photos: a save_to_disk folder, an imagefolder folder or a Hub id",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dataset_config_name", "--dataset-config-name", default=None,
+        help="the dataset's configuration name, where it has several",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image_column", "--image-column", default=data.DEFAULT_IMAGE_COLUMN,
+        help="the dataset's column of photos (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dataset_split", "--dataset-split", default=data.DEFAULT_SPLIT,
+        help="the dataset's split (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--num-pairs",
         type=_integer_at_least(1),
@@ -612,7 +747,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers, common)
     _add_analyze(subparsers, common)
     _add_evaluate(subparsers, common)
+    _add_app(subparsers, common)
     return parser
+
+
+def _add_app(subparsers, common: argparse.ArgumentParser) -> None:
+    # The app's flags and runner live in stn_diffusers.app; importing it does not import gradio.
+    from .app import add_app_arguments, run_app
+
+    parser = subparsers.add_parser(
+        "app", parents=[common], help="serve a web demo: upload two images, see and download the alignment"
+    )
+    add_app_arguments(parser)
+    parser.set_defaults(func=run_app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,11 @@ moving image ``M`` shows the same scene moved by a random affine ``A`` about the
 sampled from the *whole* photo, so ``M`` has real content where a crop-and-warp would have
 padding. The ground-truth θ that aligns ``M`` onto ``R`` is ``A`` (see ``geometry``):
 ``warp(M, theta) ≈ R`` wherever the photo covers both.
+
+Photos come from a folder (:func:`load_photo_folder`) or from an image column of a Hugging Face
+dataset (:func:`load_photo_dataset`: a folder written by ``save_to_disk``, an ``imagefolder``
+folder, or a Hub id), and :func:`load_photos` takes either, for fine-tuning and evaluation alike.
+The ``datasets`` library is imported only when a dataset is read (``pip install "stn-diffusers[datasets]"``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .images import load_image, to_rgb_tensor
+from .images import load_image, open_image, to_pil_rgb, to_rgb_tensor, upright
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,168 @@ def bundled_photos() -> tuple[list[torch.Tensor], list[str]]:
     """The photos bundled with the package (:data:`SYNTHETIC_PHOTOS`) as ``(3, H, W)`` tensors, and names."""
     images, paths = load_images([ASSETS / name for name in SYNTHETIC_PHOTOS], strict=True)
     return [to_rgb_tensor(image) for image in images], [path.name for path in paths]
+
+
+# ------------------------------------------------------------------------- Hugging Face datasets
+DATASETS_INSTALL_HINT = 'pip install "stn-diffusers[datasets]"'
+DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_SPLIT = "train"
+# What `save_to_disk` leaves in its folder: one split (a Dataset), or a dictionary of splits.
+SAVED_DATASET_FILE = "state.json"
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"
+
+
+def import_datasets():
+    """The ``datasets`` library, or an ``ImportError`` that names the extra to install."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"reading a Hugging Face dataset needs the `datasets` library, which is not installed; install it "
+            f"with `{DATASETS_INSTALL_HINT}`"
+        ) from error
+    return datasets
+
+
+def load_dataset_split(name_or_path: str | os.PathLike, config: str | None = None, split: str = DEFAULT_SPLIT):
+    """One split of a Hugging Face dataset, as a ``datasets.Dataset``.
+
+    ``name_or_path`` is a folder written by ``save_to_disk`` (a dictionary of splits, or one split:
+    then ``split`` is not looked at), any other local folder (``load_dataset`` reads it: an
+    ``imagefolder`` of images, parquet or CSV files), or a Hub id (downloaded, or read from the cache
+    when offline). ``config`` is the dataset's configuration name, where it has several.
+
+    Raises ``ValueError`` naming the dataset and the split when it cannot be read (an unknown split
+    lists the ones there are).
+    """
+    datasets = import_datasets()
+    path = Path(name_or_path)
+    try:
+        if (path / SAVED_DATASET_DICT_FILE).is_file():
+            splits = datasets.load_from_disk(str(path))
+            if split not in splits:
+                raise ValueError(f"expected a split in {sorted(splits)}, got {split!r}")
+            return splits[split]
+        if (path / SAVED_DATASET_FILE).is_file():
+            return datasets.load_from_disk(str(path))
+        if path.exists() and not path.is_dir():
+            raise ValueError("expected a dataset folder or a Hub id, got a file")
+        return datasets.load_dataset(str(name_or_path), config, split=split)
+    except (ValueError, OSError) as error:  # a missing Hub id or no network is an OSError
+        raise ValueError(f"could not read split {split!r} of the dataset {str(name_or_path)!r}: {error}") from error
+
+
+def undecoded_image_columns(dataset, columns: list[str]):
+    """``dataset`` with each of ``columns`` checked to hold images and left undecoded.
+
+    Decoding is left to :func:`decode_dataset_image`, one cell at a time, so that a corrupt cell
+    fails alone and reading a row does not decode the columns not asked for. A column holds images
+    when its feature is ``datasets.Image`` (cells ``{"bytes", "path"}`` once undecoded) or strings
+    (file paths). Raises ``ValueError`` naming the dataset's columns when one is missing.
+    """
+    datasets = import_datasets()
+    for column in columns:
+        if column not in dataset.column_names:
+            known = ", ".join(dataset.column_names)
+            raise ValueError(f"expected a column {column!r} in the dataset (its columns: {known}), found none")
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        elif not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(
+                f"expected the column {column!r} to hold images (datasets.Image or file paths), got {feature}"
+            )
+    return dataset
+
+
+def decode_dataset_image(cell, where: str) -> PIL.Image.Image:
+    """One undecoded cell of an image column (:func:`undecoded_image_columns`) → an upright PIL image,
+    its mode kept (as :func:`stn_diffusers.images.open_image` reads a file). ``where`` names the cell in
+    the ``ValueError`` raised for an empty or unreadable one."""
+    if isinstance(cell, str):
+        return open_image(cell, where)
+    encoded = cell.get("bytes") if isinstance(cell, dict) else None
+    if encoded is None:
+        path = cell.get("path") if isinstance(cell, dict) else None
+        if not path:
+            raise ValueError(f"expected an image in {where}, got an empty cell")
+        return open_image(path, where)
+    try:
+        with PIL.Image.open(io.BytesIO(encoded)) as image:
+            image.load()
+            return upright(image)
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"expected a readable image in {where}: {error}") from error
+
+
+def dataset_cell_names(dataset, column: str) -> list[str]:
+    """A name per row of an undecoded image column: its file's name where the cell keeps a path,
+    else ``column[row]``. Reads the paths alone, never the images."""
+    feature = dataset.features[column]
+    if isinstance(feature, import_datasets().Image):
+        paths = dataset.select_columns([column]).flatten()[f"{column}.path"]
+    else:
+        paths = dataset[column]
+    return [Path(path).name if path else f"{column}[{row}]" for row, path in enumerate(paths)]
+
+
+def load_photo_dataset(
+    name_or_path: str | os.PathLike,
+    image_column: str = DEFAULT_IMAGE_COLUMN,
+    config: str | None = None,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Every readable image of ``image_column`` in one split of a dataset (see :func:`load_dataset_split`)
+    as upright ``(3, H, W)`` tensors in ``[0, 1]``, and a name per image (:func:`dataset_cell_names`):
+    the dataset counterpart of :func:`load_photo_folder`.
+
+    Unreadable cells are skipped with one warning (``strict=True``: the first one raises); a split
+    with no readable image raises ``ValueError``.
+    """
+    dataset = undecoded_image_columns(load_dataset_split(name_or_path, config, split), [image_column])
+    names = dataset_cell_names(dataset, image_column)
+    images, kept, bad = [], [], []
+    for row, cell in enumerate(dataset[image_column]):
+        where = f"row {row} ({names[row]}) of the column {image_column!r}"
+        try:
+            images.append(to_rgb_tensor(to_pil_rgb(decode_dataset_image(cell, where))))
+            kept.append(names[row])
+        except ValueError:
+            if strict:
+                raise
+            bad.append(names[row])
+    if bad:
+        logger.warning("Skipped %d unreadable image(s) of the column %r: %s", len(bad), image_column, ", ".join(bad))
+    if not images:
+        found = f"all {len(bad)} failed to load" if bad else "found none"
+        raise ValueError(
+            f"expected at least one readable image in the column {image_column!r} of split {split!r} of "
+            f"{str(name_or_path)!r}, {found}"
+        )
+    return images, kept
+
+
+def load_photos(
+    folder: str | os.PathLike | None = None,
+    dataset: str | os.PathLike | None = None,
+    image_column: str = DEFAULT_IMAGE_COLUMN,
+    dataset_config: str | None = None,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> tuple[list[torch.Tensor], list[str], list[Path | None]]:
+    """Photos from a ``folder`` (:func:`load_photo_folder`) or an image column of a ``dataset``
+    (:func:`load_photo_dataset`), exactly one of the two: ``(3, H, W)`` tensors in ``[0, 1]``, a name
+    each, and the file each was read from (``None`` for a dataset's rows)."""
+    if (folder is None) == (dataset is None):
+        raise ValueError(
+            f"expected a folder of photos or a dataset (one of them), got {'both' if folder is not None else 'neither'}"
+        )
+    if folder is not None:
+        images, paths = load_photo_folder(folder, strict=strict)
+        return images, [path.name for path in paths], list(paths)
+    images, names = load_photo_dataset(dataset, image_column, dataset_config, split, strict)
+    return images, names, [None] * len(images)
 
 
 def fit_shorter_side(image: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -239,13 +406,32 @@ def seeded_pairs(
 ) -> list[Pair]:
     """``num_pairs`` pairs cycling over ``sources`` ``(3, H, W)``; identical for the same arguments.
 
-    Each pair has its own generator seeded from ``(seed, index)``, so pair ``i`` does not depend on
-    how many pairs are drawn. ``photometric``: one of :data:`PHOTOMETRIC_MODES` (see :func:`photometric_jitter`).
-    ``local_change`` ``∈ [0, 1)``: the fraction of each moving image replaced by content of the next
-    source photo (:func:`paste_local_change`, marked in ``Pair.changed``); drawn from a generator of
-    its own, so the pairs are otherwise those drawn without it. With ``warp="none"`` these are
-    zero-motion pairs with a local change: the true answer is the identity.
+    Pair ``i`` is :func:`seeded_pair` ``(…, index=i)``: it has its own generator seeded from
+    ``(seed, index)``, so it does not depend on how many pairs are drawn. ``photometric``: one of
+    :data:`PHOTOMETRIC_MODES` (see :func:`photometric_jitter`). ``local_change`` ``∈ [0, 1)``: the
+    fraction of each moving image replaced by content of the next source photo
+    (:func:`paste_local_change`, marked in ``Pair.changed``); drawn from a generator of its own, so the
+    pairs are otherwise those drawn without it. With ``warp="none"`` these are zero-motion pairs with a
+    local change: the true answer is the identity.
     """
+    return [
+        seeded_pair(sources, index, resolution, warp, seed, photometric, names, local_change)
+        for index in range(num_pairs)
+    ]
+
+
+def seeded_pair(
+    sources: list[torch.Tensor],
+    index: int,
+    resolution: int = 512,
+    warp: str | geometry.WarpRange = "standard",
+    seed: int = 0,
+    photometric: str = "none",
+    names: list[str] | None = None,
+    local_change: float = 0.0,
+) -> Pair:
+    """Pair ``index`` of :func:`seeded_pairs` with the same arguments, made alone (a benchmark writing
+    thousands of pairs holds one at a time)."""
     if photometric not in PHOTOMETRIC_MODES:
         raise ValueError(f"expected photometric in {PHOTOMETRIC_MODES}, got {photometric!r}")
     if not 0.0 <= local_change < 1.0:
@@ -253,25 +439,22 @@ def seeded_pairs(
     if not sources:
         raise ValueError("expected at least one source image, got none")
     warp_range = geometry.get_warp_range(warp)
-    pairs = []
-    for index in range(num_pairs):
-        generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
-        source_index = index % len(sources)
-        source = fit_shorter_side(sources[source_index], resolution, 2 * resolution)
-        theta = geometry.random_theta(1, warp_range, resolution, resolution, generator)
-        reference, moving = make_pair(source, resolution, theta, generator)
-        if photometric == "realistic":
-            moving = photometric_jitter(moving, generator)
-        changed = None
-        if local_change > 0:
-            change_generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index + LOCAL_CHANGE_SEED_OFFSET)
-            donor = sources[(source_index + 1) % len(sources)]
-            if len(sources) == 1:
-                donor = donor.flip(-2)  # one photo only: its upside-down view is other content
-            moving, changed = paste_local_change(moving, donor, local_change, change_generator)
-        name = names[source_index] if names is not None else f"image{source_index}"
-        pairs.append(Pair(reference=reference, moving=moving, theta=theta[0], name=name, changed=changed))
-    return pairs
+    generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
+    source_index = index % len(sources)
+    source = fit_shorter_side(sources[source_index], resolution, 2 * resolution)
+    theta = geometry.random_theta(1, warp_range, resolution, resolution, generator)
+    reference, moving = make_pair(source, resolution, theta, generator)
+    if photometric == "realistic":
+        moving = photometric_jitter(moving, generator)
+    changed = None
+    if local_change > 0:
+        change_generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index + LOCAL_CHANGE_SEED_OFFSET)
+        donor = sources[(source_index + 1) % len(sources)]
+        if len(sources) == 1:
+            donor = donor.flip(-2)  # one photo only: its upside-down view is other content
+        moving, changed = paste_local_change(moving, donor, local_change, change_generator)
+    name = names[source_index] if names is not None else f"image{source_index}"
+    return Pair(reference=reference, moving=moving, theta=theta[0], name=name, changed=changed)
 
 
 # ------------------------------------------------------------------------------- latent pair pools
@@ -370,14 +553,20 @@ def render_views(
     return torch.stack(rendered)
 
 
-def cache_key(path: str | os.PathLike, settings: PoolSettings, encoder_id: str) -> str:
-    """A file name for the encoded views of ``path``: changes with the file (path, size, mtime),
-    the pool settings and the encoder (e.g. a VAE fingerprint)."""
+def cache_key(photo: str | os.PathLike | torch.Tensor, settings: PoolSettings, encoder_id: str) -> str:
+    """A file name for the encoded views of ``photo``: changes with the photo, the pool settings and
+    the encoder (e.g. a VAE fingerprint). A photo file is known by its path, size and mtime (no need
+    to read it); a photo with no file of its own (a dataset's row, ``(3, H, W)``) by a digest of its pixels."""
     import hashlib
     import json
 
-    stat = Path(path).stat()
-    identity = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, settings.to_json(), encoder_id]
+    if isinstance(photo, torch.Tensor):
+        pixels = hashlib.sha256(photo.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        source = ["pixels", list(photo.shape), str(photo.dtype), pixels]
+    else:
+        stat = Path(photo).stat()
+        source = [str(Path(photo).resolve()), stat.st_size, stat.st_mtime_ns]
+    identity = [*source, settings.to_json(), encoder_id]
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24] + ".pt"
 
 

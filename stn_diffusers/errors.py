@@ -15,8 +15,9 @@ import sys
 import traceback
 from collections.abc import Callable
 
-# The exceptions that mean "the input was wrong" (OSError covers missing files and permissions).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
+# The exceptions that mean "the input was wrong" (OSError covers missing files and permissions;
+# ImportError an optional extra that is not installed, and its message names it).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError)
 USER_ERROR_EXIT_CODE = 2
 
 

@@ -293,7 +293,9 @@ def estimate_stn(pipe, reference: torch.Tensor, moving: torch.Tensor) -> StnEsti
     latents = pipe.encode_images([moving, reference], height, width)  # (2, C, h, w): moving, reference
     encode_seconds = metrics.seconds_since(start, latents)
     start = time.perf_counter()
-    theta = pipe.predict_theta(latents[:1], latents[1:]).cpu()
+    # As the pipeline's call does: the moving image's zero padding is not matched as content.
+    moving_weights = pipe.content_weights([moving], tuple(latents.shape[-2:]))
+    theta = pipe.predict_theta(latents[:1], latents[1:], moving_weights=moving_weights).cpu()
     return StnEstimate(theta, latents, metrics.seconds_since(start), encode_seconds)
 
 

@@ -9,6 +9,11 @@ Turns a folder of photos into a saved :class:`~stn_diffusers.STNAlignmentPipelin
 
 ``python -m stn_diffusers.finetune ...`` runs the same on one process, and
 ``torchrun --nproc_per_node 2 -m stn_diffusers.finetune ...`` on several (CPU workers use gloo).
+The photos may come from an image column of a Hugging Face dataset instead of a folder (a folder
+written by ``save_to_disk``, an ``imagefolder`` folder or a Hub id; ``pip install "stn-diffusers[datasets]"``)::
+
+    accelerate launch -m stn_diffusers.finetune --pretrained_vae_name_or_path stabilityai/sd-vae-ft-mse \
+        --dataset_name my-photos --image_column image --validation_split test --output_dir my-aligner
 
 The VAE is frozen, so every photo is encoded once: a pool of views per photo (the reference crop
 and ``--pairs_per_image`` pixel-warped views, or only the crop with ``--warp_space latent``) is cached
@@ -76,8 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(with --warp_preset projective).")
     add("--pretrained_stn", default=None, help="Start from these STN weights (a saved stn folder or pipeline folder).")
     # Data
-    add("--train_data_dir", required=True, help="Folder of training images (searched recursively).")
+    add("--train_data_dir", default=None, help="Folder of training images (searched recursively); or --dataset_name.")
+    add("--dataset_name", default=None,
+        help="Hugging Face dataset of training images instead of --train_data_dir: a save_to_disk folder, "
+        "an imagefolder folder or a Hub id.")
+    add("--dataset_config_name", default=None, help="The dataset's configuration name, where it has several.")
+    add("--image_column", default=data.DEFAULT_IMAGE_COLUMN, help="The dataset's column of images.")
+    add("--dataset_split", default=data.DEFAULT_SPLIT, help="The dataset's split to train on.")
     add("--validation_data_dir", default=None, help="Folder of held-out images; default: training images, other seeds.")
+    add("--validation_split", default=None,
+        help="A split of --dataset_name held out for validation (e.g. `test`), instead of --validation_data_dir.")
     add("--resolution", type=int, default=512, help="Side of the square training crops in pixels.")
     add("--strict", action="store_true", help="Fail on an unreadable image instead of skipping it with a warning.")
     add("--warp_space", choices=data.WARP_SPACES, default="pixel",
@@ -145,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        given = "both" if args.dataset_name is not None else "neither"
+        raise ValueError(f"expected --train_data_dir or --dataset_name (one of them), got {given}")
+    if args.validation_split is not None and (args.dataset_name is None or args.validation_data_dir is not None):
+        raise ValueError("expected --validation_split with --dataset_name and without --validation_data_dir")
     positive = (
         "resolution", "train_batch_size", "gradient_accumulation_steps", "pairs_per_image", "checkpointing_steps",
         "validation_steps", "logging_steps",
@@ -273,13 +291,38 @@ def build_stn(args: argparse.Namespace, vae) -> SpatialTransformer:
 
 
 # ------------------------------------------------------------------------------------------- data
-def load_photos(flag: str, folder: str, strict: bool) -> tuple[list[torch.Tensor], list[Path]]:
-    """:func:`data.load_photo_folder`, with the flag that named the folder in a ``ValueError``
-    (e.g. every file unreadable), so the user knows which of the two folders to fix."""
+def load_photos(
+    args: argparse.Namespace, validation: bool = False
+) -> tuple[list[torch.Tensor], list[str], list] | None:
+    """The training photos (``validation=True``: the held-out ones, ``None`` when none are named)
+    through :func:`data.load_photos`: ``(3, H, W)`` tensors, a name each, and what the latent cache
+    knows each by (:func:`data.cache_key`: its file, or for a dataset's row its pixels). A
+    ``ValueError`` (e.g. every file unreadable) names the flag, so the user knows which source to fix."""
+    folder, split = args.train_data_dir, args.dataset_split
+    flag = "--train_data_dir" if folder is not None else "--dataset_name"
+    if validation:
+        if args.validation_data_dir is None and args.validation_split is None:
+            return None
+        folder, split = args.validation_data_dir, args.validation_split
+        flag = "--validation_data_dir" if folder is not None else "--validation_split"
+    dataset = args.dataset_name if folder is None else None
     try:
-        return data.load_photo_folder(folder, strict=strict)
+        images, names, files = data.load_photos(
+            folder, dataset, args.image_column, args.dataset_config_name, split, strict=args.strict
+        )
     except ValueError as error:
         raise ValueError(f"{flag}: {error}") from error
+    return images, names, [image if file is None else file for image, file in zip(images, files)]
+
+
+def photo_source(args: argparse.Namespace, validation: bool = False) -> str:
+    """Where the training (or held-out) photos come from, for the model card."""
+    if validation and args.validation_data_dir is not None:
+        return f"`{args.validation_data_dir}`"
+    if args.dataset_name is None:
+        return f"`{args.train_data_dir}`"
+    split = args.validation_split if validation and args.validation_split is not None else args.dataset_split
+    return f"split `{split}` of the dataset `{args.dataset_name}` (column `{args.image_column}`)"
 
 
 class _ViewDataset(torch.utils.data.Dataset):
@@ -307,8 +350,9 @@ def _encoder(pipe: STNAlignmentPipeline, resolution: int):
     return encode
 
 
-def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> data.LatentPairPool:
-    """The pool every batch is drawn from: cached encodings, or encode-on-demand without cache."""
+def build_training_pool(args, pipe, sources, cache_sources, settings, accelerator) -> data.LatentPairPool:
+    """The pool every batch is drawn from: cached encodings (each photo keyed by its entry of
+    ``cache_sources``, see :func:`load_photos`), or encode-on-demand without cache."""
     encode = _encoder(pipe, args.resolution)
     thetas = [data.view_thetas(settings, i) for i in range(len(sources))]
     if not args.cache_latents:
@@ -319,7 +363,7 @@ def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> da
         return data.LatentPairPool(settings, thetas, encode_view=encode_view)
 
     encoder_id = json.dumps([vae_fingerprint(pipe.vae), str(pipe.vae.dtype)])
-    keys = [data.cache_key(path, settings, encoder_id) for path in paths]
+    keys = [data.cache_key(source, settings, encoder_id) for source in cache_sources]
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.output_dir) / CACHE_DIR
     shard = (accelerator.process_index, accelerator.num_processes)
     mine = [i for i in range(shard[0], len(keys), shard[1]) if not (cache_dir / keys[i]).exists()]
@@ -347,11 +391,10 @@ def build_training_pool(args, pipe, sources, paths, settings, accelerator) -> da
     return pool
 
 
-def validation_set(args, pipe, sources: list[torch.Tensor], paths: list[Path]) -> dict:
+def validation_set(args, pipe, sources: list[torch.Tensor], names: list[str]) -> dict:
     """Fixed, seeded held-out pairs of ``sources``, encoded once: ``{"moving", "reference", "theta"}``."""
     pairs = data.seeded_pairs(
-        sources, args.num_validation_pairs, args.resolution, warp="standard", seed=args.validation_seed,
-        names=[p.name for p in paths],
+        sources, args.num_validation_pairs, args.resolution, warp="standard", seed=args.validation_seed, names=names
     )
     encode = _encoder(pipe, args.resolution)
     return {
@@ -424,7 +467,7 @@ def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict)
         "## Validation",
         "",
         f"Corner error in pixels at {args.resolution}×{args.resolution} on {summary.get('num_validation_pairs')} "
-        f"seeded pairs (`standard` warp) from `{args.validation_data_dir or args.train_data_dir}`:",
+        f"seeded pairs (`standard` warp) from {photo_source(args, validation=True)}:",
         "",
     ]
     rows = [
@@ -437,8 +480,8 @@ def model_card(args: argparse.Namespace, stn: SpatialTransformer, summary: dict)
         "",
         "## Training",
         "",
-        f"{summary.get('num_train_images')} training photos, {summary.get('global_step')} steps, "
-        f"{summary.get('train_seconds', 0):.0f} s of training. Settings:",
+        f"{summary.get('num_train_images')} training photos from {photo_source(args)}, "
+        f"{summary.get('global_step')} steps, {summary.get('train_seconds', 0):.0f} s of training. Settings:",
         "",
         "```json",
         json.dumps(settings, indent=2, default=str),
@@ -481,10 +524,9 @@ def main(args: argparse.Namespace) -> Path:
         logger.info(f"No checkpoint to resume from in {checkpoints_dir}; starting a new run.")
     vae = load_vae(args.pretrained_vae_name_or_path, args.vae_subfolder, args.revision)
     stn = build_stn(args, vae)
-    sources, paths = load_photos("--train_data_dir", args.train_data_dir, args.strict)
-    held_out = (sources, paths)  # without a held-out folder, other crops and warps of the training photos
-    if args.validation_data_dir is not None:
-        held_out = load_photos("--validation_data_dir", args.validation_data_dir, args.strict)
+    sources, names, cache_sources = load_photos(args)
+    # Without held-out photos, other crops and warps of the training photos.
+    held_out = (load_photos(args, validation=True) or (sources, names))[:2]
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -502,7 +544,7 @@ def main(args: argparse.Namespace) -> Path:
         pairs_per_image=args.pairs_per_image, photometric=args.photometric, seed=args.seed,
     )
     cache_started = time.perf_counter()
-    pool = build_training_pool(args, pipe, sources, paths, settings, accelerator)
+    pool = build_training_pool(args, pipe, sources, cache_sources, settings, accelerator)
     cache_seconds = time.perf_counter() - cache_started
     validation = validation_set(args, pipe, *held_out) if accelerator.is_main_process else None
     identity_errors = None
