@@ -13,11 +13,20 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_PIPELINE_DIR = Path(__file__).resolve().parent / "weights" / "default"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_PIPELINE_DIR = WEIGHTS_DIR / "default"
+# The embedded pipelines by name. "fast" (the default) encodes a 512×512 photo in about 26 ms on one
+# CPU thread with an AutoencoderTiny; "accurate" keeps the slower AutoencoderKL (about 0.9 s), whose
+# latents warp more like the pixels, so its STN alone is more accurate (benchmarks/RESULTS.md).
+EMBEDDED_PIPELINES = {"fast": DEFAULT_PIPELINE_DIR, "accurate": WEIGHTS_DIR / "accurate"}
 
 
-def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32):
+def load_default(
+    device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32, variant: str = "fast"
+):
     """The embedded ``STNAlignmentPipeline``, ready on ``device`` in ``torch_dtype``.
+
+    ``variant``: ``"fast"`` (the default) or ``"accurate"`` (see :data:`EMBEDDED_PIPELINES`).
 
     >>> from stn_diffusers import load_default
     >>> pipe = load_default()
@@ -25,9 +34,12 @@ def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = 
     """
     from .pipelines import STNAlignmentPipeline
 
-    if not (DEFAULT_PIPELINE_DIR / "model_index.json").is_file():
+    if variant not in EMBEDDED_PIPELINES:
+        raise ValueError(f"expected variant in {tuple(EMBEDDED_PIPELINES)}, got {variant!r}")
+    folder = EMBEDDED_PIPELINES[variant]
+    if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"expected the embedded default pipeline at {str(DEFAULT_PIPELINE_DIR)!r}, found none; "
+            f"expected the embedded {variant!r} pipeline at {str(folder)!r}, found none; "
             "reinstall stn-diffusers or re-create it with `python scripts/train_default.py`"
         )
     # Safetensors only: a pickled ``.bin`` dropped into the installed package is never unpickled.
@@ -35,7 +47,7 @@ def load_default(device: str | torch.device = "cpu", torch_dtype: torch.dtype = 
     # has renamed the keyword (`torch_dtype` to `dtype`), and older releases know only the old name.
     dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
     with _quiet_loading():
-        pipe = STNAlignmentPipeline.from_pretrained(DEFAULT_PIPELINE_DIR, use_safetensors=True, **dtype)
+        pipe = STNAlignmentPipeline.from_pretrained(folder, use_safetensors=True, **dtype)
     return pipe.to(device)
 
 

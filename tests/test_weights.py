@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import stn_diffusers
 from stn_diffusers import STN_PRESETS, SpatialTransformer, load_default
-from stn_diffusers.default import DEFAULT_PIPELINE_DIR
+from stn_diffusers.default import DEFAULT_PIPELINE_DIR, EMBEDDED_PIPELINES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STN_WEIGHTS = DEFAULT_PIPELINE_DIR / "stn" / "diffusion_pytorch_model.safetensors"
@@ -115,9 +115,26 @@ class TestEmbeddedDefault:
         weights = folder / "stn" / "diffusion_pytorch_model.safetensors"
         torch.save(load_file(weights), weights.with_suffix(".bin"))  # a pickle where the safetensors was
         weights.unlink()
-        monkeypatch.setattr(stn_diffusers.default, "DEFAULT_PIPELINE_DIR", folder)
+        monkeypatch.setitem(stn_diffusers.default.EMBEDDED_PIPELINES, "fast", folder)
         with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
             load_default()
+
+    def test_both_embedded_pipelines_load_with_their_own_vae(self):
+        from diffusers import AutoencoderKL, AutoencoderTiny
+
+        from stn_diffusers.pipelines.pipeline_stn_alignment import vae_fingerprint
+
+        fast, accurate = load_default(), load_default(variant="accurate")
+        assert isinstance(fast.vae, AutoencoderTiny) and isinstance(accurate.vae, AutoencoderKL)
+        for pipe in (fast, accurate):
+            assert pipe.stn.config.architecture == "search_refine"
+            assert pipe.stn.config.vae_fingerprint == vae_fingerprint(pipe.vae)
+        encoder_size = lambda pipe: sum(p.numel() for p in pipe.vae.encoder.parameters())  # noqa: E731
+        assert encoder_size(fast) * 10 < encoder_size(accurate)  # what makes the default fast
+
+    def test_an_unknown_variant_names_the_known_ones(self):
+        with pytest.raises(ValueError, match=r"expected variant in \('fast', 'accurate'\), got 'tiny'"):
+            load_default(variant="tiny")
 
     def test_loads_without_a_word_on_stderr_or_a_warning(self, capfd, recwarn):
         from diffusers.utils import logging as diffusers_logging
@@ -136,9 +153,10 @@ class TestEmbeddedDefault:
         patterns = re.split(r"[,\s]+", config["options.package_data"]["stn_diffusers"].strip())
         package = REPO_ROOT / "stn_diffusers"
         shipped = {path for pattern in patterns for path in package.glob(pattern)}
-        weights = {path for path in DEFAULT_PIPELINE_DIR.rglob("*") if path.is_file()}
-        assert DEFAULT_PIPELINE_DIR == package / "weights" / "default"
-        assert weights and weights <= shipped
+        for folder in EMBEDDED_PIPELINES.values():
+            weights = {path for path in folder.rglob("*") if path.is_file()}
+            assert folder.parent == package / "weights"
+            assert weights and weights <= shipped
 
 
 class TestSavedWeights:
