@@ -353,7 +353,7 @@ def build_app(pipeline, refine: str | None = None):
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stn-diffusers app`` flags."""
     parser.add_argument(
-        "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
+        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
     )
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to serve on (default: %(default)s, this machine only)"

@@ -96,15 +96,18 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
 
 
 def load_pipeline(name_or_path: str | None, device: str | torch.device = "cpu"):
-    """An ``STNAlignmentPipeline`` from a folder or hub id; the embedded default when ``None``.
+    """An ``STNAlignmentPipeline`` from a folder or hub id; the embedded default when ``None``, and
+    an embedded pipeline by its name (``fast``, ``accurate``) unless a folder of that name exists.
 
     A local folder is checked first (:func:`check_pipeline_folder`) and only safetensors weights are read.
     """
-    from .default import load_default
+    from .default import EMBEDDED_PIPELINES, load_default
     from .pipelines import STNAlignmentPipeline
 
     if name_or_path is None:
         return load_default(device)
+    if name_or_path in EMBEDDED_PIPELINES and not os.path.exists(name_or_path):
+        return load_default(device, variant=name_or_path)
     if not _is_hub_id(name_or_path):
         check_pipeline_folder(name_or_path)
     return STNAlignmentPipeline.from_pretrained(name_or_path, use_safetensors=True).to(device)
@@ -288,7 +291,7 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
         "align", parents=[common], help="align an image onto a reference, or many pairs, and write them"
     )
     parser.add_argument(
-        "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
+        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
     )
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", default=None, help="the moving image (one pair; with --output)")
@@ -411,7 +414,7 @@ def _add_realign(subparsers, common: argparse.ArgumentParser) -> None:
         "realign", parents=[common], help="warp an image-editing model's output back onto its input"
     )
     parser.add_argument(
-        "--pipeline", default=None, help="saved STNAlignmentPipeline folder or hub id (default: the embedded one)"
+        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
     )
     parser.add_argument("--edited", required=True, help="the edit model's output")
     parser.add_argument("--original", required=True, help="the image the edit was made from")
@@ -495,7 +498,7 @@ def _add_demo(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", default="stn-diffusers-demo", help="folder for the results")
     parser.add_argument(
-        "--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)"
+        "--pipeline", default=None, help="saved pipeline folder, or an embedded one: fast (default), accurate"
     )
     parser.set_defaults(func=run_demo)
 
@@ -528,7 +531,7 @@ def _add_analyze(subparsers, common: argparse.ArgumentParser) -> None:
         "analyze", parents=[common], help="layer shapes, identity check, gradient flow, θ statistics, figures"
     )
     parser.add_argument(
-        "--pipeline", default=None, help="saved STNAlignmentPipeline folder (default: the embedded one)"
+        "--pipeline", default=None, help="saved pipeline folder, or an embedded one: fast (default), accurate"
     )
     parser.add_argument(
         "--data", default=None, help="folder of photos to cut seeded pairs from (default: the bundled photos)"

@@ -191,3 +191,15 @@ class TestSavedWeights:
         model.load_state_dict(state, assign=True)  # replaces the parameter objects
         assert model.localizer.log_match_scale is model.log_match_scale
         torch.testing.assert_close(model.head_parameters()[1], state["log_match_scale"], rtol=0, atol=0)
+
+
+def test_cli_loads_an_embedded_pipeline_by_name_unless_a_folder_has_that_name(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from stn_diffusers.cli import load_pipeline
+
+    assert isinstance(load_pipeline("accurate").vae, AutoencoderKL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "accurate").mkdir()  # a folder of that name is what the user means
+    with pytest.raises(FileNotFoundError, match="got 'accurate', which has no model_index.json"):
+        load_pipeline("accurate")
