@@ -418,6 +418,11 @@ def validation_corner_error(pipe: STNAlignmentPipeline, pairs: dict, resolution:
 
 
 # ---------------------------------------------------------------------------------------- outputs
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether every gradient of ``model`` is finite (after the processes' gradients were summed)."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -602,6 +607,7 @@ def main(args: argparse.Namespace) -> Path:
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     running: dict[str, list[float]] = {}
+    skipped_updates = 0
     started = time.perf_counter()
     model.train()  # a loaded model comes in eval mode; designs may train differently from how they infer
     while global_step < max_train_steps:
@@ -619,7 +625,15 @@ def main(args: argparse.Namespace) -> Path:
                     args.theta_loss_weight, args.pixel_loss_weight, decode, args.corner_loss,
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                if accelerator.sync_gradients and not _gradients_finite(model):
+                    # A pair whose refinement diverged (a near-singular Gauss–Newton system) gives a
+                    # non-finite gradient that would poison every weight: that update is skipped
+                    # (parameters without a gradient are left alone by the optimiser).
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped_updates += 1
+                    if skipped_updates == 1:
+                        logger.warning(f"step {global_step}: non-finite gradient, update skipped")
+                elif accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()

@@ -528,3 +528,15 @@ def test_theta_loss_compares_a_homography_with_an_affine_truth():
     shifted[:, 0, 2] = 0.1
     _, parts = losses.training_loss(model, {**batch, "theta": shifted}, 128, corner_weight=0.0, theta_weight=1.0)
     assert parts["theta_loss"] == pytest.approx(0.1**2 / 9, rel=1e-4)  # one entry of nine is off by 0.1
+
+
+def test_a_non_finite_gradient_is_recognised_so_its_update_is_skipped():
+    from stn_diffusers.finetune import _gradients_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model(torch.ones(1, 2)).sum().backward()
+    assert _gradients_finite(model)
+    model[1].weight.grad[0, 0] = float("nan")
+    assert not _gradients_finite(model)
+    model[1].weight.grad = None  # parameters without a gradient do not count
+    assert _gradients_finite(model)
