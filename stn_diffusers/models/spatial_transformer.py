@@ -61,9 +61,7 @@ STN_PRESETS: dict[str, dict] = {
         "search_translation": 0.25,
         "search_candidates": 3,
         "refine_strides": (4, 2, 1),
-        # Up to 8 steps at the two finest levels (each stops once θ no longer moves): on the fast
-        # default's latents, 4 left some `standard` pairs in a slow approach 8–14 px off.
-        "refine_iterations": (4, 8, 8),
+        "refine_iterations": (4, 4, 4),
     },
     # The first registration design (a learned correlation cascade), kept for pipelines saved with it.
     "correlation": {
