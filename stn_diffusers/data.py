@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .images import load_image, open_image, to_pil_rgb, to_rgb_tensor, upright
+from .images import decode_image, load_image, open_image, to_pil_rgb, to_rgb_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,7 @@ def decode_dataset_image(cell, where: str) -> PIL.Image.Image:
         if not path:
             raise ValueError(f"expected an image in {where}, got an empty cell")
         return open_image(path, where)
-    try:
-        with PIL.Image.open(io.BytesIO(encoded)) as image:
-            image.load()
-            return upright(image)
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"expected a readable image in {where}: {error}") from error
+    return decode_image(io.BytesIO(encoded), f"image in {where}")
 
 
 def dataset_cell_names(dataset, column: str) -> list[str]:

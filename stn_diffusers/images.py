@@ -28,6 +28,7 @@ Sizes (shared by the pipelines' warnings):
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Union
@@ -55,12 +56,18 @@ def open_image(path: str | os.PathLike, what: str = "image") -> PIL.Image.Image:
     with an error that names the file when it is missing or unreadable (corrupt, truncated, not an image)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"expected the {what} file {os.fspath(path)!r}, found none")
+    return decode_image(path, f"{what} at {os.fspath(path)!r}")
+
+
+def decode_image(source: str | os.PathLike | io.BytesIO, what: str = "image") -> PIL.Image.Image:
+    """Decode an image file or an in-memory encoded image upright (see :func:`upright`), its mode kept;
+    ``ValueError`` ``expected a readable {what}: …`` when it is corrupt, truncated or not an image."""
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(source) as image:
             image.load()
             return upright(image)  # a new image, valid after the file is closed
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"expected a readable {what} at {os.fspath(path)!r}: {error}") from error
+        raise ValueError(f"expected a readable {what}: {error}") from error
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
