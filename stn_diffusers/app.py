@@ -352,9 +352,9 @@ def build_app(pipeline, refine: str | None = None):
 # ---------------------------------------------------------------------------------------- command
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stn-diffusers app`` flags."""
-    parser.add_argument(
-        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
-    )
+    from .cli import add_pipeline_argument  # the one --pipeline every verb reads through cli.load_pipeline
+
+    add_pipeline_argument(parser)
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="address to serve on (default: %(default)s, this machine only)"
     )

@@ -113,6 +113,13 @@ def load_pipeline(name_or_path: str | None, device: str | torch.device = "cpu"):
     return STNAlignmentPipeline.from_pretrained(name_or_path, use_safetensors=True).to(device)
 
 
+def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
+    """``--pipeline``, read by :func:`load_pipeline`: a folder, a hub id or an embedded pipeline's name."""
+    parser.add_argument(
+        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
+    )
+
+
 def _is_hub_id(name_or_path: str) -> bool:
     """``"owner/name"`` with no such local folder is a Hugging Face Hub id; anything else is a folder."""
     return not Path(name_or_path).exists() and name_or_path.count("/") == 1
@@ -290,9 +297,7 @@ def _add_align(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "align", parents=[common], help="align an image onto a reference, or many pairs, and write them"
     )
-    parser.add_argument(
-        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
-    )
+    add_pipeline_argument(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", default=None, help="the moving image (one pair; with --output)")
     inputs.add_argument(
@@ -413,9 +418,7 @@ def _add_realign(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "realign", parents=[common], help="warp an image-editing model's output back onto its input"
     )
-    parser.add_argument(
-        "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
-    )
+    add_pipeline_argument(parser)
     parser.add_argument("--edited", required=True, help="the edit model's output")
     parser.add_argument("--original", required=True, help="the image the edit was made from")
     parser.add_argument("--output", required=True, help="where to write the re-aligned image")
@@ -497,9 +500,7 @@ def _add_demo(subparsers, common: argparse.ArgumentParser) -> None:
         "demo", parents=[common], help="align bundled photo pairs and write a grid and a table"
     )
     parser.add_argument("--output", default="stn-diffusers-demo", help="folder for the results")
-    parser.add_argument(
-        "--pipeline", default=None, help="saved pipeline folder, or an embedded one: fast (default), accurate"
-    )
+    add_pipeline_argument(parser)
     parser.set_defaults(func=run_demo)
 
 
@@ -530,9 +531,7 @@ def _add_analyze(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "analyze", parents=[common], help="layer shapes, identity check, gradient flow, θ statistics, figures"
     )
-    parser.add_argument(
-        "--pipeline", default=None, help="saved pipeline folder, or an embedded one: fast (default), accurate"
-    )
+    add_pipeline_argument(parser)
     parser.add_argument(
         "--data", default=None, help="folder of photos to cut seeded pairs from (default: the bundled photos)"
     )
