@@ -258,12 +258,13 @@ def compare_with_identity(
     # The identity covers every cell of weight > 0 but the moving image's padding: the cells both costs use.
     used = covered["identity"]
     seen = used & covered["answer"]
-    squared = [residuals["answer"], residuals["identity"]]
-    answer = torch.where(seen, squared[0], squared[1])
+    answer = torch.where(seen, residuals["answer"], residuals["identity"])
     nan = torch.full_like(answer, float("nan"))
-    costs = [torch.where(used, cells, nan).nanmedian(dim=1).values for cells in (answer, squared[1])]
+    answer_cost, identity_cost = (
+        torch.where(used, cells, nan).nanmedian(dim=1).values for cells in (answer, residuals["identity"])
+    )
     share = (seen * linearised.weights).sum(dim=1) / linearised.weights.sum(dim=1).clamp_min(1e-12)
-    return costs[0], costs[1], share
+    return answer_cost, identity_cost, share
 
 
 def gauss_newton_step(
