@@ -199,9 +199,7 @@ def _check_inputs(reference, moving, theta) -> tuple[list[torch.Tensor], list[to
             f"got {tuple(theta.shape)}"
         )
     if len(references) not in (1, batch):
-        raise ValueError(
-            f"expected 1 reference (shared) or {batch} (one per moving image), got {len(references)}"
-        )
+        raise ValueError(f"expected 1 reference (shared) or {batch} (one per moving image), got {len(references)}")
     return references, movings, theta.detach().to("cpu", torch.float64)
 
 
@@ -250,21 +248,21 @@ def _erode(mask: torch.Tensor) -> torch.Tensor:
     return -F.max_pool2d(-mask, 3, stride=1, padding=1)
 
 
-def _shift(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``output(y, x) = image(y - dy, x - dx)`` ``(1, C, h, w)``, zero where that falls outside."""
+def _row_of_shifts(image: torch.Tensor, dy: int) -> torch.Tensor:
+    """The shifts ``(dy, dx)`` of ``(1, C, h, w)`` for every ``dx`` up to :data:`SEARCH_RADIUS`,
+    ``(span, C, h, w)``: entry ``dx`` is ``output(y, x) = image(y - dy, x - dx)``, zero where that falls
+    outside. A row at a time keeps each block statistic one batched pass over a tensor small enough
+    to stay in cache (all ``span²`` shifts at once are slower on the CPU than one at a time)."""
+    radius = SEARCH_RADIUS
     height, width = image.shape[-2:]
-    out = torch.zeros_like(image)
-    if abs(dy) >= height or abs(dx) >= width:
-        return out
-    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
-        ..., max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)
-    ]
-    return out
+    padded = F.pad(image, (radius, radius, radius, radius))
+    rows = padded[..., radius - dy : radius - dy + height, :]
+    return torch.cat([rows[..., radius - dx : radius - dx + width] for dx in range(-radius, radius + 1)])
 
 
 def _block_means(image: torch.Tensor) -> torch.Tensor:
-    """``(1, C, h, w)`` → ``(BLOCK_GRID, BLOCK_GRID)``: the mean over each block of the channel sum."""
-    return F.adaptive_avg_pool2d(image.sum(1, keepdim=True), BLOCK_GRID)[0, 0]
+    """``(N, C, h, w)`` → ``(N, BLOCK_GRID, BLOCK_GRID)``: the mean over each block of the channel sum."""
+    return F.adaptive_avg_pool2d(image.sum(1, keepdim=True), BLOCK_GRID)[:, 0]
 
 
 def _parabola_peak(before: torch.Tensor, peak: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -291,7 +289,7 @@ def _pair_evidence(
     kept = torch.ones_like(valid) if ignore is None else _kept_pixels(ignore, (height, width))
     reference_gradients = _gradients(_gray(reference, (height, width))) * kept  # (1, 2, h, w)
     scores = _block_scores(reference_gradients, _gradients(warped) * valid, valid, kept)  # (span, span, g, g)
-    counted = _block_means(valid * kept) >= MIN_BLOCK_COVERAGE  # (g, g)
+    counted = _block_means(valid * kept)[0] >= MIN_BLOCK_COVERAGE  # (g, g)
     if int(counted.sum()) < MIN_BLOCKS:
         return 0.0, NO_EVIDENCE_RESIDUAL, overlap
     correlation = float(scores[SEARCH_RADIUS, SEARCH_RADIUS][counted].median())
@@ -315,16 +313,14 @@ def _block_scores(
     both sides count (``valid`` warped pixels, ``kept`` reference pixels, ``(1, 1, h, w)``), at every
     whole-pixel shift of the warped side up to :data:`SEARCH_RADIUS`: ``(span, span, g, g)`` indexed
     ``(dy, dx, block row, block column)``, ``span = 2 · SEARCH_RADIUS + 1``."""
-    span = 2 * SEARCH_RADIUS + 1
     reference_energy = (reference_gradients**2).sum(1, keepdim=True)  # (1, 1, h, w)
     scores = []
     for dy in range(-SEARCH_RADIUS, SEARCH_RADIUS + 1):
-        for dx in range(-SEARCH_RADIUS, SEARCH_RADIUS + 1):
-            shifted = _shift(warped_gradients, dy, dx)
-            cross = _block_means(reference_gradients * shifted)
-            energy = _block_means(reference_energy * _shift(valid, dy, dx)) * _block_means(shifted**2 * kept)
-            scores.append(torch.where(energy > MIN_GRADIENT_ENERGY, cross / energy.clamp_min(1e-300).sqrt(), 0.0))
-    return torch.stack(scores).view(span, span, BLOCK_GRID, BLOCK_GRID)
+        shifted = _row_of_shifts(warped_gradients, dy)  # (span, 2, h, w), one per dx
+        cross = _block_means(reference_gradients * shifted)  # (span, g, g)
+        energy = _block_means(reference_energy * _row_of_shifts(valid, dy)) * _block_means(shifted**2 * kept)
+        scores.append(torch.where(energy > MIN_GRADIENT_ENERGY, cross / energy.clamp_min(1e-300).sqrt(), 0.0))
+    return torch.stack(scores)  # (span, span, g, g)
 
 
 def _residual(scores: torch.Tensor, counted: torch.Tensor, height: int, width: int) -> float:
@@ -342,11 +338,15 @@ def _residual(scores: torch.Tensor, counted: torch.Tensor, height: int, width: i
 
     inner_row = (row > 0) & (row < span - 1)
     inner_column = (column > 0) & (column < span - 1)
-    shift_y = row - SEARCH_RADIUS + torch.where(
-        inner_row, _parabola_peak(score_at(row - 1, column), best, score_at(row + 1, column)), 0.0
+    shift_y = (
+        row
+        - SEARCH_RADIUS
+        + torch.where(inner_row, _parabola_peak(score_at(row - 1, column), best, score_at(row + 1, column)), 0.0)
     )
-    shift_x = column - SEARCH_RADIUS + torch.where(
-        inner_column, _parabola_peak(score_at(row, column - 1), best, score_at(row, column + 1)), 0.0
+    shift_x = (
+        column
+        - SEARCH_RADIUS
+        + torch.where(inner_column, _parabola_peak(score_at(row, column - 1), best, score_at(row, column + 1)), 0.0)
     )
 
     centres_y = (rows.double() + 0.5) / BLOCK_GRID * 2 - 1  # normalised block centres

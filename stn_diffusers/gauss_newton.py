@@ -69,12 +69,11 @@ def motion_jacobian(height: int, width: int, transform: str, like: torch.Tensor)
 
 
 def params_to_matrix(params: torch.Tensor) -> torch.Tensor:
-    """``(B, 6)`` → affine θ ``(B, 2, 3)``; ``(B, 8)`` → homography ``(B, 3, 3)`` (identity plus ``params``)."""
+    """``(B, 6)`` or ``(B, 8)`` → the step's motion ``(B, 3, 3)``: the identity plus ``params`` row by row
+    (an affine step's last row stays ``[0, 0, 1]``)."""
     batch = params.shape[0]
-    if params.shape[1] == 6:
-        return torch.eye(2, 3, device=params.device, dtype=params.dtype) + params.view(batch, 2, 3)
-    full = torch.cat([params, params.new_zeros(batch, 1)], dim=1).view(batch, 3, 3)
-    return torch.eye(3, device=params.device, dtype=params.dtype) + full
+    full = F.pad(params, (0, 9 - params.shape[1])).view(batch, 3, 3)
+    return full + torch.eye(3, device=params.device, dtype=params.dtype)
 
 
 @dataclass
@@ -164,37 +163,63 @@ def linearise_reference(
     return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, assemble, weights, cap)
 
 
+@functools.lru_cache(maxsize=32)
+def _cell_positions(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Homogeneous cell centres ``[x, y, 1]`` of an ``h × w`` grid, ``(h·w, 3)``: what ``F.affine_grid``
+    rebuilds on every call, kept once per grid (the refinement samples the same grid many times)."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
+        x, y = cell_grid(height, width, torch.empty(0, dtype=dtype, device=device))
+        return torch.stack([x, y, torch.ones_like(x)], dim=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _coverage_limit(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2,)`` the largest ``|x|, |y|`` a sample may have and read no pixel outside an ``h × w`` map
+    (the outermost cell centres, with a little slack for rounding)."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
+        return torch.tensor([1.0 - 1.0 / width + 1e-6, 1.0 - 1.0 / height + 1e-6], dtype=dtype, device=device)
+
+
 def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """``(B, h, w, 2)`` positions θ samples for an ``h × w`` output (affine or homography)."""
+    """``(B, h, w, 2)`` positions θ samples for an ``h × w`` output (affine or homography); for an
+    affine θ the same as ``F.affine_grid(θ, …, align_corners=False)``."""
     batch = theta.shape[0]
+    positions = _cell_positions(height, width, like.dtype, like.device)
+    theta = theta.to(like.dtype)
     if not geometry.is_homography(theta):
-        return F.affine_grid(theta.to(like.dtype), [batch, 1, height, width], align_corners=False)
-    identity = geometry.identity_theta(batch, like.device, like.dtype)
-    positions = F.affine_grid(identity, [batch, 1, height, width], align_corners=False)
-    return geometry.apply_theta(theta.to(like.dtype), positions.flatten(1, 2)).view(batch, height, width, 2)
+        return (positions @ theta.transpose(1, 2)).view(batch, height, width, 2)
+    return geometry.apply_theta(theta, positions[:, :2].expand(batch, -1, -1)).view(batch, height, width, 2)
 
 
 def _warp_and_match(
     linearised: LinearisedReference,
     moving: torch.Tensor,
-    theta: torch.Tensor,
+    theta: torch.Tensor | None,
     moving_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``warp(moving, θ)`` brightness-matched to the reference, ``(B, D, h, w)``; the sampling grid
-    ``(B, h, w, 2)``; and the covered reference weights ``(B, N)`` (0 where padding enters).
+    ``(B, h, w, 2)`` (``None`` for ``θ = None``, the identity); and the covered reference weights
+    ``(B, N)`` (0 where padding enters).
 
     ``moving_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` mark the moving map's own content: a cell that
     samples where they are below 1 (zero padding inside the moving image) is not covered either.
     """
     reference = linearised.features
     batch, channels, height, width = reference.shape
+    if theta is None:
+        # The identity samples every cell at its centre: the map itself, every cell covered.
+        with torch.no_grad():
+            weights = linearised.weights
+            if moving_weights is not None:
+                weights = weights * (moving_weights.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
+        return match_statistics(moving, reference, weights.view(batch, 1, height, width)), None, weights
     grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
     warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     with torch.no_grad():
         # The weights decide which cells count, not how the answer moves: no gradient through them.
         # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
-        limit = grid.new_tensor([1.0 - 1.0 / width, 1.0 - 1.0 / height])
-        covered = (grid.abs() <= limit + 1e-6).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
+        limit = _coverage_limit(height, width, grid.dtype, grid.device)
+        covered = (grid.abs() <= limit).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
         if moving_weights is not None:
             content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
             covered = covered * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
@@ -247,11 +272,8 @@ def compare_with_identity(
     corners a true rotation leaves uncovered. Cells the identity sees as the moving image's padding
     (``moving_weights``) take no part: neither candidate can explain them.
     """
-    identity = geometry.identity_theta(theta.shape[0], theta.device, theta.dtype)
-    if geometry.is_homography(theta):
-        identity = geometry.to_homogeneous(identity)
     residuals, covered = {}, {}
-    for name, candidate in (("answer", theta), ("identity", identity)):
+    for name, candidate in (("answer", theta), ("identity", None)):
         warped, _, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
         residuals[name] = (warped - linearised.features).flatten(2).pow(2).mean(dim=1)  # (B, N)
         covered[name] = weights > 0
@@ -302,17 +324,20 @@ def gauss_newton_step(
     grad_x = 0.5 * (linearised.grad_x + moving_x)  # (B, D, N)
     grad_y = 0.5 * (linearised.grad_y + moving_y)
     # Per-cell structure tensor and drive, summed over channels and weighted: (B, 3N) and (B, 2N).
-    weights = weights.unsqueeze(1)  # (B, 1, N)
+    # (Separate x and y maps: a channel sum over a stacked (B, 2, D, N) map is a strided, slower reduction.)
     tensor = torch.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], dim=1)
     drive = torch.stack([(grad_x * residual).sum(1), (grad_y * residual).sum(1)], dim=1)
+    weights = weights.unsqueeze(1)  # (B, 1, N)
     moments = (tensor * weights) @ linearised.monomials  # (B, 3, K)
     hessian = (moments.flatten(1) @ linearised.assemble).view(batch, num_params, num_params)
     gradient = (drive * weights).flatten(1) @ linearised.jacobian  # (B, P)
     damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
     params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P)
-    if num_params == 8 and not geometry.is_homography(theta):
-        theta = geometry.to_homogeneous(theta)
-    return geometry.compose_theta(theta, geometry.invert_theta(params_to_matrix(params)))
+    # θ ← θ ∘ W_p⁻¹. With both affine, the (2, 3) θ times the (3, 3) inverse is already the product's top rows.
+    step = torch.linalg.inv(params_to_matrix(params))  # (B, 3, 3)
+    if num_params == 6 and not geometry.is_homography(theta):
+        return theta @ step
+    return geometry.compose_theta(geometry.to_homogeneous(theta), step)
 
 
 def refine(

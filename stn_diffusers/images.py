@@ -131,15 +131,16 @@ def to_unit_range(values: np.ndarray | torch.Tensor, where: str = "image") -> to
         )
     if tensor.numel() == 0:
         return tensor
-    if torch.isnan(tensor).any():
+    low, high = (value.item() for value in torch.aminmax(tensor))  # one pass; NaN anywhere makes both NaN
+    if math.isnan(low) or math.isnan(high):
         raise ValueError(f"expected {where} with float values in [0, 1], found NaN")
-    low, high = tensor.min().item(), tensor.max().item()
     if low < -FLOAT_TOLERANCE or high > 1.0 + FLOAT_TOLERANCE:
         hint = " (0–255 values? divide by 255 or pass uint8)" if high > 1.0 + FLOAT_TOLERANCE else ""
-        raise ValueError(
-            f"expected {where} with float values in [0, 1], found values in [{low:g}, {high:g}]{hint}"
-        )
-    return tensor.clamp(0.0, 1.0)
+        raise ValueError(f"expected {where} with float values in [0, 1], found values in [{low:g}, {high:g}]{hint}")
+    if low < 0.0 or high > 1.0:
+        return tensor.clamp(0.0, 1.0)
+    # Already in range: the values as they are (float32 input shares its memory; nothing here writes to it).
+    return tensor
 
 
 def to_chw(image: np.ndarray | torch.Tensor, where: str = "image") -> np.ndarray | torch.Tensor:

@@ -63,6 +63,15 @@ class TestContentWeights:
         image = torch.nn.functional.interpolate(rotated_with_padding(photo, 20.0)[None], size=(300, 420))
         assert content_weights(image, (40, 56)).shape == (1, 1, 40, 56)
 
+    def test_padding_in_an_uneven_border_bin_and_in_one_image_of_a_batch_is_found(self, photo):
+        # 70 px over 8 cells: the border bins are 9 px wide, wider than 70 / 8.
+        clean = torch.nn.functional.interpolate(photo[None], size=(70, 70), mode="bilinear").clamp(0.01, 1)
+        padded = clean.clone()
+        padded[..., 61:] = 0  # exactly the last column of cells
+        weights = content_weights(torch.cat([clean, padded]), (8, 8))
+        assert weights[0].min() == 1
+        assert weights[1, 0, :, -1].max() == 0 and weights[1, 0, :, :6].min() == 1
+
     def test_bad_shape_names_the_expected_one(self):
         with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\)"):
             content_weights(torch.zeros(3, 64, 64), (8, 8))

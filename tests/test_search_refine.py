@@ -109,6 +109,31 @@ class TestGaussNewton:
         assert theta.shape == truth.shape
         assert error_px(theta, truth, 64, 64) < 0.5 < error_px(start, truth, 64, 64)
 
+    @pytest.mark.parametrize("transform", ["affine", "homography"])
+    def test_sampling_grid_is_affine_grids_convention(self, transform):
+        theta = similarity(7.0, 1.1, 0.05, -0.02)
+        if transform == "homography":
+            tilt = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.03, -0.02, 1.0]]])
+            theta = geometry.compose_theta(theta, tilt)
+        like = torch.zeros(1, 4, 12, 20)
+        identity_grid = F.affine_grid(geometry.identity_theta(1), [1, 1, 12, 20], align_corners=False)
+        expected = geometry.apply_theta(theta, identity_grid.flatten(1, 2)).view(1, 12, 20, 2)
+        torch.testing.assert_close(gauss_newton.sampling_grid(theta, 12, 20, like), expected)
+
+    def test_identity_is_costed_as_the_unwarped_map(self):
+        # compare_with_identity reads the identity's side without resampling: the same as warping by it.
+        reference, moving = smooth_field(32, 32), smooth_field(32, 32, seed=1)
+        content = torch.ones(1, 1, 32, 32)
+        content[..., :, :5] = 0  # the moving map's padding
+        linearised = gauss_newton.linearise_reference(reference)
+        identity = geometry.identity_theta(1)
+        shortcut = gauss_newton._warp_and_match(linearised, moving, None, content)
+        sampled = gauss_newton._warp_and_match(linearised, moving, identity, content)
+        torch.testing.assert_close(shortcut[0], sampled[0])
+        torch.testing.assert_close(shortcut[2], sampled[2])
+        answer, at_identity, _ = gauss_newton.compare_with_identity(linearised, moving, identity, content)
+        torch.testing.assert_close(answer, at_identity)
+
     def test_ignored_cells_do_not_pull_the_fit(self):
         reference = smooth_field(64, 64)
         truth = similarity(2.0, 1.02, 0.03, 0.0)
