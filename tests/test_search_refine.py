@@ -11,6 +11,7 @@ from stn_diffusers import STN_PRESETS, SpatialTransformer, gauss_newton, geometr
 from stn_diffusers.finetune import main as finetune_main
 from stn_diffusers.finetune import parse_args
 from stn_diffusers.losses import training_loss
+from stn_diffusers.models import search_refine_localizer
 from tests.conftest import TINY_SEARCH_REFINE
 
 
@@ -276,11 +277,35 @@ class TestSearchRefineDesign:
     @pytest.mark.parametrize("option, value", [
         ("conditioning", "none"), ("transform", "similarity"), ("refine_strides", (2, 2)),
         ("refine_iterations", (4,)), ("search_scale", 0.9), ("search_translation", 1.5), ("feature_dim", 2),
-        ("search_candidates", 0),
+        ("search_candidates", 0), ("inference_refine_iterations", (4, 4)), ("inference_refine_iterations", (4, 0, 4)),
     ])  # fmt: skip
     def test_bad_configs_name_the_expected_value(self, option, value):
         with pytest.raises(ValueError, match="expected"):
             SpatialTransformer(**{**TINY_SEARCH_REFINE, option: value})
+
+
+def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refine_iterations(monkeypatch):
+    model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "inference_refine_iterations": (4, 6, 9)})
+    reference = smooth_field(32, 32, seed=11)
+    moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
+    steps = []
+    real_step = gauss_newton.gauss_newton_step
+    monkeypatch.setattr(
+        gauss_newton,
+        "gauss_newton_step",
+        lambda linearised, *args, **kwargs: (
+            steps.append(linearised.features.shape[-1]) or real_step(linearised, *args, **kwargs)
+        ),
+    )
+    model.train()
+    model.predict_theta(moving, reference)
+    assert [steps.count(size) for size in (8, 16, 32)] == [4 + 4, 4, 4]  # selection, then every level again
+    steps.clear()
+    monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # no early stop: every allowed step is taken
+    model.eval()
+    with torch.no_grad():
+        model.predict_theta(moving, reference)
+    assert [steps.count(size) for size in (8, 16, 32)] == [4, 6, 9]
 
 
 class TestTraining:

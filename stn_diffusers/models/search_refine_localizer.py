@@ -11,7 +11,8 @@
    ``search_translation`` of the side. A rotation of 40° is one candidate among others rather than a
    motion a network must have learned to undo, which is what makes the basin wide.
 3. **Refinement** (:mod:`stn_diffusers.gauss_newton`). Robust Gauss–Newton on the features pooled by
-   each of ``refine_strides`` in turn, ``refine_iterations`` steps each, down to stride 1 (the latent
+   each of ``refine_strides`` in turn, ``refine_iterations`` steps each in training (at inference up
+   to ``inference_refine_iterations``, a level stopping once converged), down to stride 1 (the latent
    grid), with sub-cell precision. Brightness and contrast are matched on the overlap at each step.
 4. **Aligned pairs stay put.** At inference the answer is weighed against the identity by a robust
    residual (:func:`~stn_diffusers.gauss_newton.compare_with_identity`: the median cell residual, so
@@ -132,7 +133,11 @@ class SearchRefineLocalizer(Localizer):
         search_candidates: the best candidates of the search (distinct rotations or scales) each
             refined at the coarsest level; the one that fits best there goes on.
         refine_strides: pooling of the features at each refinement level, coarse to fine, ending at 1.
-        refine_iterations: Gauss–Newton steps at each refinement level.
+        refine_iterations: Gauss–Newton steps at each refinement level in training (all taken).
+        inference_refine_iterations: the most steps at each level at inference, where a level stops
+            once converged (default: ``refine_iterations``). Training unrolls fewer steps than
+            inference allows, as iterative estimators such as RAFT do: backpropagating through every
+            step costs memory and time, and the features learnt for a few steps serve more.
     """
 
     supports_reference_weights = True
@@ -154,6 +159,7 @@ class SearchRefineLocalizer(Localizer):
         search_candidates: int,
         refine_strides: tuple[int, ...],
         refine_iterations: tuple[int, ...],
+        inference_refine_iterations: tuple[int, ...] | None = None,
     ):
         super().__init__()
         require_reference(conditioning, "search_refine")
@@ -168,6 +174,14 @@ class SearchRefineLocalizer(Localizer):
             raise ValueError(
                 f"expected one refine_iterations entry >= 1 per refine stride ({len(refine_strides)}), "
                 f"got {refine_iterations}"
+            )
+        if inference_refine_iterations is None:
+            inference_refine_iterations = refine_iterations
+        inference_refine_iterations = tuple(inference_refine_iterations)
+        if len(inference_refine_iterations) != len(refine_strides) or min(inference_refine_iterations) < 1:
+            raise ValueError(
+                f"expected one inference_refine_iterations entry >= 1 per refine stride ({len(refine_strides)}), "
+                f"got {inference_refine_iterations}"
             )
         if search_candidates < 1:
             raise ValueError(f"expected search_candidates >= 1, got {search_candidates}")
@@ -187,6 +201,7 @@ class SearchRefineLocalizer(Localizer):
         self.search_candidates = int(search_candidates)
         self.refine_strides = refine_strides
         self.refine_iterations = refine_iterations
+        self.inference_refine_iterations = inference_refine_iterations
         self.localization = MatchingFeatures(in_channels, int(feature_channels[0]), int(feature_dim))
         self.register_buffer(
             "search_rotations",
@@ -234,7 +249,7 @@ class SearchRefineLocalizer(Localizer):
         moving_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gauss–Newton at each refinement stride from ``first_level`` on, coarse to fine."""
-        levels = list(zip(self.refine_strides, self.refine_iterations))[first_level:]
+        levels = list(zip(self.refine_strides, self._iterations()))[first_level:]
         for stride, iterations in levels:
             # Coarse levels are not reweighted: far from the answer every residual is large, and
             # downweighting them slows the approach; the finest level is, against local changes.
@@ -248,6 +263,9 @@ class SearchRefineLocalizer(Localizer):
                 moving_weights=pool_content(moving_weights, stride),
             )
         return theta
+
+    def _iterations(self) -> tuple[int, ...]:
+        return self.refine_iterations if self.training else self.inference_refine_iterations
 
     def _tolerance(self) -> float:
         # At inference a level stops once its steps no longer move θ; training takes every step.
@@ -269,7 +287,7 @@ class SearchRefineLocalizer(Localizer):
         wrong zoom into a smooth region beat the truth whose overlap is partly uncovered.
         """
         batch, count = starts.shape[:2]
-        stride, iterations = self.refine_strides[0], self.refine_iterations[0]
+        stride, iterations = self.refine_strides[0], self._iterations()[0]
         level = gauss_newton.repeat_linearised(context.levels[stride], count)
         moving = pool(features, stride).repeat_interleave(count, dim=0)
         content = pool_content(moving_weights, stride)

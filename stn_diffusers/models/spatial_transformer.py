@@ -62,6 +62,7 @@ STN_PRESETS: dict[str, dict] = {
         "search_candidates": 3,
         "refine_strides": (4, 2, 1),
         "refine_iterations": (4, 4, 4),
+        "inference_refine_iterations": (4, 6, 8),
     },
     # The first registration design (a learned correlation cascade), kept for pipelines saved with it.
     "correlation": {
@@ -127,6 +128,13 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         feature_channels, feature_dim, iteration_strides, search_radius: the correlation design's
             feature pyramid widths, matching feature size, pyramid stride used at each iteration
             (later iterations reuse the last) and search radius in cells at each iteration.
+        search_stride, search_rotation, search_rotation_step, search_scale, search_scale_step,
+            search_translation, search_candidates, refine_strides, refine_iterations: the search-refine
+            design's search grid and Gauss–Newton levels (see
+            :class:`~stn_diffusers.models.search_refine_localizer.SearchRefineLocalizer`).
+        inference_refine_iterations (`tuple[int, ...]`, *optional*): the most Gauss–Newton steps per
+            level at inference (default: ``refine_iterations``, the steps training unrolls). A level
+            stops once converged, so a higher cap costs only the pairs that converge slowly.
         vae_fingerprint (`str`, *optional*): identity of the VAE whose latent space this model
             was trained in; pipelines warn when it is paired with another.
 
@@ -161,6 +169,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         search_candidates: int = 1,
         refine_strides: tuple[int, ...] = (4, 2, 1),
         refine_iterations: tuple[int, ...] = (4, 4, 4),
+        inference_refine_iterations: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self._check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode)
@@ -186,6 +195,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
                 search_candidates,
                 refine_strides,
                 refine_iterations,
+                inference_refine_iterations,
             )
         self._adopt(localizer)
 

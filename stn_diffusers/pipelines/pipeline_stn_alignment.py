@@ -214,7 +214,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
         chunks = []
         for start in range(0, len(images), batch_size):
             chunk = torch.cat([_resize(image[None], height, width) for image in images[start : start + batch_size]])
-            chunk = self.image_processor.preprocess(chunk, height=height, width=width)  # (b, 3, height, width), [-1, 1]
+            # [0, 1] → [-1, 1] as VaeImageProcessor.normalize maps them, in place: `cat` made a new tensor,
+            # and the images were checked when converted (preprocess would check and copy them again).
+            chunk = chunk.mul_(2).sub_(1)  # (b, 3, height, width)
             chunks.append(self.encode(chunk, generator, sample_posterior, device))
             if progress_bar is not None:
                 progress_bar.update()
