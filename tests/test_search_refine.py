@@ -308,6 +308,39 @@ def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refi
     assert [steps.count(size) for size in (8, 16, 32)] == [4, 6, 9]
 
 
+class TestBothWays:
+    def test_on_by_default_for_homographies_only(self):
+        assert SpatialTransformer(**{**TINY_SEARCH_REFINE, "transform": "homography"}).localizer.search_both_ways
+        assert not SpatialTransformer(**TINY_SEARCH_REFINE).localizer.search_both_ways
+        assert SpatialTransformer(**{**TINY_SEARCH_REFINE, "search_both_ways": True}).localizer.search_both_ways
+
+    @pytest.mark.parametrize("reverse_is_right", [True, False])
+    def test_keeps_the_direction_that_fits_better(self, monkeypatch, reverse_is_right):
+        model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "search_both_ways": True}).eval()
+        reference = smooth_field(64, 64, seed=12)
+        truth = similarity(10.0, 1.1, 0.05, 0.0)
+        wrong = similarity(-25.0, 0.8, -0.1, 0.1)
+        # The forward estimate aligns moving onto reference; the reverse one reference onto moving.
+        answers = [wrong, geometry.invert_theta(truth)] if reverse_is_right else [truth, wrong]
+        calls = []
+        monkeypatch.setattr(model.localizer, "_estimate", lambda *args: calls.append(args) or answers[len(calls) - 1])
+        with torch.no_grad():
+            theta = model.predict_theta(moved(reference, truth), reference)
+        assert len(calls) == 2
+        torch.testing.assert_close(calls[1][1], calls[0][0].levels[1].features)  # the reverse moves the reference
+        assert error_px(theta, truth, 64, 64) < 0.01
+
+    def test_training_and_one_way_models_estimate_once(self, monkeypatch):
+        model = SpatialTransformer(**TINY_SEARCH_REFINE).eval()
+        reference = smooth_field(64, 64, seed=13)
+        calls = []
+        real = model.localizer._estimate
+        monkeypatch.setattr(model.localizer, "_estimate", lambda *args: calls.append(1) or real(*args))
+        with torch.no_grad():
+            model.predict_theta(moved(reference, similarity(5.0, 1.05)), reference)
+        assert len(calls) == 1
+
+
 class TestTraining:
     def test_gradient_reaches_every_trainable_parameter(self):
         model = SpatialTransformer(**TINY_SEARCH_REFINE)

@@ -117,6 +117,12 @@ class SearchRefineContext:
     weights: torch.Tensor | None
 
 
+def _identity_like(theta: torch.Tensor) -> torch.Tensor:
+    """The identity in ``theta``'s shape, ``(B, 2, 3)`` or ``(B, 3, 3)``."""
+    identity = geometry.identity_theta(theta.shape[0], theta.device, theta.dtype)
+    return geometry.to_homogeneous(identity) if geometry.is_homography(theta) else identity
+
+
 class SearchRefineLocalizer(Localizer):
     """Search over rotation, scale and shift, then robust Gauss–Newton refinement (see the module).
 
@@ -138,6 +144,10 @@ class SearchRefineLocalizer(Localizer):
             once converged (default: ``refine_iterations``). Training unrolls fewer steps than
             inference allows, as iterative estimators such as RAFT do: backpropagating through every
             step costs memory and time, and the features learnt for a few steps serve more.
+        search_both_ways: at inference, also align the reference onto the moving image and keep the
+            inverse of that answer when it fits better (twice the cost). A viewpoint change that
+            foreshortens the moving image beyond the searched scales is inside them the other way
+            round. Default (``None``): on for ``transform="homography"``, off for ``"affine"``.
     """
 
     supports_reference_weights = True
@@ -160,6 +170,7 @@ class SearchRefineLocalizer(Localizer):
         refine_strides: tuple[int, ...],
         refine_iterations: tuple[int, ...],
         inference_refine_iterations: tuple[int, ...] | None = None,
+        search_both_ways: bool | None = None,
     ):
         super().__init__()
         require_reference(conditioning, "search_refine")
@@ -202,6 +213,7 @@ class SearchRefineLocalizer(Localizer):
         self.refine_strides = refine_strides
         self.refine_iterations = refine_iterations
         self.inference_refine_iterations = inference_refine_iterations
+        self.search_both_ways = transform == "homography" if search_both_ways is None else bool(search_both_ways)
         self.localization = MatchingFeatures(in_channels, int(feature_channels[0]), int(feature_dim))
         self.register_buffer(
             "search_rotations",
@@ -221,7 +233,10 @@ class SearchRefineLocalizer(Localizer):
     def prepare(self, reference: torch.Tensor, reference_weights: torch.Tensor | None = None) -> SearchRefineContext:
         """Reference features at the search stride and every refinement stride, linearised once
         (the reference never moves); ``reference_weights`` ``(B, 1, H, W)`` pooled to each grid."""
-        features = self.localization(reference)  # (B, D, H, W)
+        return self._prepare_features(self.localization(reference), reference_weights)
+
+    def _prepare_features(self, features: torch.Tensor, reference_weights: torch.Tensor | None) -> SearchRefineContext:
+        """:meth:`prepare` from the reference's features ``(B, D, H, W)``."""
         weights = None if reference_weights is None else reference_weights.to(features.dtype)
         search_weights = None if weights is None else pool(weights, self.search_stride)
         search = similarity_search.standardise(pool(features, self.search_stride), search_weights)
@@ -300,22 +315,11 @@ class SearchRefineLocalizer(Localizer):
         best = cost.argmin(dim=1)
         return refined.view(batch, count, *refined.shape[1:])[torch.arange(batch), best]
 
-    def step(
-        self,
-        moving: torch.Tensor,
-        context: SearchRefineContext,
-        iteration: int,
-        moving_weights: torch.Tensor | None = None,
+    def _estimate(
+        self, context: SearchRefineContext, features: torch.Tensor, moving_weights: torch.Tensor | None
     ) -> torch.Tensor:
-        """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for a homography) aligning ``moving`` ``(B, C, H, W)``: search
-        (first iteration only) and refinement, with the identity kept when it fits better.
-        ``moving_weights`` ``(B, 1, H, W)``: the moving latents' content (see the module)."""
-        features = self.localization(moving)  # (B, D, H, W)
-        batch = features.shape[0]
-        identity = geometry.identity_theta(batch, features.device, features.dtype)
-        if iteration > 0:
-            # A later cascade iteration sees the sample already aligned: refine, no new search.
-            return self._refine(context, features, identity, moving_weights=moving_weights)
+        """θ aligning the moving ``features`` ``(B, D, H, W)`` onto ``context``: search, selection and
+        refinement, before the identity test."""
         with torch.no_grad():
             searched = pool(features, self.search_stride)
             search_content = pool_content(moving_weights, self.search_stride)
@@ -340,18 +344,58 @@ class SearchRefineLocalizer(Localizer):
             # Training refines the selected candidate again through every level, the coarsest
             # included (the selection ran without gradient), so the features learn every level;
             # inference goes on from the selection's coarsest level.
-            theta = self._refine(context, features, start, moving_weights=moving_weights)
-        else:
-            theta = self._refine(context, features, start, first_level=1, moving_weights=moving_weights)
+            return self._refine(context, features, start, moving_weights=moving_weights)
+        return self._refine(context, features, start, first_level=1, moving_weights=moving_weights)
+
+    def _both_ways(
+        self,
+        context: SearchRefineContext,
+        features: torch.Tensor,
+        theta: torch.Tensor,
+        moving_weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``theta`` or the inverse of the reference aligned onto the moving image, whichever fits
+        better (the identity test's median residual): a view that foreshortens or shrinks the moving
+        image beyond the searched scales is inside them the other way round."""
+        reverse_context = self._prepare_features(features, moving_weights)
+        # The reference's features (stride 1 is always a level) move; its weights mark what it keeps.
+        reverse = self._estimate(reverse_context, context.levels[1].features, context.weights)
+        candidates = [theta, geometry.invert_theta(reverse)]
+        costs = []
+        for candidate in candidates:
+            finite = torch.isfinite(candidate).flatten(1).all(dim=1)
+            safe = torch.where(finite.view(-1, 1, 1), candidate, _identity_like(candidate))
+            cost = gauss_newton.compare_with_identity(context.levels[1], features, safe, moving_weights)[0]
+            costs.append(torch.where(finite & torch.isfinite(cost), cost, torch.full_like(cost, float("inf"))))
+        return torch.where((costs[1] < costs[0]).view(-1, 1, 1), candidates[1], candidates[0])
+
+    def step(
+        self,
+        moving: torch.Tensor,
+        context: SearchRefineContext,
+        iteration: int,
+        moving_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """θ ``(B, 2, 3)`` (``(B, 3, 3)`` for a homography) aligning ``moving`` ``(B, C, H, W)``: search
+        (first iteration only) and refinement, with the identity kept when it fits better.
+        ``moving_weights`` ``(B, 1, H, W)``: the moving latents' content (see the module)."""
+        features = self.localization(moving)  # (B, D, H, W)
+        batch = features.shape[0]
+        identity = geometry.identity_theta(batch, features.device, features.dtype)
+        if iteration > 0:
+            # A later cascade iteration sees the sample already aligned: refine, no new search.
+            return self._refine(context, features, identity, moving_weights=moving_weights)
+        theta = self._estimate(context, features, moving_weights)
         if self.training:
             # Every pair trains the features through the refinement; the identity test decides at inference.
             return theta
         with torch.no_grad():
+            if self.search_both_ways:
+                theta = self._both_ways(context, features, theta, moving_weights)
             # Aligned pairs stay put: the identity wins unless the answer fits clearly better. A diverged
             # refinement (a non-finite θ) falls back to the identity too.
             finite = torch.isfinite(theta).flatten(1).all(dim=1)
-            if geometry.is_homography(theta):
-                identity = geometry.to_homogeneous(identity)
+            identity = _identity_like(theta)
             safe = torch.where(finite.view(batch, 1, 1), theta, identity)
             answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
                 context.levels[1], features, safe, moving_weights

@@ -135,6 +135,10 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         inference_refine_iterations (`tuple[int, ...]`, *optional*): the most Gauss–Newton steps per
             level at inference (default: ``refine_iterations``, the steps training unrolls). A level
             stops once converged, so a higher cap costs only the pairs that converge slowly.
+        search_both_ways (`bool`, *optional*): at inference, also align the reference onto the moving
+            image and keep the inverse of that answer when it fits better (twice the cost; default:
+            on for ``transform="homography"``, where a viewpoint change can foreshorten the moving
+            image beyond the searched scales one way but not the other).
         vae_fingerprint (`str`, *optional*): identity of the VAE whose latent space this model
             was trained in; pipelines warn when it is paired with another.
 
@@ -170,6 +174,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         refine_strides: tuple[int, ...] = (4, 2, 1),
         refine_iterations: tuple[int, ...] = (4, 4, 4),
         inference_refine_iterations: tuple[int, ...] | None = None,
+        search_both_ways: bool | None = None,
     ):
         super().__init__()
         self._check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode)
@@ -196,6 +201,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
                 refine_strides,
                 refine_iterations,
                 inference_refine_iterations,
+                search_both_ways,
             )
         self._adopt(localizer)
 
