@@ -53,6 +53,14 @@ side resized to 512, 512x512 centre crop, posterior mode, decode, PSNR on [0, 1]
 ``<output_dir>/config.json``, ``diffusion_pytorch_model.safetensors`` (fp32) and ``train_log.json``
 (settings, wall time, final losses, held-out PSNR per image).
 
+Latents that warp like the pixels (``--equivariance_weight`` > 0, after EQ-VAE): each step also
+warps the crops by a random ``--equivariance_warp`` θ (a :data:`stn_diffusers.geometry.WARP_PRESETS`
+range) and adds ``weight`` x the mean absolute difference between the latents of the warped crops and
+the warped latents of the crops, ``|E(warp(x, θ)) - warp(E(x), θ)|``, over the latent cells whose
+encoder input holds no padding. EQ-VAE asks the decoder to reconstruct the warped image from warped
+latents; asking it of the encoder directly is what an aligner on the latents needs. ``--init_from
+DIR`` starts from a saved VAE of ``--vae_type`` (its architecture flags are then read from it).
+
 ``--seed`` seeds the initial weights, the crops and the posterior samples: the same command gives the
 same weights (bit for bit on the same machine) unless ``--max_train_minutes`` ends training first.
 Every ``--checkpointing_steps`` the training state is saved atomically as ``<output_dir>/checkpoint-N``
@@ -91,6 +99,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stn_diffusers import data  # noqa: E402
 from stn_diffusers.checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint  # noqa: E402
+from stn_diffusers.geometry import WARP_PRESETS, random_theta, valid_mask  # noqa: E402
+from stn_diffusers.geometry import warp as warp_images  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -127,41 +137,59 @@ def parse_args(argv=None):
         "--norm_num_groups", type=int, default=1, help="GroupNorm groups (see the docstring); divides every width."
     )
     parser.add_argument(
-        "--mid_block_add_attention", type=int, default=1, choices=[0, 1],
+        "--mid_block_add_attention",
+        type=int,
+        default=1,
+        choices=[0, 1],
         help="1: self-attention in the middle blocks (costly on the encoder's 64x64 latent grid at 512 px).",
     )
-    parser.add_argument(
-        "--initial_posterior_logvar", type=float, default=-6.0, help="Initial posterior log-variance."
-    )
+    parser.add_argument("--initial_posterior_logvar", type=float, default=-6.0, help="Initial posterior log-variance.")
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="Weight of the per-pixel KL term.")
     # AutoencoderTiny: encoder and decoder sized independently; each keeps one width at every level.
     parser.add_argument(
-        "--encoder_block_out_channels", type=int, nargs=NUM_LEVELS, default=[16, 16, 16, 16],
+        "--encoder_block_out_channels",
+        type=int,
+        nargs=NUM_LEVELS,
+        default=[16, 16, 16, 16],
         help="AutoencoderTiny encoder width per level (all equal).",
     )
     parser.add_argument(
-        "--num_encoder_blocks", type=int, nargs=NUM_LEVELS, default=[0, 0, 2, 3],
+        "--num_encoder_blocks",
+        type=int,
+        nargs=NUM_LEVELS,
+        default=[0, 0, 2, 3],
         help="AutoencoderTiny residual blocks per encoder level, finest first (0: the level's conv only).",
     )
     parser.add_argument(
-        "--decoder_block_out_channels", type=int, nargs=NUM_LEVELS, default=[48, 48, 48, 48],
+        "--decoder_block_out_channels",
+        type=int,
+        nargs=NUM_LEVELS,
+        default=[48, 48, 48, 48],
         help="AutoencoderTiny decoder width per level (all equal).",
     )
     parser.add_argument(
-        "--num_decoder_blocks", type=int, nargs=NUM_LEVELS, default=[3, 3, 3, 1],
+        "--num_decoder_blocks",
+        type=int,
+        nargs=NUM_LEVELS,
+        default=[3, 3, 3, 1],
         help="AutoencoderTiny residual blocks per decoder level, coarsest first.",
     )
     # Data.
     parser.add_argument("--resolution", type=int, default=64, help="Side of the square training crops.")
     parser.add_argument(
-        "--train_scales", type=int, nargs="+", default=[512, 768, 1024],
+        "--train_scales",
+        type=int,
+        nargs="+",
+        default=[512, 768, 1024],
         help="Shorter sides (px) the training photos are resized to before cropping; never upsampled.",
     )
     parser.add_argument("--train_batch_size", type=int, default=8, help="Crops per step.")
     # Optimisation.
     parser.add_argument("--max_train_steps", type=int, default=6000, help="Optimiser steps at most.")
     parser.add_argument(
-        "--max_train_minutes", type=float, default=None,
+        "--max_train_minutes",
+        type=float,
+        default=None,
         help="Training wall-time budget; the cosine schedule ends at whichever of the two limits comes first.",
     )
     parser.add_argument("--learning_rate", type=float, default=3e-4, help="Peak learning rate.")
@@ -186,7 +214,17 @@ def parse_args(argv=None):
     parser.add_argument("--validation_steps", type=int, default=250, help="Quick held-out PSNR every N steps.")
     parser.add_argument("--scaling_crops", type=int, default=128, help="Training crops used to set scaling_factor.")
     parser.add_argument("--eval_resolution", type=int, default=512, help="Side of the held-out centre crops.")
+    parser.add_argument(
+        "--equivariance_weight", type=float, default=0.0, help="Weight of the latent equivariance loss (0: off)."
+    )
+    parser.add_argument(
+        "--equivariance_warp", type=str, default="large", choices=list(WARP_PRESETS),
+        help="Range of the random warps of the equivariance loss.",
+    )  # fmt: skip
+    parser.add_argument("--init_from", type=str, default=None, help="Start from this saved VAE of --vae_type.")
     args = parser.parse_args(argv)
+    if args.equivariance_weight < 0:
+        raise ValueError(f"expected --equivariance_weight >= 0, got {args.equivariance_weight}")
 
     if args.vae_type == AUTOENCODER_KL and any(width % args.norm_num_groups for width in args.block_out_channels):
         raise ValueError(
@@ -249,7 +287,10 @@ VAE_BUILDERS = {AUTOENCODER_KL: build_autoencoder_kl, AUTOENCODER_TINY: build_au
 
 
 def build_vae(args) -> AutoencoderKL | AutoencoderTiny:
-    """A freshly initialised VAE of ``args.vae_type``."""
+    """A freshly initialised VAE of ``args.vae_type``, or the one saved at ``args.init_from``."""
+    if args.init_from is not None:
+        cls = {AUTOENCODER_KL: AutoencoderKL, AUTOENCODER_TINY: AutoencoderTiny}[args.vae_type]
+        return cls.from_pretrained(args.init_from, torch_dtype=torch.float32)
     vae = VAE_BUILDERS[args.vae_type](args)
     if args.zero_init_residuals:
         _init_residual_branches_to_zero(vae)
@@ -408,6 +449,23 @@ def encode_deterministic(vae: AutoencoderKL | AutoencoderTiny, images: torch.Ten
     return encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
 
 
+def equivariance_l1(
+    vae: AutoencoderKL | AutoencoderTiny, images: torch.Tensor, latents: torch.Tensor, generator: torch.Generator, warp
+) -> torch.Tensor:
+    """``mean |E(warp(x, θ)) - warp(E(x), θ)|`` over the latent cells whose encoder input has no padding,
+    for one random θ per image of ``warp`` (a warp-range name); ``latents`` ``(B, 4, h, w)`` = E(images)."""
+    batch, _, height, width = images.shape
+    theta = random_theta(batch, warp, height, width, generator)  # (B, 2, 3)
+    warped_latents = encode_deterministic(vae, warp_images(images, theta)).float()
+    target = warp_images(latents.float(), theta)
+    # A cell counts when no padding is within one cell of it: the encoder's field of view is wider than a cell.
+    inside = valid_mask(theta, height, width)  # (B, 1, H, W)
+    cells = -F.max_pool2d(-inside, DOWNSAMPLE_FACTOR)  # 1 where the whole cell is inside
+    cells = -F.max_pool2d(-cells, 3, stride=1, padding=1)
+    difference = (warped_latents - target).abs() * cells
+    return difference.sum() / (cells.sum() * latents.shape[1]).clamp_min(1.0)
+
+
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL | AutoencoderTiny, images: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
     """Encode deterministically and decode, in fp32: (B, 3, H, W) in [-1, 1] -> same shape."""
@@ -495,10 +553,13 @@ def main(args):
         logger.info("no checkpoint found; starting from scratch")
 
     # 3. Train.
-    history, window = [], {"l1": 0.0, "gradient": 0.0, "kl": 0.0}
+    history, window = [], {"l1": 0.0, "gradient": 0.0, "kl": 0.0, "equivariance": 0.0}
     progress = tqdm(
-        range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
-        disable=not accelerator.is_local_main_process, desc="train",
+        range(global_step, args.max_train_steps),
+        initial=global_step,
+        total=args.max_train_steps,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
     )
     max_seconds = 60 * args.max_train_minutes if args.max_train_minutes else None
     schedule = CosineSchedule(optimizer, args.learning_rate, args.lr_warmup_steps, args.max_train_steps, max_seconds)
@@ -523,13 +584,19 @@ def main(args):
         gradient = gradient_l1(reconstruction, images)
         kl = posterior.kl().mean() / images[0].numel() if posterior is not None else torch.zeros(())
         loss = l1 + args.gradient_loss_weight * gradient + args.kl_weight * kl
+        equivariance = torch.zeros(())
+        if args.equivariance_weight > 0:
+            base = latents if posterior is None else posterior.mode()
+            with accelerator.autocast():
+                equivariance = equivariance_l1(vae, images, base, sampler.generator, args.equivariance_warp)
+            loss = loss + args.equivariance_weight * equivariance
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         global_step = step + 1
 
-        for name, value in (("l1", l1), ("gradient", gradient), ("kl", kl)):
+        for name, value in (("l1", l1), ("gradient", gradient), ("kl", kl), ("equivariance", equivariance)):
             window[name] += value.item() / args.log_every
         if global_step % args.log_every == 0:
             seconds = round(time.time() - train_start, 1)
@@ -579,7 +646,7 @@ def main(args):
             "train_wall_seconds": round(train_seconds, 1),
             "total_wall_seconds": round(time.time() - start_time, 1),
             "seconds_per_step": round(train_seconds / max(1, global_step), 3),
-            "final_losses": {k: final.get(k) for k in ("l1", "gradient", "kl")},
+            "final_losses": {k: final.get(k) for k in ("l1", "gradient", "kl", "equivariance")},
             "history": history,
         },
         "heldout": {

@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import types
 from pathlib import Path
 
 import PIL.Image
 import pytest
 import skimage.data
 import torch
+import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderTiny
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
@@ -175,3 +177,39 @@ class TestAutoencoderTiny:
         flags[start : start + 4] = ["8", "16", "16", "16"]
         with pytest.raises(ValueError, match=re.escape("encoder_block_out_channels value at every level") + ".*8, 16"):
             train_vae.parse_args(arguments(photos, tmp_path, *flags))
+
+
+class TestEquivariance:
+    def test_the_loss_is_small_for_an_encoder_that_commutes_with_warps_and_not_for_one_that_does_not(self, train_vae):
+        def encoder(offset):
+            """An 'encoder' that averages 8×8 cells (it commutes with warps of a smooth picture), plus ``offset``."""
+            encode = lambda x: types.SimpleNamespace(latents=F.avg_pool2d(x[:, :1], 8) + offset)  # noqa: E731
+            return types.SimpleNamespace(encode=encode)
+
+        smooth = F.interpolate(torch.rand(2, 3, 4, 4) * 2 - 1, size=(64, 64), mode="bicubic", align_corners=False)
+        checkerboard = (torch.arange(8).view(8, 1) + torch.arange(8)) % 2 - 0.5  # (8, 8), ±0.5
+        losses = {}
+        for name, offset in (("commutes", 0.0), ("fixed pattern", checkerboard)):
+            vae = encoder(offset)
+            generator = torch.Generator().manual_seed(0)
+            losses[name] = float(
+                train_vae.equivariance_l1(vae, smooth, vae.encode(smooth).latents, generator, "standard")
+            )
+        # A pattern the encoder adds at fixed cells does not move with the picture.
+        assert losses["fixed pattern"] > 5 * losses["commutes"]
+
+    def test_fine_tuning_from_a_saved_vae_with_the_loss_changes_the_weights_and_logs_it(
+        self, train_vae, photos, tmp_path
+    ):
+        base = run(train_vae, photos, tmp_path / "base", *TINY_FLAGS)
+        tuned = run(
+            train_vae, photos, tmp_path / "tuned", *TINY_FLAGS, "--init_from", str(base),
+            "--equivariance_weight", "1.0", "--equivariance_warp", "standard",
+        )  # fmt: skip
+        assert differing(weights(base), weights(tuned))
+        log = json.loads((tuned / "train_log.json").read_text())
+        assert log["training"]["final_losses"]["equivariance"] > 0
+
+    def test_a_negative_weight_is_refused(self, train_vae, photos, tmp_path):
+        with pytest.raises(ValueError, match="expected --equivariance_weight >= 0, got -1"):
+            train_vae.parse_args(arguments(photos, tmp_path, "--equivariance_weight", "-1"))
