@@ -116,10 +116,11 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         in_channels (`int`, defaults to 4): latent channels of the VAE.
         conditioning (`str`, defaults to `"none"`): ``"none"`` sees only the moving latents;
             ``"reference"`` also sees the reference latents (true registration).
-        architecture (`str`, defaults to `"seed"`): ``"seed"`` or ``"correlation"`` (see module).
+        architecture (`str`, defaults to `"seed"`): ``"seed"``, ``"correlation"`` or ``"search_refine"``
+            (see module).
         transform (`str`, defaults to `"affine"`): ``"affine"`` (6 dof), ``"similarity"``,
-            ``"translation"`` or ``"homography"`` (8 dof, θ ``(B, 3, 3)``; ``architecture="correlation"``
-            only).
+            ``"translation"`` (``"seed"`` or ``"correlation"``) or ``"homography"`` (8 dof, θ
+            ``(B, 3, 3)``; ``"correlation"`` or ``"search_refine"``).
         num_iterations (`int`, defaults to 1): cascade length; each step warps the moving latents by
             the current θ, estimates the residual and composes it.
         padding_mode (`str`, defaults to `"zeros"`): how warped latents are padded.
