@@ -20,6 +20,11 @@
    better, the pair comes back exactly unwarped. In training mode the refined answer is
    always returned, so every pair trains the features.
 
+With ``search_both_ways`` (on by default for homographies), inference also aligns the reference onto
+the moving image and keeps the inverse of that answer when its median cell residual is lower: the
+search and Gauss–Newton can find a view one way round and miss it the other (OpenCV's graffiti pair:
+3 px one way, 281 px the other before).
+
 Reference weights (an ignore mask) weight the search score and every Gauss–Newton residual. Moving
 weights mark the moving latents' content: cells over the zero padding of an earlier warp (a rotated
 photo's black corners) count as uncovered, in the search and in every refinement step, so a padded
