@@ -32,6 +32,8 @@ from stn_diffusers import data, metrics
 from stn_diffusers.cli import load_pipeline
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
+# Seconds a --processes run waits for its workers to load, and then for each to finish.
+WORKER_TIMEOUT = 900
 
 
 def device_name(device: torch.device) -> str:
@@ -67,7 +69,8 @@ def _worker(args, share: slice, batch_size: int, start_barrier, results) -> None
 def processes_rate(args, batch_size: int) -> float:
     """Pairs per second of ``args.processes`` processes sharing the pairs (see the module docs)."""
     context = multiprocessing.get_context("spawn")
-    start_barrier, results = context.Barrier(args.processes + 1), context.Queue()
+    # A worker that dies before the start breaks the barrier after the timeout instead of hanging the run.
+    start_barrier, results = context.Barrier(args.processes + 1, timeout=WORKER_TIMEOUT), context.Queue()
     shares = [slice(i, args.num_pairs, args.processes) for i in range(args.processes)]
     workers = [
         context.Process(target=_worker, args=(args, share, batch_size, start_barrier, results)) for share in shares
@@ -76,7 +79,7 @@ def processes_rate(args, batch_size: int) -> float:
         worker.start()
     start_barrier.wait()
     start = time.perf_counter()
-    ends = [results.get() for _ in workers]
+    ends = [results.get(timeout=WORKER_TIMEOUT) for _ in workers]
     for worker in workers:
         worker.join()
     return args.num_pairs / (max(ends) - start)
@@ -102,8 +105,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
     parser.add_argument("--processes", type=int, default=1, help="processes sharing the pairs (see the module docs)")
     args = parser.parse_args()
-    if args.processes < 1:
-        parser.error(f"expected --processes >= 1, got {args.processes}")
+    if not 1 <= args.processes <= args.num_pairs:
+        parser.error(f"expected --processes between 1 and --num-pairs ({args.num_pairs}), got {args.processes}")
     return args
 
 

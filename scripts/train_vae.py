@@ -455,7 +455,7 @@ def equivariance_l1(
     """``mean |E(warp(x, θ)) - warp(E(x), θ)|`` over the latent cells whose encoder input has no padding,
     for one random θ per image of ``warp`` (a warp-range name); ``latents`` ``(B, 4, h, w)`` = E(images)."""
     batch, _, height, width = images.shape
-    theta = random_theta(batch, warp, height, width, generator)  # (B, 2, 3)
+    theta = random_theta(batch, warp, height, width, generator)  # (B, 2, 3), or (B, 3, 3) for a projective range
     warped_latents = encode_deterministic(vae, warp_images(images, theta)).float()
     target = warp_images(latents.float(), theta)
     # A cell counts when no padding is within one cell of it: the encoder's field of view is wider than a cell.

@@ -296,8 +296,9 @@ def gauss_newton_step(
     robust: bool = True,
     moving_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One Gauss–Newton step: θ ``(B, 2, 3)`` or ``(B, 3, 3)`` → the refined θ, shaped like the
-    linearised motion (an affine θ is lifted when the reference was linearised for a homography).
+    """One Gauss–Newton step: θ ``(B, 2, 3)`` or ``(B, 3, 3)`` → the refined θ, ``(B, 2, 3)`` when both θ
+    and the linearised motion are affine, else a homography ``(B, 3, 3)`` (an affine θ is lifted when
+    the reference was linearised for a homography).
 
     ``moving`` ``(B, D, h, w)`` is the moving image's features on the reference's
     grid. Solves ``min_p Σ w · |warp(moving, θ) - R(W_p x)|²`` linearised at ``p = 0``, then

@@ -366,7 +366,8 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         With ``return_intermediate=True``, the list of θ after each cascade iteration (the last
         is the answer), for training every iteration. ``reference_weights`` ``(B, 1, H, W)`` in
         ``[0, 1]``, in the reference frame at the latents' size: each cell's share in the estimate
-        (1 = use, 0 = ignore, e.g. over an edited region); correlation design only (see the module).
+        (1 = use, 0 = ignore, e.g. over an edited region); the registration designs (correlation and
+        search-refine), not the seed design.
         ``moving_weights`` ``(B, 1, H, W)`` in ``[0, 1]``, in the sample's frame: which of its cells hold
         picture content (0 over zero padding left by an earlier warp); search-refine design only.
         """
