@@ -175,25 +175,24 @@ def main() -> None:
     args.stn_dir = args.stn_dir or f"data/{args.variant}_stn_run"
     args.export_dir = args.export_dir or str(EMBEDDED_PIPELINES[args.variant])
     photos = Path(args.photos)
-    train, heldout = str(photos / "train"), str(photos / "heldout")
+    data_flags = ["--train_data_dir", str(photos / "train"), "--validation_data_dir", str(photos / "heldout")]
     timings = {}
     if not args.skip_vae:
         timings["vae_seconds"] = run(
-            [sys.executable, "scripts/train_vae.py", "--train_data_dir", train, "--validation_data_dir", heldout,
-             "--output_dir", args.vae_dir, *variant["vae_flags"]]
+            [sys.executable, "scripts/train_vae.py", *data_flags, "--output_dir", args.vae_dir, *variant["vae_flags"]]
         )  # fmt: skip
     stn_vae_dir = args.vae_dir
     if "equivariance_flags" in variant:
         stn_vae_dir = args.equivariance_dir or variant["equivariance_dir"]
         if not args.skip_equivariance:
             timings["equivariance_seconds"] = run(
-                [sys.executable, "scripts/train_vae.py", "--init_from", args.vae_dir, "--train_data_dir", train,
-                 "--validation_data_dir", heldout, "--output_dir", stn_vae_dir, *variant["equivariance_flags"]]
+                [sys.executable, "scripts/train_vae.py", "--init_from", args.vae_dir, *data_flags,
+                 "--output_dir", stn_vae_dir, *variant["equivariance_flags"]]
             )  # fmt: skip
     if not args.skip_stn:
         timings["stn_seconds"] = run(
             [sys.executable, "-m", "stn_diffusers.finetune", "--pretrained_vae_name_or_path", stn_vae_dir,
-             "--train_data_dir", train, "--validation_data_dir", heldout, "--output_dir", args.stn_dir, *STN_FLAGS]
+             *data_flags, "--output_dir", args.stn_dir, *STN_FLAGS]
         )  # fmt: skip
     size = export(Path(args.stn_dir), Path(args.export_dir))
     timings["export_megabytes"] = round(size / 2**20, 2)

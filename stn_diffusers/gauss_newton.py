@@ -196,10 +196,9 @@ def _warp_and_match(
     moving: torch.Tensor,
     theta: torch.Tensor | None,
     moving_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``warp(moving, θ)`` brightness-matched to the reference, ``(B, D, h, w)``; the sampling grid
-    ``(B, h, w, 2)`` (``None`` for ``θ = None``, the identity); and the covered reference weights
-    ``(B, N)`` (0 where padding enters).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``warp(moving, θ)`` brightness-matched to the reference, ``(B, D, h, w)``, and the covered
+    reference weights ``(B, N)`` (0 where padding enters); ``θ = None`` is the identity.
 
     ``moving_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` mark the moving map's own content: a cell that
     samples where they are below 1 (zero padding inside the moving image) is not covered either.
@@ -208,24 +207,23 @@ def _warp_and_match(
     batch, channels, height, width = reference.shape
     if theta is None:
         # The identity samples every cell at its centre: the map itself, every cell covered.
+        warped, covered, content = moving, None, moving_weights
+    else:
+        grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
+        warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         with torch.no_grad():
-            weights = linearised.weights
+            # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
+            limit = _coverage_limit(height, width, grid.dtype, grid.device)
+            covered = (grid.abs() <= limit).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
+            content = None
             if moving_weights is not None:
-                weights = weights * (moving_weights.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
-        return match_statistics(moving, reference, weights.view(batch, 1, height, width)), None, weights
-    grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
-    warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+                content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
     with torch.no_grad():
         # The weights decide which cells count, not how the answer moves: no gradient through them.
-        # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
-        limit = _coverage_limit(height, width, grid.dtype, grid.device)
-        covered = (grid.abs() <= limit).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
-        if moving_weights is not None:
-            content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
-            covered = covered * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
-        weights = covered * linearised.weights
-    warped = match_statistics(warped, reference, weights.view(batch, 1, height, width))
-    return warped, grid, weights
+        weights = linearised.weights if covered is None else covered * linearised.weights
+        if content is not None:
+            weights = weights * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
+    return match_statistics(warped, reference, weights.view(batch, 1, height, width)), weights
 
 
 def alignment_cost(
@@ -236,7 +234,7 @@ def alignment_cost(
 ) -> torch.Tensor:
     """``(B,)`` robust cost of ``warp(moving, θ)`` over all the reference's cells, a cell it leaves
     uncovered costing the cap: among candidates of one pair, more overlap that fits as well wins."""
-    warped, _, covered = _warp_and_match(linearised, moving, theta, moving_weights)
+    warped, covered = _warp_and_match(linearised, moving, theta, moving_weights)
     squared = torch.minimum((warped - linearised.features).flatten(2).pow(2).mean(dim=1), linearised.cap)
     squared = torch.where(covered > 0, squared, linearised.cap.expand_as(squared))
     share = linearised.weights
@@ -274,7 +272,7 @@ def compare_with_identity(
     """
     residuals, covered = {}, {}
     for name, candidate in (("answer", theta), ("identity", None)):
-        warped, _, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
+        warped, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
         residuals[name] = (warped - linearised.features).flatten(2).pow(2).mean(dim=1)  # (B, N)
         covered[name] = weights > 0
     # The identity covers every cell of weight > 0 but the moving image's padding: the cells both costs use.
@@ -313,7 +311,7 @@ def gauss_newton_step(
     """
     reference = linearised.features
     batch, num_params = reference.shape[0], linearised.num_params
-    warped, _, weights = _warp_and_match(linearised, moving, theta, moving_weights)
+    warped, weights = _warp_and_match(linearised, moving, theta, moving_weights)
     residual = (warped - reference).flatten(2)  # (B, D, N)
     if robust:
         with torch.no_grad():
@@ -338,7 +336,7 @@ def gauss_newton_step(
     step = torch.linalg.inv(params_to_matrix(params))  # (B, 3, 3)
     if num_params == 6 and not geometry.is_homography(theta):
         return theta @ step
-    return geometry.compose_theta(geometry.to_homogeneous(theta), step)
+    return geometry.compose_theta(theta, step)
 
 
 def refine(

@@ -128,6 +128,11 @@ def _identity_like(theta: torch.Tensor) -> torch.Tensor:
     return geometry.to_homogeneous(identity) if geometry.is_homography(theta) else identity
 
 
+def _ranking_cost(finite: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """``cost`` ``(B,)`` for ranking two answers: infinite where θ is not finite or the cost is not."""
+    return torch.where(finite & torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
+
+
 class SearchRefineLocalizer(Localizer):
     """Search over rotation, scale and shift, then robust Gauss–Newton refinement (see the module).
 
@@ -352,27 +357,32 @@ class SearchRefineLocalizer(Localizer):
             return self._refine(context, features, start, moving_weights=moving_weights)
         return self._refine(context, features, start, first_level=1, moving_weights=moving_weights)
 
-    def _both_ways(
+    def _reverse(
+        self, context: SearchRefineContext, features: torch.Tensor, moving_weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The inverse of the reference aligned onto the moving ``features`` (``search_both_ways``): a
+        view that foreshortens or shrinks the moving image beyond the searched scales is inside them
+        the other way round."""
+        reverse_context = self._prepare_features(features, moving_weights)
+        # The reference's features (stride 1 is always a level) move; its weights mark what it keeps.
+        return geometry.invert_theta(self._estimate(reverse_context, context.levels[1].features, context.weights))
+
+    def _judge(
         self,
         context: SearchRefineContext,
         features: torch.Tensor,
         theta: torch.Tensor,
         moving_weights: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``theta`` or the inverse of the reference aligned onto the moving image, whichever fits
-        better (the identity test's median residual): a view that foreshortens or shrinks the moving
-        image beyond the searched scales is inside them the other way round."""
-        reverse_context = self._prepare_features(features, moving_weights)
-        # The reference's features (stride 1 is always a level) move; its weights mark what it keeps.
-        reverse = self._estimate(reverse_context, context.levels[1].features, context.weights)
-        candidates = [theta, geometry.invert_theta(reverse)]
-        costs = []
-        for candidate in candidates:
-            finite = torch.isfinite(candidate).flatten(1).all(dim=1)
-            safe = torch.where(finite.view(-1, 1, 1), candidate, _identity_like(candidate))
-            cost = gauss_newton.compare_with_identity(context.levels[1], features, safe, moving_weights)[0]
-            costs.append(torch.where(finite & torch.isfinite(cost), cost, torch.full_like(cost, float("inf"))))
-        return torch.where((costs[1] < costs[0]).view(-1, 1, 1), candidates[1], candidates[0])
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The identity test's view of θ, each ``(B,)``: whether θ is finite, then
+        :func:`~stn_diffusers.gauss_newton.compare_with_identity`'s answer cost, identity cost and shared
+        cover (a θ that is not finite is costed as the identity)."""
+        finite = torch.isfinite(theta).flatten(1).all(dim=1)
+        safe = torch.where(finite.view(-1, 1, 1), theta, _identity_like(theta))
+        answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
+            context.levels[1], features, safe, moving_weights
+        )
+        return finite, answer_cost, identity_cost, shared
 
     def step(
         self,
@@ -395,20 +405,22 @@ class SearchRefineLocalizer(Localizer):
             # Every pair trains the features through the refinement; the identity test decides at inference.
             return theta
         with torch.no_grad():
+            finite, answer_cost, identity_cost, shared = self._judge(context, features, theta, moving_weights)
             if self.search_both_ways:
-                theta = self._both_ways(context, features, theta, moving_weights)
+                # The reverse answer where its median residual is lower (the identity's cost is the same).
+                other = self._reverse(context, features, moving_weights)
+                other_finite, other_cost, _, other_shared = self._judge(context, features, other, moving_weights)
+                better = _ranking_cost(other_finite, other_cost) < _ranking_cost(finite, answer_cost)
+                theta = torch.where(better.view(batch, 1, 1), other, theta)
+                finite = torch.where(better, other_finite, finite)
+                answer_cost = torch.where(better, other_cost, answer_cost)
+                shared = torch.where(better, other_shared, shared)
             # Aligned pairs stay put: the identity wins unless the answer fits clearly better. A diverged
             # refinement (a non-finite θ) falls back to the identity too.
-            finite = torch.isfinite(theta).flatten(1).all(dim=1)
-            identity = _identity_like(theta)
-            safe = torch.where(finite.view(batch, 1, 1), theta, identity)
-            answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
-                context.levels[1], features, safe, moving_weights
-            )
             keep_identity = (
                 (answer_cost >= (1 - IDENTITY_MARGIN) * identity_cost) | ~finite | (shared < MIN_SHARED_CELLS)
             )
-        return torch.where(keep_identity.view(batch, 1, 1), identity, theta)
+        return torch.where(keep_identity.view(batch, 1, 1), _identity_like(theta), theta)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The last layer of the feature net (zero at initialisation)."""
