@@ -37,6 +37,9 @@ EDIT_NOISE_FACTOR = 4.0
 MAX_FOUND_REGION = 0.6
 # The estimated edited region is grown by this share of the shorter side, so its seam falls outside.
 EDIT_GROWTH = 0.02
+# ECC's mask margin (pixels per pyramid level) around a region found from the difference: already
+# grown by EDIT_GROWTH, it needs only room for ECC's own correction (see refine.ECC_MASK_MARGIN).
+FOUND_REGION_ECC_MARGIN = 2
 
 
 @dataclass
@@ -236,7 +239,10 @@ def _refine_for_edit(
     if mask is None:
         found = estimate_edit_region(*_warped(edited, original, theta))
         if 0 < float(found.mean()) < MAX_FOUND_REGION:
-            again = refine_theta_ecc(original[None], edited[None], theta, reference_mask=1 - found)
+            # The region found is already grown by EDIT_GROWTH: ECC's usual margin would leave too little.
+            again = refine_theta_ecc(
+                original[None], edited[None], theta, reference_mask=1 - found, mask_margin=FOUND_REGION_ECC_MARGIN
+            )
             if bool(again.converged[0]):
                 theta, refined = again.theta.float(), True
     return theta, refined

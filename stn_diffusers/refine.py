@@ -24,9 +24,10 @@ Masks:
     checks the mask's size against it and warps it into the template frame at every iteration), so
     each pyramid level pulls the reference mask, resized to the level (nearest neighbour), into the
     moving frame with the θ that level starts from, ``mask_M(q) = mask_R(P⁻¹ q)``; ECC's own warp then
-    brings it back over the reference. The correction ECC makes within one level shifts it slightly,
-    so the kept region is eroded by :data:`ECC_MASK_MARGIN` pixels first. :func:`correlation`, which
-    decides whether a refinement is kept, scores the kept reference pixels only.
+    brings it back over the reference. The correction ECC makes within one level shifts it, and the
+    Gaussian pre-filter spreads the ignored content around it, so the kept region is eroded by
+    ``mask_margin`` pixels first (:data:`ECC_MASK_MARGIN`). :func:`correlation`, which decides whether
+    a refinement is kept, scores the kept reference pixels only.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def motion_of(theta: torch.Tensor) -> str:
     else ``"affine"``."""
     return "homography" if geometry.is_homography(theta) else "affine"
 
+
 # ECC's Gaussian pre-filter (pixels) on the coarse levels: widens the basin of convergence. The
 # finest level runs unfiltered: blurring both images biases a scaled or sheared fit by 0.1–0.2 px.
 ECC_GAUSSIAN_SIZE = 5
@@ -58,8 +60,11 @@ ECC_GAUSSIAN_SIZE = 5
 # a divergence (ECC slid onto another structure), not a correction.
 MAX_CORRECTION_FRACTION = 0.25
 # Pixels (at each pyramid level) by which the kept region of a reference mask is eroded: room for
-# the correction ECC makes within a level, which moves the mask with the moving image.
-ECC_MASK_MARGIN = 2
+# the correction ECC makes within a level, which moves the mask with the moving image, and for the
+# Gaussian pre-filter, which spreads the ignored content into the pixels around it (at a coarse
+# level, over many full-resolution pixels). On held-out pairs with 20 % replaced, 2 / 4 / 8 pixels:
+# 88 / 96 / 100 % under 1 px after ECC (benchmarks/RESULTS.md).
+ECC_MASK_MARGIN = 8
 # Fewest pixels a correlation is computed over; below it the score is NaN (no evidence either way).
 MIN_CORRELATION_PIXELS = 16
 # Mask values at or above this count as "use" (masks are binary; the threshold of the inpainting masks).
@@ -163,15 +168,15 @@ def correlation(
     return float(cv2.computeECC(reference, warped, mask.astype(np.uint8)))
 
 
-def _moving_frame_mask(kept: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def _moving_frame_mask(kept: np.ndarray, matrix: np.ndarray, margin: int) -> np.ndarray:
     """A reference mask ``kept`` (uint8 ``(H, W)``, 1 = use) pulled into the moving frame through the
-    pixel matrix ``matrix`` (2×3 or 3×3, reference → moving), its kept region eroded by
-    :data:`ECC_MASK_MARGIN`: the ``inputMask`` ``findTransformECC`` expects (see the module docs)."""
+    pixel matrix ``matrix`` (2×3 or 3×3, reference → moving), its kept region eroded by ``margin``
+    pixels: the ``inputMask`` ``findTransformECC`` expects (see the module docs)."""
     cv2 = import_cv2()
     square = np.vstack([matrix, [0.0, 0.0, 1.0]]) if matrix.shape[0] == 2 else matrix.astype(np.float64)
     inverse = np.linalg.inv(square)[: matrix.shape[0]].astype(np.float32)  # moving → reference
     moving_frame = _warp_inverse_map(kept, inverse, cv2.INTER_NEAREST)
-    kernel = np.ones((2 * ECC_MASK_MARGIN + 1,) * 2, np.uint8)
+    kernel = np.ones((2 * margin + 1,) * 2, np.uint8)
     return cv2.erode(moving_frame, kernel)
 
 
@@ -184,6 +189,7 @@ def _ecc_one(
     epsilon: float,
     motion: str,
     reference_mask: np.ndarray | None = None,
+    mask_margin: int = ECC_MASK_MARGIN,
 ) -> torch.Tensor:
     """Coarse-to-fine ECC from ``theta``, ``(1, 2, 3)`` for ``motion="affine"`` and ``(1, 3, 3)`` for
     ``"homography"``, returned in the same shape, using only the reference pixels ``reference_mask``
@@ -201,7 +207,7 @@ def _ecc_one(
         input_mask = None
         if reference_mask is not None:
             kept = cv2.resize(reference_mask, (width, height), interpolation=cv2.INTER_NEAREST)
-            input_mask = _moving_frame_mask(kept, warp_matrix)  # the moving frame, where OpenCV reads it
+            input_mask = _moving_frame_mask(kept, warp_matrix, mask_margin)  # the moving frame, where OpenCV reads it
         _, warp_matrix = cv2.findTransformECC(
             ref_level, mov_level, warp_matrix, motion_type, criteria, input_mask, gaussian_size
         )
@@ -222,6 +228,7 @@ def refine_theta_ecc(
     max_correction: float | None = None,
     motion: str = "affine",
     reference_mask: torch.Tensor | np.ndarray | list | None = None,
+    mask_margin: int = ECC_MASK_MARGIN,
 ) -> RefinementResult:
     r"""Refine θ with OpenCV's ECC, coarse to fine, and keep it only when it helps.
 
@@ -245,6 +252,9 @@ def refine_theta_ecc(
             region): per reference an ``(H, W)`` or ``(1, H, W)`` tensor or array at the reference's
             size, a list of them (one shared, or one per reference) or a ``(B, 1, H, W)`` tensor.
             ``None`` uses every pixel. See the module docs for how OpenCV gets it.
+        mask_margin: pixels, at each pyramid level, by which the kept region of ``reference_mask`` is
+            eroded (default :data:`ECC_MASK_MARGIN`); a region already grown, such as one found from
+            a difference, needs less.
 
     Returns:
         :class:`RefinementResult`, θ ``(B, 2, 3)`` for ``"affine"`` and ``(B, 3, 3)`` for ``"homography"``.
@@ -271,6 +281,8 @@ def refine_theta_ecc(
         raise ValueError(f"expected theta of shape {expected} for motion={motion!r}, got {shape}{hint}")
     if int(levels) < 1:
         raise ValueError(f"expected levels >= 1, got {levels}")
+    if isinstance(mask_margin, bool) or not isinstance(mask_margin, int) or mask_margin < 0:
+        raise ValueError(f"expected mask_margin as an int >= 0 (pixels), got {mask_margin!r}")
     theta = theta.detach().float().cpu()
     if motion == "homography":
         theta = geometry.to_homogeneous(theta)  # (B, 3, 3): a failed image keeps its θ in this shape
@@ -287,7 +299,7 @@ def refine_theta_ecc(
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
         initial_score = correlation(ref_gray, mov_gray, init, kept)
         try:
-            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion, kept)
+            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion, kept, mask_margin)
         except cv2.error:
             candidate = None
         accepted = False

@@ -21,6 +21,7 @@ from stn_diffusers import (
 )
 from stn_diffusers.cli import main
 from stn_diffusers.inpainting import MASK_THRESHOLD, load_mask, to_mask_tensor
+from stn_diffusers.pipelines.pipeline_stn_alignment import IGNORE_MASK_MARGIN
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 from .test_images import save_sideways
@@ -226,7 +227,7 @@ class TestIgnoreMask:
         calls = record_reference_weights(aligner, monkeypatch)
         prepare_inpainting_inputs(aligner, photo, self.quadrant_mask(), photo, align_kwargs=self.ALIGN)
         expected = torch.ones(1, 1, 16, 16)
-        expected[..., :8, :8] = 0  # the repainted quarter
+        expected[..., : 8 + IGNORE_MASK_MARGIN, : 8 + IGNORE_MASK_MARGIN] = 0  # the repainted quarter, widened
         torch.testing.assert_close(calls[0], expected, rtol=0, atol=0)
 
     def test_the_default_ignores_nothing_where_it_cannot_apply(self, aligner, photo, monkeypatch):
@@ -246,7 +247,7 @@ class TestIgnoreMask:
             aligner, photo, self.quadrant_mask(), photo, mask_frame="image", ignore_mask=ignore, align_kwargs=self.ALIGN
         )
         expected = torch.ones(1, 1, 16, 16)
-        expected[..., 8:] = 0
+        expected[..., 8 - IGNORE_MASK_MARGIN :] = 0  # the right half, widened
         torch.testing.assert_close(calls[0], expected, rtol=0, atol=0)
 
     def test_bad_ignore_masks_are_named_errors(self, aligner, photo):

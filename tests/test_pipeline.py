@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline
 
 from stn_diffusers import SpatialTransformer, STNAlignmentPipeline, STNAlignmentPipelineOutput, confidence, geometry
 from stn_diffusers.images import to_rgb_list
+from stn_diffusers.pipelines.pipeline_stn_alignment import IGNORE_MASK_MARGIN
 
 from .conftest import TINY_REGISTRATION, make_tiny_vae
 
@@ -70,9 +71,16 @@ class TestOutputs:
             seed_pipeline.stn.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, 2 * 32 / 512, 0, 1.0, 0]))
         big = astronaut.resize((1024, 1024), PIL.Image.BICUBIC)
         out = seed_pipeline(big, output_type="np")
-        expected = geometry.warp(
-            torch.from_numpy(np.asarray(big, dtype=np.float32) / 255).permute(2, 0, 1)[None], out.theta, mode="bicubic"
-        )[0].permute(1, 2, 0).numpy().clip(0, 1)
+        expected = (
+            geometry.warp(
+                torch.from_numpy(np.asarray(big, dtype=np.float32) / 255).permute(2, 0, 1)[None],
+                out.theta,
+                mode="bicubic",
+            )[0]
+            .permute(1, 2, 0)
+            .numpy()
+            .clip(0, 1)
+        )
         assert np.abs(out.warped_images[0] - expected).max() < 1e-4
         # 32 px at 512 is 64 px at 1024: column 100 of the output shows column 164 of the input.
         assert np.abs(out.warped_images[0][:, 100] - np.asarray(big)[:, 164] / 255).mean() < 0.01
@@ -307,15 +315,25 @@ class TestIgnoreMask:
     def test_the_stn_weights_each_latent_cell_by_its_kept_share(self, registration_pipeline, astronaut, monkeypatch):
         image = astronaut.resize(self.SIZE)
         calls = record_reference_weights(registration_pipeline, monkeypatch)
-        # 44 columns ignored: latent columns 0-4 entirely (0 weight), column 5 half (0.5), the rest kept.
+        # 44 columns ignored: latent columns 0-4 entirely (0 weight), column 5 half (0.5), the rest kept;
+        # then widened by IGNORE_MASK_MARGIN (3) cells: columns 0-7 at 0, column 8 at 0.5.
+        assert IGNORE_MASK_MARGIN == 3
         mask = left_columns_mask(128, 256, 44)
         registration_pipeline([image, image], reference=image, ignore_mask=mask, **self.WORK)
         (weights,) = calls
         assert weights.shape == (2, 1, 16, 32)
         expected = torch.ones(16, 32)
-        expected[:, :5], expected[:, 5] = 0.0, 0.5
+        expected[:, :8], expected[:, 8] = 0.0, 0.5
         for i in range(2):  # one mask shared by both images
             torch.testing.assert_close(weights[i, 0], expected, rtol=0, atol=0)
+
+    def test_a_mask_leaving_a_sliver_is_not_widened_over_it(self, registration_pipeline, astronaut, monkeypatch):
+        image = astronaut.resize(self.SIZE)
+        calls = record_reference_weights(registration_pipeline, monkeypatch)
+        # 232 of 256 columns ignored: the 3 kept latent columns would all fall within the margin.
+        registration_pipeline(image, reference=image, ignore_mask=left_columns_mask(128, 256, 232), **self.WORK)
+        (weights,) = calls
+        assert weights[0, 0, :, :29].max() == 0 and weights[0, 0, :, 29:].min() == 1
 
     def test_one_mask_per_image_and_no_mask_means_no_weights(self, registration_pipeline, astronaut, monkeypatch):
         image = astronaut.resize(self.SIZE)
@@ -323,7 +341,8 @@ class TestIgnoreMask:
         masks = [left_columns_mask(128, 256, 128), np.zeros((128, 256), np.uint8)]
         registration_pipeline([image, image], reference=image, ignore_mask=masks, **self.WORK)
         registration_pipeline(image, reference=image, **self.WORK)
-        assert calls[0][0, 0, :, :16].max() == 0 and calls[0][0, 0, :, 16:].min() == 1 and calls[0][1].min() == 1
+        # Half the columns ignored, widened by the margin: latent columns 0-18 at 0.
+        assert calls[0][0, 0, :, :19].max() == 0 and calls[0][0, 0, :, 19:].min() == 1 and calls[0][1].min() == 1
         assert calls[1] is None
 
     def test_a_mask_that_ignores_nothing_changes_nothing_and_one_that_ignores_half_does(

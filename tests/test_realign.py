@@ -7,7 +7,17 @@ import PIL.Image
 import pytest
 import torch
 
-from stn_diffusers import RealignEditOutput, SpatialTransformer, STNAlignmentPipeline, cli, data, geometry, realign_edit
+from stn_diffusers import (
+    RealignEditOutput,
+    SpatialTransformer,
+    STNAlignmentPipeline,
+    cli,
+    data,
+    geometry,
+    realign_edit,
+    refine,
+)
+from stn_diffusers.realign import FOUND_REGION_ECC_MARGIN
 from tests.conftest import TINY_SEARCH_REFINE
 
 SIZE = 256
@@ -71,6 +81,17 @@ class TestRealignEdit:
         found, truth = out.edit_mask >= 0.5, edit["mask"] >= 0.5
         assert (found & truth).sum() / truth.sum() > 0.9  # the edit is inside the region found
         assert found.float().mean() < 2 * truth.float().mean()  # and the region is not the whole picture
+
+    def test_the_found_region_gets_its_own_ecc_margin(self, pipe, edit, monkeypatch):
+        margins, refine_theta_ecc = [], refine.refine_theta_ecc
+
+        def spy(*args, **kwargs):
+            margins.append(kwargs.get("mask_margin"))
+            return refine_theta_ecc(*args, **kwargs)
+
+        monkeypatch.setattr(refine, "refine_theta_ecc", spy)
+        realign_edit(edit["edited"], edit["original"], pipeline=pipe, output_type="pt")
+        assert margins == [None, FOUND_REGION_ECC_MARGIN] and FOUND_REGION_ECC_MARGIN < refine.ECC_MASK_MARGIN
 
     def test_output_types(self, edit):
         kwargs = {"theta": EDIT_THETA}

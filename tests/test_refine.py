@@ -11,7 +11,14 @@ import torch
 
 from stn_diffusers import geometry
 from stn_diffusers.data import seeded_pairs
-from stn_diffusers.refine import ECC_MOTIONS, _pixel_matrix, correlation, refine_theta_ecc, to_gray
+from stn_diffusers.refine import (
+    ECC_MOTIONS,
+    _moving_frame_mask,
+    _pixel_matrix,
+    correlation,
+    refine_theta_ecc,
+    to_gray,
+)
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV is the optional [opencv] extra")
 
@@ -276,10 +283,22 @@ class TestReferenceMask:
             errors = geometry.corner_error(result.theta, truth.expand(2, -1, -1), 256, 256)
             assert (errors < 0.01).all(), errors
 
+    def test_the_kept_region_is_eroded_by_the_mask_margin(self):
+        kept = np.ones((64, 64), np.uint8)
+        kept[20:40, 24:40] = 0
+        identity = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+        for margin in (0, 2, 8):
+            ignored = np.argwhere(_moving_frame_mask(kept, identity, margin) == 0)
+            assert ignored.min(0).tolist() == [20 - margin, 24 - margin], margin
+            assert ignored.max(0).tolist() == [39 + margin, 39 + margin], margin
+
     def test_bad_masks_are_named_errors(self, photo_tensor):
         image = photo_tensor[0]  # (3, 512, 512)
-        with pytest.raises(ValueError, match=r"reference_mask of shape \(512, 512\) or \(1, 512, 512\) \(its "
-                           r"reference's size\), got \(256, 256\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"reference_mask of shape \(512, 512\) or \(1, 512, 512\) \(its "
+            r"reference's size\), got \(256, 256\)",
+        ):
             refine_theta_ecc(image, image, reference_mask=torch.ones(256, 256))
         with pytest.raises(ValueError, match=r"reference_mask of shape .* got \(3, 512, 512\)"):
             refine_theta_ecc(image, image, reference_mask=torch.ones(3, 512, 512))  # channels: one mask, not RGB
@@ -287,6 +306,9 @@ class TestReferenceMask:
             refine_theta_ecc(image, image, reference_mask=torch.zeros(1, 512, 512))
         with pytest.raises(ValueError, match="expected 1 or 2 reference_masks"):
             refine_theta_ecc([image, image], [image, image], reference_mask=[torch.ones(512, 512)] * 3)
+        for margin in (-1, 2.5, True):
+            with pytest.raises(ValueError, match=r"expected mask_margin as an int >= 0 \(pixels\), got"):
+                refine_theta_ecc(image, image, reference_mask=torch.ones(512, 512), mask_margin=margin)
 
 
 class TestPipelineRefine:

@@ -54,6 +54,14 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 # Stable Diffusion's pixels per latent cell, for a VAE whose config does not list its levels.
 DEFAULT_VAE_SCALE_FACTOR = 8
+# Latent cells by which an ignore mask's region is widened for the STN: a VAE encoder's receptive
+# field spreads a changed region's content into the latents around it (the cells next to a pasted
+# patch differ from the unchanged photo's), and those cells would pull the fit like the patch itself.
+# On held-out pairs with 20 % replaced, 0 / 1 / 2 / 3 cells: STN alone 79 / 88 / 96 / 100 % under 5 px
+# (benchmarks/RESULTS.md).
+IGNORE_MASK_MARGIN = 3
+# The widening applies only where it leaves at least this share of the reference's cells.
+MIN_MARGIN_KEPT_SHARE = 0.1
 
 
 def vae_scale_factor(vae) -> int:
@@ -102,8 +110,9 @@ class STNAlignmentPipeline(DiffusionPipeline):
     reference's own size (it is drawn on the reference; a mask of another size is refused rather
     than stretched onto it) and the value rules of the inpainting masks (:mod:`stn_diffusers.inpainting`:
     binarised at half of full scale). The STN gives each latent cell the share of it that is kept
-    (``reference_weights``, area average), and ECC refinement uses only the kept pixels. Only an STN
-    with ``architecture="correlation"`` can weight cells; the seed design refuses a mask.
+    (``reference_weights``, area average, the ignored region widened by ``IGNORE_MASK_MARGIN`` cells
+    for the encoder's reach), and ECC refinement uses only the kept pixels. The correlation and
+    search-refine designs weight cells; the seed design refuses a mask.
 
     Args:
         vae: a diffusers VAE with ``encode``/``decode`` (``AutoencoderKL``, ``AutoencoderTiny``).
@@ -528,8 +537,15 @@ class STNAlignmentPipeline(DiffusionPipeline):
     def _reference_weights(ignore_masks: list[torch.Tensor], num_images: int, latent_size: tuple[int, int]):
         """Ignore masks ``(1, H, W)`` (1 = ignore) → the STN's ``reference_weights`` ``(B, 1, h, w)``
         (1 = use): the kept share of each latent cell, by area average, so a cell half covered by the
-        mask counts half. θ is normalised, so the mask maps onto the latent grid by this resize alone."""
+        mask counts half, then the ignored region widened by :data:`IGNORE_MASK_MARGIN` cells. θ is
+        normalised, so the mask maps onto the latent grid by this resize alone."""
         kept = torch.cat([F.interpolate(1.0 - mask[None], size=latent_size, mode="area") for mask in ignore_masks])
+        margin = IGNORE_MASK_MARGIN
+        # A cell keeps the least kept share within `margin` cells (the padding of max_pool2d never wins).
+        eroded = -F.max_pool2d(-kept, 2 * margin + 1, stride=1, padding=margin)
+        # A mask that leaves only a sliver keeps its own cells rather than none.
+        enough = eroded.flatten(1).mean(dim=1) >= MIN_MARGIN_KEPT_SHARE
+        kept = torch.where(enough.view(-1, 1, 1, 1), eroded, kept)
         return kept.expand(num_images, -1, -1, -1) if len(ignore_masks) == 1 else kept  # (B, 1, h, w)
 
     def _hold_small_motions(
