@@ -16,9 +16,12 @@ The page works offline: no analytics, no share link unless ``--share``, fonts se
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import importlib.util
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,11 @@ OUTPUT_HEIGHT = 240
 DIFFERENCE_GAIN = 3.0
 ALIGNED_FILE = "aligned.png"
 VALID_MASK_FILE = "aligned_valid_mask.png"
+# Alignment folders kept on disk: gradio copies a download into its own cache as the callback returns,
+# so older folders are no longer read and are removed as new ones come.
+KEPT_ALIGNMENTS = 4
+# gradio's own cache (what it copied to serve) is swept of files older than this, this often (seconds).
+CACHE_LIFETIME = 3600
 
 # The first example: a square crop of the astronaut, and the same scene moved by a known
 # misalignment (the θ that aligns it back: a similarity about the crop's centre).
@@ -263,7 +271,9 @@ def on_align(pipeline, folder: Path, image, reference, ignore_mask, refine: bool
     except (*USER_ERRORS, ImportError) as error:
         raise gr.Error(" ".join(str(error).split())) from error
     # One folder per alignment: gradio copies the files it serves, and two visitors' files never collide.
-    output = Path(tempfile.mkdtemp(dir=folder))
+    # Named by creation time, so the names sort oldest first.
+    output = Path(tempfile.mkdtemp(dir=folder, prefix=f"alignment-{time.time_ns():020d}-"))
+    _remove_old_alignments(folder)
     result.aligned.save(output / ALIGNED_FILE)
     result.valid_mask.save(output / VALID_MASK_FILE)
     return (
@@ -279,6 +289,13 @@ def on_align(pipeline, folder: Path, image, reference, ignore_mask, refine: bool
     )
 
 
+def _remove_old_alignments(folder: Path) -> None:
+    """Delete all but the newest :data:`KEPT_ALIGNMENTS` alignment folders in ``folder``."""
+    alignments = sorted(folder.glob("alignment-*"))
+    for old in alignments[:-KEPT_ALIGNMENTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_app(pipeline, refine: str | None = None):
     """The ``gradio.Blocks`` page over ``pipeline`` (an ``STNAlignmentPipeline``), not launched.
 
@@ -288,12 +305,14 @@ def build_app(pipeline, refine: str | None = None):
     gr = import_gradio()
     if refine is not None and refine not in REFINE_METHODS:
         raise ValueError(f"expected refine in {(None, *REFINE_METHODS)}, got {refine!r}")
-    # Generated examples and downloads live as long as the process; `gradio` copies what it serves.
+    # Generated examples and the latest downloads live as long as the process; `gradio` copies what it serves.
     folder = Path(tempfile.mkdtemp(prefix="stn-diffusers-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     has_opencv = importlib.util.find_spec("cv2") is not None
     if refine is not None:
         import_cv2()  # asked for from the start: say now which extra is missing
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    cache = (CACHE_LIFETIME, CACHE_LIFETIME)
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as demo:
         gr.Markdown(
             f"# {TITLE}\nUpload the image to move and the reference to align it onto, then **Align**. θ is "
             f"estimated in the VAE's latent space ({pipeline.vae_scale_factor}× smaller) and applied to the "

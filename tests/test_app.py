@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -138,6 +139,16 @@ class TestInputErrors:
             assert button.interactive
             with PIL.Image.open(button.value["path"]) as picture:
                 assert (picture.format, picture.mode, picture.size) == ("PNG", mode, (app.EXAMPLE_SIZE,) * 2)
+
+    def test_only_the_latest_alignments_stay_on_disk(self, pipeline, examples, tmp_path):
+        _, moving_path, reference_path = examples[0]
+        moving, reference = load_image(moving_path), load_image(reference_path)
+        for count in range(1, app.KEPT_ALIGNMENTS + 3):
+            served = app.on_align(pipeline, tmp_path, moving, reference, None, False)[-2].value["path"]
+            folders = sorted(tmp_path.glob("alignment-*"))
+            assert len(folders) == min(count, app.KEPT_ALIGNMENTS)
+            assert {path.name for path in folders[-1].iterdir()} == {app.ALIGNED_FILE, app.VALID_MASK_FILE}
+            assert Path(served).is_file()  # what the page serves outlives the folder it came from
 
 
 # --------------------------------------------------------------------------------------- command
