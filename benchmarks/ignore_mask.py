@@ -1,10 +1,11 @@
 """What an ignore mask is worth: STN and STN + ECC on pairs where part of the moving image changed.
 
     taskset -c 0 python benchmarks/ignore_mask.py --data data/photos/heldout --num-pairs 24
+    taskset -c 0 python benchmarks/ignore_mask.py --data data/photos/heldout --local-change 0.1 0.3
     python benchmarks/ignore_mask.py --local-change 0.3 --warp small     # the bundled photos
 
 Seeded pairs (:func:`stn_diffusers.data.seeded_pairs`) with ``--local-change`` of each moving image
-replaced by content of another photo (``Pair.changed``, in the moving frame). The same pipeline
+(one share, or a range spread evenly over the pairs) replaced by content of another photo (``Pair.changed``, in the moving frame). The same pipeline
 aligns three versions of the same pairs:
 
 * ``clean``: the pairs without the change (``local_change=0``), the reference point;
@@ -81,6 +82,19 @@ def table(results: dict[str, dict[str, list]]) -> str:
     return metrics.markdown_table(header, rows)
 
 
+def change_shares(local_change: list[float], num_pairs: int) -> list[float]:
+    """The share of each pair's moving image replaced: ``local_change`` ``[share]`` for every pair, or
+    ``[low, high]`` spread evenly from ``low`` (first pair) to ``high`` (last pair)."""
+    low, high = local_change[0], local_change[-1]
+    return [low + (high - low) * i / max(num_pairs - 1, 1) for i in range(num_pairs)]
+
+
+def describe_shares(local_change: list[float]) -> str:
+    if len(local_change) == 1 or local_change[0] == local_change[1]:
+        return f"{local_change[0]:.0%}"
+    return f"{local_change[0]:.0%} to {local_change[1]:.0%} (spread evenly over the pairs)"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="folder of photos (default: the photos bundled with the package)")
@@ -88,15 +102,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-pairs", type=int, default=24, help="seeded pairs (cycling over the photos)")
     parser.add_argument("--resolution", type=int, default=512, help="pixel side of the square pairs")
     parser.add_argument("--warp", default="standard", choices=tuple(geometry.WARP_PRESETS), help="misalignment")
-    parser.add_argument("--local-change", type=float, default=0.2, help="share of each moving image replaced")
+    parser.add_argument(
+        "--local-change", type=float, nargs="+", default=[0.2], metavar="SHARE",
+        help="share of each moving image replaced; two values: a range, spread evenly over the pairs",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if not 0.0 < args.local_change < 1.0:
-        raise SystemExit(f"error: expected --local-change in (0, 1), got {args.local_change}")
+    if len(args.local_change) > 2 or not all(0.0 < share < 1.0 for share in args.local_change):
+        raise SystemExit(f"error: expected one or two --local-change values in (0, 1), got {args.local_change}")
     torch.set_num_threads(1)
     import_cv2().setNumThreads(1)
     if args.data:
@@ -109,11 +126,12 @@ def main() -> None:
     settings = dict(resolution=args.resolution, warp=args.warp, seed=args.seed, names=names)
     # The same seeded pairs with and without the change: local changes draw from generators of their own.
     clean = data.seeded_pairs(sources, args.num_pairs, **settings)
-    changed = data.seeded_pairs(sources, args.num_pairs, local_change=args.local_change, **settings)
+    shares = change_shares(args.local_change, args.num_pairs)
+    changed = [data.seeded_pair(sources, i, local_change=share, **settings) for i, share in enumerate(shares)]
     results = measure(pipe, clean, changed)
     print(
         f"{args.num_pairs} pairs from {args.data or 'the bundled photos'}, {args.resolution}×{args.resolution}, "
-        f"warp `{args.warp}`, {args.local_change:.0%} of each moving image replaced, seed {args.seed}, "
+        f"warp `{args.warp}`, {describe_shares(args.local_change)} of each moving image replaced, seed {args.seed}, "
         f"pipeline {args.pipeline or 'embedded default'}. MACE in pixels."
     )
     print()

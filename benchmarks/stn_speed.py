@@ -4,11 +4,12 @@
 
 `stn-diffusers evaluate` times each pair's estimate right after that pair's VAE encode, so the
 estimate starts with caches the encoder has just filled with its own activations. Here every pair
-is encoded first; then the pipeline's `predict_theta` (batch 1, one thread, inference mode) runs
-over all pairs `--repeats` times, and OpenCV's 3-level pyramid ECC (the `ecc` method of
-`evaluate`, one thread) over the same pairs as many times. Reported: the median and mean per pair,
-and the median of each stage of the search-refine design (features, search, candidate selection,
-refinement, identity test) from a profile of one pass.
+is encoded first; then, pair by pair and `--repeats` times over all pairs, the pipeline's
+`predict_theta` (batch 1, one thread, inference mode) and OpenCV's 3-level pyramid ECC (the `ecc`
+method of `evaluate`, one thread) run one after the other, so a drift in the machine's speed
+weighs on both alike. Reported: the median and mean per pair, and the median of each stage of the
+search-refine design (features, search, candidate selection, refinement, identity test) from a
+profile of one pass.
 """
 
 from __future__ import annotations
@@ -52,24 +53,22 @@ def main() -> None:
         moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
         reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
 
-    stn_seconds, errors = [], []
+    stn_seconds, ecc_seconds, errors = [], [], []
     with torch.inference_mode():
         pipe.predict_theta(moving[:1], reference[:1])  # warm-up: the grid's motion basis is cached once
+        # Pair by pair, the STN then ECC: a drift in the machine's speed weighs on both alike.
         for _ in range(args.repeats):
             for i, pair in enumerate(pairs):
                 start = time.perf_counter()
                 theta = pipe.predict_theta(moving[i : i + 1], reference[i : i + 1])
                 stn_seconds.append(time.perf_counter() - start)
                 errors.append(float(geometry.corner_error(theta, pair.theta[None], 512, 512)))
-    ecc_seconds = []
-    for _ in range(args.repeats):
-        for pair in pairs:
-            start = time.perf_counter()
-            try:
-                CLASSICAL_ESTIMATORS["ecc"](pair.reference, pair.moving)
-            except Exception:  # a failed ECC still cost its time  # noqa: BLE001
-                pass
-            ecc_seconds.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                try:
+                    CLASSICAL_ESTIMATORS["ecc"](pair.reference, pair.moving)
+                except Exception:  # a failed ECC still cost its time  # noqa: BLE001
+                    pass
+                ecc_seconds.append(time.perf_counter() - start)
 
     import cProfile
     import pstats
