@@ -5,8 +5,8 @@
     python benchmarks/ignore_mask.py --local-change 0.3 --warp small     # the bundled photos
 
 Seeded pairs (:func:`stn_diffusers.data.seeded_pairs`) with ``--local-change`` of each moving image
-(one share, or a range spread evenly over the pairs) replaced by content of another photo (``Pair.changed``, in the moving frame). The same pipeline
-aligns three versions of the same pairs:
+(one share, or a range spread evenly over the pairs) replaced by content of another photo
+(``Pair.changed``, in the moving frame). The same pipeline aligns three versions of the same pairs:
 
 * ``clean``: the pairs without the change (``local_change=0``), the reference point;
 * ``changed``: with the change, every pixel used;
