@@ -7,7 +7,9 @@ The reference never moves: its gradients and the Jacobian of the motion are comp
 second-order form, see :func:`gauss_newton_step`) and solves a 6×6 (8×8 for a homography) system. Residuals
 are weighted robustly (a Cauchy weight on each cell's residual, scaled by the median residual) so a
 moving object or a pasted region does not drag the fit, and cells the warp exposes (padding) or the
-caller ignores (``reference_weights``) take no part.
+caller ignores (``reference_weights``) take no part. A step may be held to the shear-free motions
+(rotation, a scale per axis and a shift: :func:`shear_free_basis`), which a coarse or smooth map
+constrains far better than a shear.
 
 θ follows the convention in :mod:`stn_diffusers.geometry`: ``warp(moving, θ) ≈ reference``.
 """
@@ -66,6 +68,25 @@ def motion_jacobian(height: int, width: int, transform: str, like: torch.Tensor)
         jac_x += [-x * x, -x * y]
         jac_y += [-x * y, -y * y]
     return torch.stack(jac_x, -1), torch.stack(jac_y, -1)
+
+
+@functools.lru_cache(maxsize=32)
+def shear_free_basis(
+    height: int, width: int, num_params: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(P, 5)``: the step parameters (:func:`params_to_matrix`, ``P`` = 6 or 8) of a shear-free motion
+    ``(sx, sy, r, tx, ty)`` on an ``h × w`` grid: a scale step per axis, a rotation step and a shift.
+
+    In normalised units a rotation mixes the axes by the aspect ratio ``a = w / h``: its generator is
+    ``[[0, -1/a], [a, 0]]``; the shear left out is ``[[0, 1/a], [a, 0]]``. Never modified in place.
+    """
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
+        aspect = width / height
+        basis = torch.zeros(num_params, 5, dtype=torch.float64, device=device)
+        basis[0, 0] = basis[4, 1] = 1.0  # scale steps of x and y
+        basis[1, 2], basis[3, 2] = -1.0 / aspect, aspect  # rotation step
+        basis[2, 3] = basis[5, 4] = 1.0  # shift
+        return basis.to(dtype)
 
 
 def params_to_matrix(params: torch.Tensor) -> torch.Tensor:
@@ -293,6 +314,7 @@ def gauss_newton_step(
     theta: torch.Tensor,
     robust: bool = True,
     moving_weights: torch.Tensor | None = None,
+    shear_free: bool = False,
 ) -> torch.Tensor:
     """One Gauss–Newton step: θ ``(B, 2, 3)`` or ``(B, 3, 3)`` → the refined θ, ``(B, 2, 3)`` when both θ
     and the linearised motion are affine, else a homography ``(B, 3, 3)`` (an affine θ is lifted when
@@ -307,7 +329,8 @@ def gauss_newton_step(
 
     The normal equations are two matrix products of per-cell structure tensors with Jacobian products
     computed once (:class:`LinearisedReference`), so no ``(B, D, cells, P)`` tensor is ever formed:
-    this is the inner loop of the aligner.
+    this is the inner loop of the aligner. With ``shear_free``, the step is the least-squares one
+    among the shear-free motions (the system projected on :func:`shear_free_basis`).
     """
     reference = linearised.features
     batch, num_params = reference.shape[0], linearised.num_params
@@ -330,8 +353,13 @@ def gauss_newton_step(
     moments = (tensor * weights) @ linearised.monomials  # (B, 3, K)
     hessian = (moments.flatten(1) @ linearised.assemble).view(batch, num_params, num_params)
     gradient = (drive * weights).flatten(1) @ linearised.jacobian  # (B, P)
+    if shear_free:
+        basis = shear_free_basis(*reference.shape[-2:], num_params, hessian.dtype, hessian.device)  # (P, 5)
+        hessian, gradient = basis.T @ hessian @ basis, gradient @ basis
     damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
-    params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P)
+    params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P) or (B, 5)
+    if shear_free:
+        params = params @ basis.T  # (B, P)
     # θ ← θ ∘ W_p⁻¹. With both affine, the (2, 3) θ times the (3, 3) inverse is already the product's top rows.
     step = torch.linalg.inv(params_to_matrix(params))  # (B, 3, 3)
     if num_params == 6 and not geometry.is_homography(theta):
@@ -347,16 +375,18 @@ def refine(
     robust: bool = True,
     tolerance: float = 0.0,
     moving_weights: torch.Tensor | None = None,
+    shear_free_steps: int = 0,
 ) -> torch.Tensor:
-    """Up to ``iterations`` Gauss–Newton steps from θ; returns the last iterate.
+    """Up to ``iterations`` Gauss–Newton steps from θ; returns the last iterate. The first
+    ``shear_free_steps`` are held to the shear-free motions (see :func:`gauss_newton_step`).
 
     With ``tolerance > 0``, stops early once no entry of any pair's θ moved by more than it in a step
     (normalised units: 1e-4 is 0.026 px of a 512-px image): converged pairs then cost nothing more.
     Training keeps a fixed count (``tolerance=0``), so every run takes the same steps.
     """
-    for _ in range(iterations):
+    for index in range(iterations):
         previous = theta
-        theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights)
+        theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights, index < shear_free_steps)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

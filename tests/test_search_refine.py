@@ -110,6 +110,34 @@ class TestGaussNewton:
         assert theta.shape == truth.shape
         assert error_px(theta, truth, 64, 64) < 0.5 < error_px(start, truth, 64, 64)
 
+    def test_shear_free_steps_fit_rotation_and_axis_scales_but_not_a_shear(self):
+        height, width = 48, 64  # non-square: a rotation mixes the normalised axes by the aspect ratio
+        reference = smooth_field(height, width, seed=3)
+        stretch = torch.tensor([[[1.03, 0.0, 0.0], [0.0, 0.97, 0.0]]])
+        free = geometry.compose_theta(similarity(4.0, 1.02, 0.03, -0.02, aspect=width / height), stretch)
+        # A symmetric shear of 0.06 in pixels: in normalised units the off-diagonals scale by the aspect.
+        shear = torch.tensor([[[1.0, 0.06 * height / width, 0.0], [0.06 * width / height, 1.0, 0.0]]])
+        linearised = gauss_newton.linearise_reference(reference)
+        start = geometry.identity_theta(1)
+        errors = {}
+        for name, truth in (("free", free), ("shear", shear)):
+            moving = moved(reference, truth)
+            for steps in (0, 10):
+                theta = gauss_newton.refine(linearised, moving, start, iterations=10, shear_free_steps=steps)
+                errors[name, steps] = error_px(theta, truth, height, width)
+        # Steps in the shear-free tangent compose to a rotation of a stretch up to a little shear.
+        assert errors["free", 10] < 1.0 and errors["free", 0] < 0.5, errors
+        assert errors["shear", 0] < 0.5 < 5.0 < errors["shear", 10], errors  # no step could fit the shear
+
+    def test_the_shear_free_basis_spans_rotation_scales_and_shift(self):
+        basis = gauss_newton.shear_free_basis(12, 24, 8, torch.float64, torch.device("cpu"))
+        assert basis.shape == (8, 5) and not basis[6:].any()  # no perspective step
+        rotation = gauss_newton.params_to_matrix(1e-4 * basis[:, 2][None])[0, :2, :2] - torch.eye(
+            2, dtype=torch.float64
+        )
+        # The rotation generator in normalised units of a 24 × 12 grid (aspect 2): [[0, -1/2], [2, 0]].
+        torch.testing.assert_close(rotation / 1e-4, torch.tensor([[0.0, -0.5], [2.0, 0.0]], dtype=torch.float64))
+
     @pytest.mark.parametrize("transform", ["affine", "homography"])
     def test_sampling_grid_is_affine_grids_convention(self, transform):
         theta = similarity(7.0, 1.1, 0.05, -0.02)
@@ -278,6 +306,7 @@ class TestSearchRefineDesign:
         ("conditioning", "none"), ("transform", "similarity"), ("refine_strides", (2, 2)),
         ("refine_iterations", (4,)), ("search_scale", 0.9), ("search_translation", 1.5), ("feature_dim", 2),
         ("search_candidates", 0), ("inference_refine_iterations", (4, 4)), ("inference_refine_iterations", (4, 0, 4)),
+        ("inference_shear_free_steps", (4, 2)), ("inference_shear_free_steps", (4, -1, 0)),
     ])  # fmt: skip
     def test_bad_configs_name_the_expected_value(self, option, value):
         with pytest.raises(ValueError, match="expected"):
@@ -306,6 +335,31 @@ def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refi
     with torch.no_grad():
         model.predict_theta(moving, reference)
     assert [steps.count(size) for size in (8, 16, 32)] == [4, 6, 9]
+
+
+def test_only_inference_holds_the_first_coarse_steps_to_shear_free_motions(monkeypatch):
+    model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "inference_shear_free_steps": (3, 2, 0)})
+    reference = smooth_field(32, 32, seed=11)
+    moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
+    steps = []
+    real_step = gauss_newton.gauss_newton_step
+
+    def spy(linearised, moving, theta, robust=True, moving_weights=None, shear_free=False):
+        steps.append((linearised.features.shape[-1], shear_free))
+        return real_step(linearised, moving, theta, robust, moving_weights, shear_free)
+
+    monkeypatch.setattr(gauss_newton, "gauss_newton_step", spy)
+    monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # every allowed step is taken
+    model.eval()
+    with torch.no_grad():
+        model.predict_theta(moving, reference)
+    assert [free for size, free in steps if size == 8] == [True] * 3 + [False]  # the selection's coarse level
+    assert [free for size, free in steps if size == 16] == [True] * 2 + [False] * 4
+    assert not any(free for size, free in steps if size == 32)
+    steps.clear()
+    model.train()
+    model.predict_theta(moving, reference)
+    assert steps and not any(free for _, free in steps)
 
 
 class TestBothWays:

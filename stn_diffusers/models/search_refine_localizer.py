@@ -14,6 +14,9 @@
    each of ``refine_strides`` in turn, ``refine_iterations`` steps each in training (at inference up
    to ``inference_refine_iterations``, a level stopping once converged), down to stride 1 (the latent
    grid), with sub-cell precision. Brightness and contrast are matched on the overlap at each step.
+   At inference the first ``inference_shear_free_steps`` of each level fit no shear (rotation, a
+   scale per axis and a shift): a coarse or smooth map barely constrains a shear, and a shear fitted
+   there from a search candidate can run off to a squashed view of a smooth region.
 4. **Aligned pairs stay put.** At inference the answer is weighed against the identity by a robust
    residual (:func:`~stn_diffusers.gauss_newton.compare_with_identity`: the median cell residual, so
    up to half of the picture may change without moving the pair); unless the answer fits clearly
@@ -158,6 +161,8 @@ class SearchRefineLocalizer(Localizer):
             inverse of that answer when it fits better (twice the cost). A viewpoint change that
             foreshortens the moving image beyond the searched scales is inside them the other way
             round. Default (``None``): on for ``transform="homography"``, off for ``"affine"``.
+        inference_shear_free_steps: at inference, how many of each level's first Gauss–Newton steps
+            fit no shear (see the module; default: none). Training fits every step in full.
     """
 
     supports_reference_weights = True
@@ -181,6 +186,7 @@ class SearchRefineLocalizer(Localizer):
         refine_iterations: tuple[int, ...],
         inference_refine_iterations: tuple[int, ...] | None = None,
         search_both_ways: bool | None = None,
+        inference_shear_free_steps: tuple[int, ...] | None = None,
     ):
         super().__init__()
         require_reference(conditioning, "search_refine")
@@ -204,6 +210,14 @@ class SearchRefineLocalizer(Localizer):
                 f"expected one inference_refine_iterations entry >= 1 per refine stride ({len(refine_strides)}), "
                 f"got {inference_refine_iterations}"
             )
+        if inference_shear_free_steps is None:
+            inference_shear_free_steps = (0,) * len(refine_strides)
+        inference_shear_free_steps = tuple(inference_shear_free_steps)
+        if len(inference_shear_free_steps) != len(refine_strides) or min(inference_shear_free_steps) < 0:
+            raise ValueError(
+                f"expected one inference_shear_free_steps entry >= 0 per refine stride ({len(refine_strides)}), "
+                f"got {inference_shear_free_steps}"
+            )
         if search_candidates < 1:
             raise ValueError(f"expected search_candidates >= 1, got {search_candidates}")
         if search_stride < 1 or search_rotation < 0 or search_rotation_step <= 0:
@@ -223,6 +237,7 @@ class SearchRefineLocalizer(Localizer):
         self.refine_strides = refine_strides
         self.refine_iterations = refine_iterations
         self.inference_refine_iterations = inference_refine_iterations
+        self.inference_shear_free_steps = inference_shear_free_steps
         self.search_both_ways = transform == "homography" if search_both_ways is None else bool(search_both_ways)
         self.localization = MatchingFeatures(in_channels, int(feature_channels[0]), int(feature_dim))
         self.register_buffer(
@@ -274,8 +289,8 @@ class SearchRefineLocalizer(Localizer):
         moving_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gauss–Newton at each refinement stride from ``first_level`` on, coarse to fine."""
-        levels = list(zip(self.refine_strides, self._iterations()))[first_level:]
-        for stride, iterations in levels:
+        levels = list(zip(self.refine_strides, self._iterations(), self._shear_free_steps()))[first_level:]
+        for stride, iterations, shear_free_steps in levels:
             # Coarse levels are not reweighted: far from the answer every residual is large, and
             # downweighting them slows the approach; the finest level is, against local changes.
             theta = gauss_newton.refine(
@@ -286,11 +301,15 @@ class SearchRefineLocalizer(Localizer):
                 robust=stride == 1,
                 tolerance=self._tolerance(),
                 moving_weights=pool_content(moving_weights, stride),
+                shear_free_steps=shear_free_steps,
             )
         return theta
 
     def _iterations(self) -> tuple[int, ...]:
         return self.refine_iterations if self.training else self.inference_refine_iterations
+
+    def _shear_free_steps(self) -> tuple[int, ...]:
+        return (0,) * len(self.refine_strides) if self.training else self.inference_shear_free_steps
 
     def _tolerance(self) -> float:
         # At inference a level stops once its steps no longer move θ; training takes every step.
@@ -318,8 +337,9 @@ class SearchRefineLocalizer(Localizer):
         content = pool_content(moving_weights, stride)
         content = None if content is None else content.repeat_interleave(count, dim=0)
         refined = gauss_newton.refine(
-            level, moving, starts.flatten(0, 1), iterations, robust=False, moving_weights=content
-        )
+            level, moving, starts.flatten(0, 1), iterations, robust=False, moving_weights=content,
+            shear_free_steps=self._shear_free_steps()[0],
+        )  # fmt: skip
         cost = gauss_newton.compare_with_identity(level, moving, refined, content)[0].view(batch, count)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
         best = cost.argmin(dim=1)

@@ -63,6 +63,7 @@ STN_PRESETS: dict[str, dict] = {
         "refine_strides": (4, 2, 1),
         "refine_iterations": (4, 4, 4),
         "inference_refine_iterations": (4, 6, 8),
+        "inference_shear_free_steps": (4, 2, 0),
     },
     # The first registration design (a learned correlation cascade), kept for pipelines saved with it.
     "correlation": {
@@ -140,6 +141,10 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
             image and keep the inverse of that answer when it fits better (twice the cost; default:
             on for ``transform="homography"``, where a viewpoint change can foreshorten the moving
             image beyond the searched scales one way but not the other).
+        inference_shear_free_steps (`tuple[int, ...]`, *optional*): per level, how many of the first
+            Gauss–Newton steps at inference fit no shear (rotation, a scale per axis and a shift;
+            default: none). Coarse levels fitted this way keep a smooth photo from pulling the answer
+            into a sheared, squashed view.
         vae_fingerprint (`str`, *optional*): identity of the VAE whose latent space this model
             was trained in; pipelines warn when it is paired with another.
 
@@ -176,6 +181,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
         refine_iterations: tuple[int, ...] = (4, 4, 4),
         inference_refine_iterations: tuple[int, ...] | None = None,
         search_both_ways: bool | None = None,
+        inference_shear_free_steps: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self._check_config(in_channels, conditioning, architecture, transform, num_iterations, padding_mode)
@@ -203,6 +209,7 @@ class SpatialTransformer(ModelMixin, ConfigMixin):
                 refine_iterations,
                 inference_refine_iterations,
                 search_both_ways,
+                inference_shear_free_steps,
             )
         self._adopt(localizer)
 
