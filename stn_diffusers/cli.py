@@ -71,8 +71,8 @@ def check_pipeline_folder(folder: str | os.PathLike) -> None:
     index_path = folder / MODEL_INDEX
     if not index_path.is_file():
         raise FileNotFoundError(
-            f"expected --pipeline to be a saved pipeline folder or a hub id, got {str(folder)!r}, "
-            f"which has no {MODEL_INDEX}"
+            f"expected --pipeline to be a saved pipeline folder, a hub id or an embedded pipeline's name "
+            f"(fast, accurate), got {str(folder)!r}, which has no {MODEL_INDEX}"
         )
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -101,12 +101,12 @@ def load_pipeline(name_or_path: str | None, device: str | torch.device = "cpu"):
 
     A local folder is checked first (:func:`check_pipeline_folder`) and only safetensors weights are read.
     """
-    from .default import EMBEDDED_PIPELINES, load_default
+    from .default import load_default
     from .pipelines import STNAlignmentPipeline
 
     if name_or_path is None:
         return load_default(device)
-    if name_or_path in EMBEDDED_PIPELINES and not os.path.exists(name_or_path):
+    if _is_embedded_name(name_or_path):
         return load_default(device, variant=name_or_path)
     if not _is_hub_id(name_or_path):
         check_pipeline_folder(name_or_path)
@@ -118,6 +118,13 @@ def add_pipeline_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pipeline", default=None, help="saved pipeline folder, hub id, or an embedded one: fast (default), accurate"
     )
+
+
+def _is_embedded_name(name_or_path: str) -> bool:
+    """An embedded pipeline's name (``fast``, ``accurate``) with no local folder of that name."""
+    from .default import EMBEDDED_PIPELINES
+
+    return name_or_path in EMBEDDED_PIPELINES and not os.path.exists(name_or_path)
 
 
 def _is_hub_id(name_or_path: str) -> bool:
@@ -569,7 +576,7 @@ def _named_pipelines(specs: list[str] | None, device: torch.device) -> dict:
         return {"stn": load_pipeline(None, device)}
     folders = _pipeline_specs(specs)
     for path in folders.values():
-        if not _is_hub_id(path):
+        if not (_is_hub_id(path) or _is_embedded_name(path)):
             check_pipeline_folder(path)  # a mistake in the last folder is reported before the first loads
     return {name: load_pipeline(path, device) for name, path in folders.items()}
 
@@ -634,7 +641,8 @@ def _add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pipeline", action="append", default=None, metavar="[NAME=]DIR",
-        help="saved STNAlignmentPipeline folder, repeatable as NAME=DIR (default: the embedded one)",
+        help="saved STNAlignmentPipeline folder, hub id or embedded one (fast, accurate), repeatable as NAME=DIR "
+        "(default: the embedded fast one)",
     )  # fmt: skip
     photos = parser.add_mutually_exclusive_group(required=True)
     photos.add_argument("--data", default=None, help="folder of photos the pipelines never trained on")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stn_diffusers import evaluation, geometry, metrics
+from stn_diffusers import cli, evaluation, geometry, metrics
 from stn_diffusers.cli import build_parser, main
 from stn_diffusers.data import Pair, seeded_pairs
 from stn_diffusers.evaluation import (
@@ -175,6 +175,16 @@ class TestPairsAndMethods:
 
 
 class TestCli:
+    def test_embedded_pipelines_are_named_like_in_every_other_verb(self, monkeypatch, tmp_path):
+        loaded = []
+        monkeypatch.setattr(cli, "load_pipeline", lambda name, device: loaded.append(name) or name)
+        pipelines = cli._named_pipelines(["accurate", "fast=fast"], torch.device("cpu"))
+        assert pipelines == {"accurate": "accurate", "fast": "fast"} and loaded == ["accurate", "fast"]
+        (tmp_path / "accurate").mkdir()  # a folder of that name is a folder, and this one holds no pipeline
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(FileNotFoundError, match="model_index.json"):
+            cli._named_pipelines(["accurate"], torch.device("cpu"))
+
     def test_defaults_are_the_librarys(self):
         args = build_parser().parse_args(["evaluate", "--data", "photos"])
         assert args.num_pairs == inspect.signature(evaluate).parameters["num_pairs"].default == DEFAULT_NUM_PAIRS
