@@ -258,10 +258,9 @@ def refine_theta_ecc(
 
     Returns:
         :class:`RefinementResult`, θ ``(B, 2, 3)`` for ``"affine"`` and ``(B, 3, 3)`` for ``"homography"``.
-        Where ECC raises (``cv2.error``), returns a non-finite matrix or moves implausibly far, it is
-        run again from the next finer pyramid level, down to the full resolution alone. Where it still
-        does, or lowers the correlation below the initial θ's, the initial θ is kept and
-        ``converged`` is False: a batch never stops on one bad image.
+        Where ECC raises (``cv2.error``), returns a non-finite matrix, moves implausibly far, or lowers
+        the correlation below the initial θ's, the initial θ is kept and ``converged`` is False: a
+        batch never stops on one bad image.
     """
     if motion not in ECC_MOTIONS:
         raise ValueError(f"expected motion in {ECC_MOTIONS}, got {motion!r}")
@@ -299,23 +298,16 @@ def refine_theta_ecc(
         kept = None if mask is None else cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
         initial_score = correlation(ref_gray, mov_gray, init, kept)
+        try:
+            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion, kept, mask_margin)
+        except cv2.error:
+            candidate = None
         accepted = False
-        # A coarse level can slide off a low-texture photo: a divergence (OpenCV gives up, or the
-        # corners run past the limit) is tried again from the next finer level, a refinement that
-        # merely does not improve the correlation is not.
-        for depth in range(int(levels), 0, -1):
-            try:
-                candidate = _ecc_one(ref_gray, mov_gray, init, depth, iterations, epsilon, motion, kept, mask_margin)
-            except cv2.error:
-                continue
-            if not torch.isfinite(candidate).all():
-                continue
-            if geometry.corner_error(candidate, init, height, width).item() > limit:
-                continue
+        if candidate is not None and torch.isfinite(candidate).all():
+            moved = geometry.corner_error(candidate, init, height, width).item()
             score = correlation(ref_gray, mov_gray, candidate, kept)
             # A NaN initial score (no overlap at all) cannot veto a finite refined one.
-            accepted = np.isfinite(score) and not (score < initial_score)
-            break
+            accepted = moved <= limit and np.isfinite(score) and not (score < initial_score)
         refined.append(candidate if accepted else init)
         converged.append(accepted)
         scores.append(score if accepted else initial_score)

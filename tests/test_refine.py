@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stn_diffusers import geometry, refine
+from stn_diffusers import geometry
 from stn_diffusers.data import seeded_pairs
 from stn_diffusers.refine import (
     ECC_MOTIONS,
@@ -100,35 +100,6 @@ class TestRefineThetaEcc:
         result = refine_theta_ecc(references, movings)
         assert result.converged.tolist() == [True, False]
         assert geometry.corner_error(result.theta[:1], pairs[0].theta[None], 256, 256).item() < 0.5
-
-    @pytest.mark.parametrize("diverge", ["raise", "run off", "not finite"])
-    def test_a_diverged_coarse_level_is_tried_again_from_a_finer_one(self, photo_tensor, monkeypatch, diverge):
-        pair = _pairs(photo_tensor, warp="small", num_pairs=1)[0]
-        depths, real = [], refine._ecc_one
-
-        def coarse_level_diverges(reference, moving, theta, levels, *args):
-            depths.append(levels)
-            if levels == 3:
-                if diverge == "raise":
-                    raise cv2.error("simulated")
-                return theta + (5.0 if diverge == "run off" else float("nan"))
-            return real(reference, moving, theta, levels, *args)
-
-        monkeypatch.setattr(refine, "_ecc_one", coarse_level_diverges)
-        result = refine_theta_ecc(pair.reference, pair.moving, levels=3)
-        assert depths == [3, 2] and bool(result.converged[0])
-        assert geometry.corner_error(result.theta, pair.theta[None], 256, 256).item() < 0.5
-
-    def test_a_refinement_that_does_not_help_is_not_tried_again(self, photo_tensor, monkeypatch):
-        pair = _pairs(photo_tensor, warp="small", num_pairs=1)[0]
-        depths = []
-        monkeypatch.setattr(
-            refine, "_ecc_one", lambda reference, moving, theta, levels, *args: depths.append(levels) or theta
-        )  # returns its start: no better correlation, no divergence
-        start = pair.theta[None] + 0.01
-        result = refine_theta_ecc(pair.reference, pair.moving, start, levels=3)
-        assert depths == [3]
-        torch.testing.assert_close(result.theta, start)
 
     def test_bad_theta_shape_is_a_value_error(self, photo_tensor):
         message = r"\(1, 2, 3\) for motion='affine', got \(1, 3, 3\); pass motion='homography'"
