@@ -337,6 +337,42 @@ def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refi
     assert [steps.count(size) for size in (8, 16, 32)] == [4, 6, 9]
 
 
+class TestPlausible:
+    @pytest.mark.parametrize("height, width", [(64, 64), (48, 64)])
+    def test_answers_within_the_searched_range_are_plausible(self, model, height, width):
+        aspect = width / height
+        inside = torch.cat([
+            geometry.identity_theta(1),
+            similarity(45.0, 1.4, 0.3, -0.3, aspect=aspect),  # a true rotation in pixels, the widest searched
+            similarity(-30.0, 1 / 1.4, -0.5, 0.2, aspect=aspect),
+            torch.tensor([[[1.3, 0.1, 0.0], [0.0, 0.75, 0.0]]]),  # `huge`: each axis scaled on its own
+        ])  # fmt: skip
+        assert model.localizer._plausible(inside, height, width).all()
+
+    def test_squashed_sheared_or_far_shifted_answers_are_not(self, model):
+        outside = torch.cat([
+            torch.tensor([[[1.72, -0.75, -0.3], [0.34, 0.84, -0.3]]]),  # answers held-out aligned pairs got
+            torch.tensor([[[1.06, -0.13, -0.09], [0.31, 0.56, -0.41]]]),
+            torch.tensor([[[0.86, 0.04, -0.87], [0.07, 0.88, 0.10]]]),  # a shift beyond the search's reach
+            similarity(0.0, 2.0),
+        ])  # fmt: skip
+        assert not model.localizer._plausible(outside, 64, 64).any()
+
+    @pytest.mark.parametrize("trust_every_answer", [False, True])
+    def test_an_implausible_answer_leaves_the_pair_unwarped(self, model, monkeypatch, trust_every_answer):
+        truth = similarity(0.0, 0.5)  # the moving image shows the scene at twice the size
+        reference = smooth_field(32, 32, seed=5)
+        moving = moved(reference, truth)
+        localizer = search_refine_localizer.SearchRefineLocalizer
+        monkeypatch.setattr(localizer, "_estimate", lambda self, *args: truth)  # right, but beyond the searched 1/1.4
+        if trust_every_answer:  # the control: without the check, the identity test alone takes the answer
+            monkeypatch.setattr(localizer, "_plausible", lambda self, theta, *size: torch.ones(len(theta), dtype=bool))
+        with torch.no_grad():
+            theta = model.predict_theta(moving, reference)
+        expected = truth if trust_every_answer else geometry.identity_theta(1)
+        torch.testing.assert_close(theta, expected, rtol=0, atol=0)
+
+
 def test_only_inference_holds_the_first_coarse_steps_to_shear_free_motions(monkeypatch):
     model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "inference_shear_free_steps": (3, 2, 0)})
     reference = smooth_field(32, 32, seed=11)

@@ -20,7 +20,8 @@
 4. **Aligned pairs stay put.** At inference the answer is weighed against the identity by a robust
    residual (:func:`~stn_diffusers.gauss_newton.compare_with_identity`: the median cell residual, so
    up to half of the picture may change without moving the pair); unless the answer fits clearly
-   better, the pair comes back exactly unwarped. In training mode the refined answer is
+   better, and its scales and shift lie within the searched range (with a margin), the pair comes
+   back exactly unwarped. In training mode the refined answer is
    always returned, so every pair trains the features.
 
 With ``search_both_ways`` (on by default for homographies), inference also aligns the reference onto
@@ -61,6 +62,12 @@ IDENTITY_MARGIN = 0.4
 CONVERGED = 3e-4
 # An answer that leaves less than this share of the reference covered is not trusted over the identity.
 MIN_SHARED_CELLS = 0.3
+# An answer whose scales or shift lie beyond the searched range by more than this factor is not
+# trusted over the identity: the search never proposed it and training never showed it, and on
+# smooth photos such answers are squashed, sheared views that match a featureless region (held-out
+# aligned pairs with a local change moved by 150–380 px; no answer within 5 px of the truth, on
+# any warp range, lies beyond it).
+PLAUSIBLE_MARGIN = 1.15
 # Transforms this design fits (Gauss–Newton parameterises the full affine and projective families).
 SEARCH_REFINE_TRANSFORMS = ("affine", "homography")
 
@@ -249,6 +256,7 @@ class SearchRefineLocalizer(Localizer):
             "search_scales", similarity_search.default_scales(search_scale, search_scale_step), persistent=False
         )
         self._min_scale = 1.0 / float(search_scale)
+        self._max_scale = float(search_scale)
 
     # ------------------------------------------------------------------------------------ context
     def _level_transform(self, stride: int) -> str:
@@ -404,6 +412,22 @@ class SearchRefineLocalizer(Localizer):
         )
         return finite, answer_cost, identity_cost, shared
 
+    def _plausible(self, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(B,)`` True where θ ``(B, 2, 3)`` or ``(B, 3, 3)`` (its affine part at the centre for a
+        homography) stays within the searched scales and shifts widened by :data:`PLAUSIBLE_MARGIN`:
+        both singular values of its linear part, in pixel units of an ``h × w`` grid, within
+        ``search_scale^±1``, and its shift within the shifts the search reaches at the smallest scale."""
+        if geometry.is_homography(theta):
+            theta = theta[:, :2] / theta[:, 2:, 2:]
+        aspect = width / height
+        # Normalised units stretch x by 2/w and y by 2/h: the pixel-unit linear part mixes by the aspect.
+        linear = theta[:, :, :2] * theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
+        scales = torch.linalg.svdvals(linear.double())  # (B, 2), largest first
+        scale_bound = self._max_scale * PLAUSIBLE_MARGIN
+        shift_bound = 2.0 * self.search_translation * self._max_scale * PLAUSIBLE_MARGIN
+        shift = theta[:, :, 2].abs().amax(dim=1)
+        return (scales[:, 0] <= scale_bound) & (scales[:, 1] >= 1.0 / scale_bound) & (shift <= shift_bound)
+
     def step(
         self,
         moving: torch.Tensor,
@@ -436,9 +460,14 @@ class SearchRefineLocalizer(Localizer):
                 answer_cost = torch.where(better, other_cost, answer_cost)
                 shared = torch.where(better, other_shared, shared)
             # Aligned pairs stay put: the identity wins unless the answer fits clearly better. A diverged
-            # refinement (a non-finite θ) falls back to the identity too.
+            # refinement (a non-finite θ) and an answer beyond the searched range fall back to it too.
+            safe = torch.where(finite.view(batch, 1, 1), theta, _identity_like(theta))
+            plausible = self._plausible(safe, *features.shape[-2:])
             keep_identity = (
-                (answer_cost >= (1 - IDENTITY_MARGIN) * identity_cost) | ~finite | (shared < MIN_SHARED_CELLS)
+                (answer_cost >= (1 - IDENTITY_MARGIN) * identity_cost)
+                | ~finite
+                | (shared < MIN_SHARED_CELLS)
+                | ~plausible
             )
         return torch.where(keep_identity.view(batch, 1, 1), _identity_like(theta), theta)
 
