@@ -358,6 +358,11 @@ class TestPlausible:
         ])  # fmt: skip
         assert not model.localizer._plausible(outside, 64, 64).any()
 
+    def test_a_homography_is_never_held_to_the_affine_range(self):
+        model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "transform": "homography"})
+        foreshortened = geometry.to_homogeneous(torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.6, 0.0]]]))
+        assert model.localizer._plausible(foreshortened, 64, 64).all()
+
     @pytest.mark.parametrize("trust_every_answer", [False, True])
     def test_an_implausible_answer_leaves_the_pair_unwarped(self, model, monkeypatch, trust_every_answer):
         truth = similarity(0.0, 0.5)  # the moving image shows the scene at twice the size

@@ -62,7 +62,7 @@ IDENTITY_MARGIN = 0.4
 CONVERGED = 3e-4
 # An answer that leaves less than this share of the reference covered is not trusted over the identity.
 MIN_SHARED_CELLS = 0.3
-# An answer whose scales or shift lie beyond the searched range by more than this factor is not
+# An affine answer whose scales or shift lie beyond the searched range by more than this factor is not
 # trusted over the identity: the search never proposed it and training never showed it, and on
 # smooth photos such answers are squashed, sheared views that match a featureless region (held-out
 # aligned pairs with a local change moved by 150–380 px; no answer within 5 px of the truth, on
@@ -413,12 +413,16 @@ class SearchRefineLocalizer(Localizer):
         return finite, answer_cost, identity_cost, shared
 
     def _plausible(self, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """``(B,)`` True where θ ``(B, 2, 3)`` or ``(B, 3, 3)`` (its affine part at the centre for a
-        homography) stays within the searched scales and shifts widened by :data:`PLAUSIBLE_MARGIN`:
-        both singular values of its linear part, in pixel units of an ``h × w`` grid, within
-        ``search_scale^±1``, and its shift within the shifts the search reaches at the smallest scale."""
-        if geometry.is_homography(theta):
-            theta = theta[:, :2] / theta[:, 2:, 2:]
+        """``(B,)`` True where θ ``(B, 2, 3)`` stays within the searched scales and shifts widened by
+        :data:`PLAUSIBLE_MARGIN`: both singular values of its linear part, in pixel units of an
+        ``h × w`` grid, within ``search_scale^±1``, and its shift within the shifts the search reaches
+        at the smallest scale.
+
+        Affine STNs only: a viewpoint change foreshortens far beyond any scale range (OpenCV's
+        graffiti pair), so every finite homography is plausible.
+        """
+        if self.transform == "homography":
+            return torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
         aspect = width / height
         # Normalised units stretch x by 2/w and y by 2/h: the pixel-unit linear part mixes by the aspect.
         linear = theta[:, :, :2] * theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
