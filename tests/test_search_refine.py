@@ -313,28 +313,35 @@ class TestSearchRefineDesign:
             SpatialTransformer(**{**TINY_SEARCH_REFINE, option: value})
 
 
-def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refine_iterations(monkeypatch):
-    model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "inference_refine_iterations": (4, 6, 9)})
+def record_steps(monkeypatch, **config) -> tuple[SpatialTransformer, torch.Tensor, torch.Tensor, list]:
+    """A tiny model with ``config``, a ``(moving, reference)`` pair 12° apart, and the list every
+    Gauss–Newton step appends ``(grid side, shear_free)`` to; inference takes every allowed step."""
+    model = SpatialTransformer(**{**TINY_SEARCH_REFINE, **config})
     reference = smooth_field(32, 32, seed=11)
     moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
-    steps = []
-    real_step = gauss_newton.gauss_newton_step
-    monkeypatch.setattr(
-        gauss_newton,
-        "gauss_newton_step",
-        lambda linearised, *args, **kwargs: (
-            steps.append(linearised.features.shape[-1]) or real_step(linearised, *args, **kwargs)
-        ),
-    )
+    steps, real_step = [], gauss_newton.gauss_newton_step
+
+    def spy(linearised, moving, theta, robust=True, moving_weights=None, shear_free=False):
+        steps.append((linearised.features.shape[-1], shear_free))
+        return real_step(linearised, moving, theta, robust, moving_weights, shear_free)
+
+    monkeypatch.setattr(gauss_newton, "gauss_newton_step", spy)
+    monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # no early stop at inference
+    return model, moving, reference, steps
+
+
+def test_training_unrolls_refine_iterations_and_inference_caps_at_inference_refine_iterations(monkeypatch):
+    model, moving, reference, steps = record_steps(monkeypatch, inference_refine_iterations=(4, 6, 9))
     model.train()
     model.predict_theta(moving, reference)
-    assert [steps.count(size) for size in (8, 16, 32)] == [4 + 4, 4, 4]  # selection, then every level again
+    sizes = [size for size, _ in steps]
+    assert [sizes.count(size) for size in (8, 16, 32)] == [4 + 4, 4, 4]  # selection, then every level again
     steps.clear()
-    monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # no early stop: every allowed step is taken
     model.eval()
     with torch.no_grad():
         model.predict_theta(moving, reference)
-    assert [steps.count(size) for size in (8, 16, 32)] == [4, 6, 9]
+    sizes = [size for size, _ in steps]
+    assert [sizes.count(size) for size in (8, 16, 32)] == [4, 6, 9]
 
 
 class TestPlausible:
@@ -379,18 +386,7 @@ class TestPlausible:
 
 
 def test_only_inference_holds_the_first_coarse_steps_to_shear_free_motions(monkeypatch):
-    model = SpatialTransformer(**{**TINY_SEARCH_REFINE, "inference_shear_free_steps": (3, 2, 0)})
-    reference = smooth_field(32, 32, seed=11)
-    moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
-    steps = []
-    real_step = gauss_newton.gauss_newton_step
-
-    def spy(linearised, moving, theta, robust=True, moving_weights=None, shear_free=False):
-        steps.append((linearised.features.shape[-1], shear_free))
-        return real_step(linearised, moving, theta, robust, moving_weights, shear_free)
-
-    monkeypatch.setattr(gauss_newton, "gauss_newton_step", spy)
-    monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # every allowed step is taken
+    model, moving, reference, steps = record_steps(monkeypatch, inference_shear_free_steps=(3, 2, 0))
     model.eval()
     with torch.no_grad():
         model.predict_theta(moving, reference)
