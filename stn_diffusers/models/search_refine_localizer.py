@@ -401,16 +401,17 @@ class SearchRefineLocalizer(Localizer):
         features: torch.Tensor,
         theta: torch.Tensor,
         moving_weights: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The identity test's view of θ, each ``(B,)``: whether θ is finite, then
         :func:`~stn_diffusers.gauss_newton.compare_with_identity`'s answer cost, identity cost and shared
-        cover (a θ that is not finite is costed as the identity)."""
+        cover, and whether θ is plausible (:meth:`_plausible`); a θ that is not finite is judged as
+        the identity."""
         finite = torch.isfinite(theta).flatten(1).all(dim=1)
         safe = torch.where(finite.view(-1, 1, 1), theta, _identity_like(theta))
         answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
             context.levels[1], features, safe, moving_weights
         )
-        return finite, answer_cost, identity_cost, shared
+        return finite, answer_cost, identity_cost, shared, self._plausible(safe, *features.shape[-2:])
 
     def _plausible(self, theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``(B,)`` True where θ ``(B, 2, 3)`` stays within the searched scales and shifts widened by
@@ -423,10 +424,8 @@ class SearchRefineLocalizer(Localizer):
         """
         if self.transform == "homography":
             return torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
-        aspect = width / height
-        # Normalised units stretch x by 2/w and y by 2/h: the pixel-unit linear part mixes by the aspect.
-        linear = theta[:, :, :2] * theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
-        scales = torch.linalg.svdvals(linear.double())  # (B, 2), largest first
+        linear = geometry.theta_to_pixel_matrix(theta.double(), height, width)[:, :2, :2]  # pixel units
+        scales = torch.linalg.svdvals(linear)  # (B, 2), largest first
         scale_bound = self._max_scale * PLAUSIBLE_MARGIN
         shift_bound = 2.0 * self.search_translation * self._max_scale * PLAUSIBLE_MARGIN
         shift = theta[:, :, 2].abs().amax(dim=1)
@@ -453,20 +452,23 @@ class SearchRefineLocalizer(Localizer):
             # Every pair trains the features through the refinement; the identity test decides at inference.
             return theta
         with torch.no_grad():
-            finite, answer_cost, identity_cost, shared = self._judge(context, features, theta, moving_weights)
+            finite, answer_cost, identity_cost, shared, plausible = self._judge(
+                context, features, theta, moving_weights
+            )
             if self.search_both_ways:
                 # The reverse answer where its median residual is lower (the identity's cost is the same).
                 other = self._reverse(context, features, moving_weights)
-                other_finite, other_cost, _, other_shared = self._judge(context, features, other, moving_weights)
+                other_finite, other_cost, _, other_shared, other_plausible = self._judge(
+                    context, features, other, moving_weights
+                )
                 better = _ranking_cost(other_finite, other_cost) < _ranking_cost(finite, answer_cost)
                 theta = torch.where(better.view(batch, 1, 1), other, theta)
                 finite = torch.where(better, other_finite, finite)
                 answer_cost = torch.where(better, other_cost, answer_cost)
                 shared = torch.where(better, other_shared, shared)
+                plausible = torch.where(better, other_plausible, plausible)
             # Aligned pairs stay put: the identity wins unless the answer fits clearly better. A diverged
             # refinement (a non-finite θ) and an answer beyond the searched range fall back to it too.
-            safe = torch.where(finite.view(batch, 1, 1), theta, _identity_like(theta))
-            plausible = self._plausible(safe, *features.shape[-2:])
             keep_identity = (
                 (answer_cost >= (1 - IDENTITY_MARGIN) * identity_cost)
                 | ~finite
