@@ -106,10 +106,11 @@ class LinearisedReference:
         grad_x, grad_y: ``(B, D, h·w)`` their spatial gradients per normalised unit.
         jacobian: ``(2·h·w, P)`` ∂(warped x)/∂p for every cell, then ∂(warped y)/∂p.
         monomials: ``(h·w, K)`` the cell coordinates' monomials ``xⁱ yʲ`` up to degree 2 (affine) or
-            4 (homography); ``assemble``: ``(3·K, P·P)``. Per cell, ``Jxᵀ Jx``, ``Jxᵀ Jy + Jyᵀ Jx`` and
-            ``Jyᵀ Jy`` are polynomials in the coordinates, so the Gauss–Newton matrix is the structure
-            tensors' moments against the monomials, ``(3, K)`` per pair, times ``assemble``: far fewer
-            products than summing the ``P × P`` matrices cell by cell.
+            4 (homography); ``combine``: ``(6·K, P·P + P)``. Per cell, the Gauss–Newton matrix's terms
+            (``Jxᵀ Jx``, ``Jxᵀ Jy + Jyᵀ Jx``, ``Jyᵀ Jy``) and the drive's (``Jx``, ``Jy``) are polynomials
+            in the coordinates, so the whole system is the per-cell products' moments against the
+            monomials, ``(6, K)`` per pair, times ``combine``: far fewer products than summing the
+            ``P × P`` matrices cell by cell (see :func:`_normal_equations`).
         weights: ``(B, h·w)`` in ``[0, 1]``, each cell's share (1 when no cell is ignored).
         cap: ``(B, 1)`` the residual cap of :func:`alignment_cost` (see :data:`RESIDUAL_CAP`).
     """
@@ -119,7 +120,7 @@ class LinearisedReference:
     grad_y: torch.Tensor
     jacobian: torch.Tensor
     monomials: torch.Tensor
-    assemble: torch.Tensor
+    combine: torch.Tensor
     weights: torch.Tensor
     cap: torch.Tensor
 
@@ -133,13 +134,17 @@ def match_statistics(
 ) -> torch.Tensor:
     """``moving`` ``(B, D, h, w)`` with each channel's mean and spread over the ``weights`` ``(B, 1, h, w)``
     cells set to the reference's there: a change of brightness or contrast is not mistaken for motion."""
-    total = weights.sum(dim=(2, 3), keepdim=True).clamp_min(eps)
+    batch, channels = moving.shape[:2]
     with torch.no_grad():
-        # Both maps' statistics in one pass: (2, B, D, 1, 1) means and spreads.
-        both = torch.stack([moving.detach(), reference.detach()])
-        mean = (both * weights).sum(dim=(3, 4), keepdim=True) / total
-        spread = ((((both - mean) ** 2) * weights).sum(dim=(3, 4), keepdim=True) / total + eps).sqrt()
-    return (moving - mean[0]) * (spread[1] / spread[0]) + mean[1]
+        # Both maps' weighted sums as matrix products, one pass each: (B, 2D, 1) means and variances.
+        cells = weights.flatten(1).unsqueeze(-1)  # (B, N, 1)
+        total = cells.sum(dim=1, keepdim=True).clamp_min(eps)
+        both = torch.cat([moving.detach(), reference.detach()], dim=1).flatten(2)  # (B, 2D, N)
+        mean = (both @ cells) / total
+        variance = ((both - mean).pow(2) @ cells) / total + eps
+        gain = (variance[:, channels:] / variance[:, :channels]).sqrt()  # reference spread / moving spread
+        offset = mean[:, channels:] - gain * mean[:, :channels]
+    return torch.addcmul(offset.unsqueeze(-1), moving, gain.unsqueeze(-1))
 
 
 def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,21 +156,46 @@ def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _motion_basis(
     height: int, width: int, transform: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``jacobian``, ``monomials`` and ``assemble`` of :class:`LinearisedReference`: they depend
+    """The ``jacobian``, ``monomials`` and ``combine`` of :class:`LinearisedReference`: they depend
     on the grid alone, so one pair after another reuses them. Never modified in place."""
     # Normal tensors even when first asked for under inference mode: a cached inference tensor could
     # not take part in a later training step.
     with torch.inference_mode(False), torch.no_grad():
         jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=torch.float64, device=device))
+        num_params = jac_x.shape[-1]
         outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
-        products = torch.stack([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
         x, y = cell_grid(height, width, jac_x)
         degree = 4 if transform == "homography" else 2
         monomials = torch.stack([x**i * y**j for i in range(degree + 1) for j in range(degree + 1 - i)], dim=-1)
-        # Exact: each product is a polynomial of at most that degree (least squares only finds its coefficients).
-        assemble = torch.linalg.lstsq(monomials.expand(3, -1, -1), products).solution  # (3, K, P·P)
+        # Exact: each term is a polynomial of at most that degree (least squares only finds its coefficients).
+        coefficients = lambda terms: torch.linalg.lstsq(monomials, terms).solution  # noqa: E731  (N, ·) → (K, ·)
+        square, drive = (monomials.shape[1], num_params * num_params), (monomials.shape[1], num_params)
+        zero_square, zero_drive = torch.zeros(square, dtype=x.dtype), torch.zeros(drive, dtype=x.dtype)
+        # The step's per-cell products, in order: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, with gx, gy the
+        # sums (not the means) of both maps' gradients: the matrix's terms carry 1/4, the drive's 1/2.
+        hessian_terms = [
+            outer(jac_x, jac_x),
+            outer(jac_x, jac_y) + outer(jac_y, jac_x),
+            None,
+            None,
+            outer(jac_y, jac_y),
+        ]
+        drive_terms = [None, None, jac_x, None, None, jac_y]
+        rows = []
+        for index in range(6):
+            hessian = hessian_terms[index] if index < len(hessian_terms) else None
+            rows.append(
+                torch.cat(
+                    [
+                        zero_square if hessian is None else coefficients(hessian) / 4,
+                        zero_drive if drive_terms[index] is None else coefficients(drive_terms[index]) / 2,
+                    ],
+                    dim=1,
+                )
+            )
+        combine = torch.cat(rows)  # (6·K, P·P + P)
         jacobian = torch.cat([jac_x, jac_y])
-        return jacobian.to(dtype), monomials.to(dtype), assemble.flatten(0, 1).to(dtype)
+        return jacobian.to(dtype), monomials.to(dtype), combine.to(dtype)
 
 
 def linearise_reference(
@@ -174,14 +204,14 @@ def linearise_reference(
     """The reference ``(B, D, h, w)`` linearised for :func:`gauss_newton_step` (``transform``:
     ``"affine"`` or ``"homography"``); ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]``."""
     batch, channels, height, width = reference.shape
-    jacobian, monomials, assemble = _motion_basis(height, width, transform, reference.dtype, reference.device)
+    jacobian, monomials, combine = _motion_basis(height, width, transform, reference.dtype, reference.device)
     if reference_weights is None:
         weights = reference.new_ones(batch, height * width)
     else:
         weights = reference_weights.flatten(1).to(reference.dtype)
     cap = RESIDUAL_CAP * reference.var(dim=(2, 3)).mean(dim=1, keepdim=True)  # (B, 1)
     grad_x, grad_y = _flat_gradients(reference)
-    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, assemble, weights, cap)
+    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, combine, weights, cap)
 
 
 @functools.lru_cache(maxsize=32)
@@ -193,14 +223,6 @@ def _cell_positions(height: int, width: int, dtype: torch.dtype, device: torch.d
         return torch.stack([x, y, torch.ones_like(x)], dim=-1)
 
 
-@functools.lru_cache(maxsize=32)
-def _coverage_limit(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(2,)`` the largest ``|x|, |y|`` a sample may have and read no pixel outside an ``h × w`` map
-    (the outermost cell centres, with a little slack for rounding)."""
-    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
-        return torch.tensor([1.0 - 1.0 / width + 1e-6, 1.0 - 1.0 / height + 1e-6], dtype=dtype, device=device)
-
-
 def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """``(B, h, w, 2)`` positions θ samples for an ``h × w`` output (affine or homography); for an
     affine θ the same as ``F.affine_grid(θ, …, align_corners=False)``."""
@@ -210,6 +232,29 @@ def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tens
     if not geometry.is_homography(theta):
         return (positions @ theta.transpose(1, 2)).view(batch, height, width, 2)
     return geometry.apply_theta(theta, positions[:, :2].expand(batch, -1, -1)).view(batch, height, width, 2)
+
+
+def with_content(moving: torch.Tensor, moving_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, D + 1, h, w)``: ``moving`` ``(B, D, h, w)`` with its content plane as a last channel
+    (``moving_weights`` ``(B, 1, h, w)``, or ones). Warped together with zero padding, the sampled plane
+    is below 1 wherever bilinear sampling reads outside the map or over its padding."""
+    content = torch.ones_like(moving[:, :1]) if moving_weights is None else moving_weights.to(moving.dtype)
+    return torch.cat([moving, content], dim=1)
+
+
+def _warp_content(
+    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_warp_and_match` for a θ, from the moving map and its content plane (:func:`with_content`)."""
+    reference = linearised.features
+    batch, channels, height, width = reference.shape
+    grid = sampling_grid(theta, height, width, stacked)  # (B, h, w, 2)
+    sampled = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    with torch.no_grad():
+        # The weights decide which cells count, not how the answer moves: no gradient through them. A
+        # cell counts when every pixel bilinear sampling reads is content (inside the map, not padding).
+        weights = linearised.weights * (sampled[:, channels].flatten(1) >= CONTENT_LEVEL)
+    return match_statistics(sampled[:, :channels], reference, weights.view(batch, 1, height, width)), weights
 
 
 def _warp_and_match(
@@ -224,27 +269,14 @@ def _warp_and_match(
     ``moving_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` mark the moving map's own content: a cell that
     samples where they are below 1 (zero padding inside the moving image) is not covered either.
     """
+    if theta is not None:
+        return _warp_content(linearised, with_content(moving, moving_weights), theta)
+    # The identity samples every cell at its centre: the map itself, every cell covered but padding.
     reference = linearised.features
-    batch, channels, height, width = reference.shape
-    if theta is None:
-        # The identity samples every cell at its centre: the map itself, every cell covered.
-        warped, covered, content = moving, None, moving_weights
-    else:
-        grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
-        warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        with torch.no_grad():
-            # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
-            limit = _coverage_limit(height, width, grid.dtype, grid.device)
-            covered = (grid.abs() <= limit).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
-            content = None
-            if moving_weights is not None:
-                content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
-    with torch.no_grad():
-        # The weights decide which cells count, not how the answer moves: no gradient through them.
-        weights = linearised.weights if covered is None else covered * linearised.weights
-        if content is not None:
-            weights = weights * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
-    return match_statistics(warped, reference, weights.view(batch, 1, height, width)), weights
+    weights = linearised.weights
+    if moving_weights is not None:
+        weights = weights * (moving_weights.flatten(1) >= CONTENT_LEVEL)
+    return match_statistics(moving, reference, weights.view(reference.shape[0], 1, *reference.shape[-2:])), weights
 
 
 def alignment_cost(
@@ -271,7 +303,7 @@ def repeat_linearised(linearised: LinearisedReference, repeats: int) -> Linearis
         name: getattr(linearised, name).repeat_interleave(repeats, dim=0)
         for name in ("features", "grad_x", "grad_y", "weights", "cap")
     }
-    shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "assemble")}
+    shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "combine")}
     return LinearisedReference(**shared, **per_pair)
 
 
@@ -332,39 +364,63 @@ def gauss_newton_step(
     this is the inner loop of the aligner. With ``shear_free``, the step is the least-squares one
     among the shear-free motions (the system projected on :func:`shear_free_basis`).
     """
+    return _step(linearised, with_content(moving, moving_weights), theta, robust, shear_free)
+
+
+@functools.lru_cache(maxsize=32)
+def _damping(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(size, size)`` × 2: ``H ∘ scale + floor`` adds :data:`DAMPING` times ``H``'s diagonal and a
+    tiny floor to it, in one operation. Never modified in place."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
+        eye = torch.eye(size, dtype=dtype, device=device)
+        return 1.0 + DAMPING * eye, 1e-8 * eye
+
+
+def _step(
+    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor, robust: bool, shear_free: bool
+) -> torch.Tensor:
+    """:func:`gauss_newton_step` from the moving map and its content plane (:func:`with_content`),
+    which a level stacks once for all its steps."""
     reference = linearised.features
-    batch, num_params = reference.shape[0], linearised.num_params
-    warped, weights = _warp_and_match(linearised, moving, theta, moving_weights)
+    batch, _, height, width = reference.shape
+    num_params = linearised.num_params
+    warped, weights = _warp_content(linearised, stacked, theta)
     residual = (warped - reference).flatten(2)  # (B, D, N)
     if robust:
         with torch.no_grad():
             squared = residual.pow(2).mean(dim=1)  # (B, N)
-            masked = torch.where(weights > 0, squared, torch.full_like(squared, float("nan")))
-            typical = masked.nanmedian(dim=1, keepdim=True).values.nan_to_num(1.0).clamp_min(1e-8)
+            typical = squared.masked_fill(weights <= 0, float("nan")).nanmedian(dim=1, keepdim=True).values
+            typical = typical.nan_to_num(1.0).clamp_min(1e-8)
             weights = weights / (1.0 + squared / (ROBUST_SCALE**2 * typical))
-    moving_x, moving_y = _flat_gradients(warped)
-    grad_x = 0.5 * (linearised.grad_x + moving_x)  # (B, D, N)
-    grad_y = 0.5 * (linearised.grad_y + moving_y)
-    # Per-cell structure tensor and drive, summed over channels and weighted: (B, 3N) and (B, 2N).
-    # (Separate x and y maps: a channel sum over a stacked (B, 2, D, N) map is a strided, slower reduction.)
-    tensor = torch.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], dim=1)
-    drive = torch.stack([(grad_x * residual).sum(1), (grad_y * residual).sum(1)], dim=1)
-    weights = weights.unsqueeze(1)  # (B, 1, N)
-    moments = (tensor * weights) @ linearised.monomials  # (B, 3, K)
-    hessian = (moments.flatten(1) @ linearised.assemble).view(batch, num_params, num_params)
-    gradient = (drive * weights).flatten(1) @ linearised.jacobian  # (B, P)
+    # The sums of the reference's and the warped map's gradients (`combine` halves them), each in one
+    # fused operation: few, larger operations are what keeps this inner loop fast.
+    padded = F.pad(warped, (1, 1, 1, 1), mode="replicate")
+    grad_x = torch.add(
+        linearised.grad_x, (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]).flatten(2), alpha=width / 4.0
+    )
+    grad_y = torch.add(
+        linearised.grad_y, (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]).flatten(2), alpha=height / 4.0
+    )
+    # Per cell, summed over channels and weighted: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, (B, 6, N).
+    gradients = torch.stack([grad_x, grad_y], dim=1).unsqueeze(2)  # (B, 2, 1, D, N)
+    factors = torch.stack([grad_x, grad_y, residual], dim=1).unsqueeze(1)  # (B, 1, 3, D, N)
+    products = (gradients * factors).sum(dim=3).view(batch, 6, -1) * weights.unsqueeze(1)
+    system = (products @ linearised.monomials).flatten(1) @ linearised.combine  # (B, P·P + P)
+    hessian = system[:, : num_params * num_params].view(batch, num_params, num_params)
+    gradient = system[:, num_params * num_params :]  # (B, P)
     if shear_free:
-        basis = shear_free_basis(*reference.shape[-2:], num_params, hessian.dtype, hessian.device)  # (P, 5)
+        basis = shear_free_basis(height, width, num_params, hessian.dtype, hessian.device)  # (P, 5)
         hessian, gradient = basis.T @ hessian @ basis, gradient @ basis
-    damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
-    params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P) or (B, 5)
+    scale, floor = _damping(hessian.shape[-1], hessian.dtype, hessian.device)
+    params = torch.linalg.solve(torch.addcmul(floor, hessian, scale), gradient.unsqueeze(-1)).squeeze(-1)
     if shear_free:
         params = params @ basis.T  # (B, P)
-    # θ ← θ ∘ W_p⁻¹. With both affine, the (2, 3) θ times the (3, 3) inverse is already the product's top rows.
-    step = torch.linalg.inv(params_to_matrix(params))  # (B, 3, 3)
+    # θ ← θ ∘ W_p⁻¹, solved rather than inverted. With both affine, the (2, 3) θ times the (3, 3)
+    # inverse is already the product's top rows.
+    step = params_to_matrix(params)  # (B, 3, 3)
     if num_params == 6 and not geometry.is_homography(theta):
-        return theta @ step
-    return geometry.compose_theta(theta, step)
+        return torch.linalg.solve(step, theta, left=False)
+    return geometry.compose_theta(theta, torch.linalg.inv(step))
 
 
 def refine(
@@ -384,9 +440,10 @@ def refine(
     (normalised units: 1e-4 is 0.026 px of a 512-px image): converged pairs then cost nothing more.
     Training keeps a fixed count (``tolerance=0``), so every run takes the same steps.
     """
+    stacked = with_content(moving, moving_weights)  # once for every step of the level
     for index in range(iterations):
         previous = theta
-        theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights, index < shear_free_steps)
+        theta = _step(linearised, stacked, theta, robust, index < shear_free_steps)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

@@ -95,11 +95,21 @@ def shift_scores(
         dim=2,
     )  # (B, K, 4, ·, ·)
     circular = torch.fft.irfft2(spectra, s=size)  # entry [s] for shift s mod size
-    rows = torch.arange(-radius, radius + 1, device=reference.device) % size[0]
-    cols = torch.arange(-radius, radius + 1, device=reference.device) % size[1]
-    product, reference_energy, moving_energy, overlap = circular[..., rows, :][..., cols].unbind(2)
+    product, reference_energy, moving_energy, overlap = _wrapped_window(circular, radius).unbind(2)
     normalised = product / (reference_energy * moving_energy).clamp_min(1e-12).sqrt()
     return normalised * (overlap.clamp_min(0) / (height * width)) ** OVERLAP_EXPONENT
+
+
+def _wrapped_window(circular: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(..., n, m)`` circular correlations → ``(..., 2r+1, 2r+1)``, entry ``[i, j]`` for the shift
+    ``(i - r, j - r)``: the last ``r`` rows (columns) wrapped before the first ``r + 1``. Two slices
+    joined per axis copy only the window (an index gather costs several times more here)."""
+    rows = (
+        torch.cat([circular[..., -radius:, :], circular[..., : radius + 1, :]], dim=-2)
+        if radius
+        else circular[..., :1, :]
+    )
+    return torch.cat([rows[..., -radius:], rows[..., : radius + 1]], dim=-1) if radius else rows[..., :1]
 
 
 def search_similarity(

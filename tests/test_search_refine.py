@@ -319,13 +319,13 @@ def record_steps(monkeypatch, **config) -> tuple[SpatialTransformer, torch.Tenso
     model = SpatialTransformer(**{**TINY_SEARCH_REFINE, **config})
     reference = smooth_field(32, 32, seed=11)
     moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
-    steps, real_step = [], gauss_newton.gauss_newton_step
+    steps, real_step = [], gauss_newton._step  # what refine's loop calls for each step
 
-    def spy(linearised, moving, theta, robust=True, moving_weights=None, shear_free=False):
+    def spy(linearised, stacked, theta, robust, shear_free):
         steps.append((linearised.features.shape[-1], shear_free))
-        return real_step(linearised, moving, theta, robust, moving_weights, shear_free)
+        return real_step(linearised, stacked, theta, robust, shear_free)
 
-    monkeypatch.setattr(gauss_newton, "gauss_newton_step", spy)
+    monkeypatch.setattr(gauss_newton, "_step", spy)
     monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # no early stop at inference
     return model, moving, reference, steps
 
