@@ -15,12 +15,13 @@ lucky cells.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import geometry
+from . import gauss_newton, geometry
 
 # How much a larger overlap is preferred in the search score (see :func:`shift_scores`).
 OVERLAP_EXPONENT = 1.0
@@ -82,8 +83,8 @@ def shift_scores(
     weights = reference.new_ones(batch, 1, height, width) if reference_weights is None else reference_weights
     reference = reference * weights
     size = (height + radius + (height + radius) % 2, width + radius + (width + radius) % 2)
-    reference_side = torch.fft.rfft2(torch.cat([reference, weights, reference.pow(2).sum(1, keepdim=True)], 1), s=size)
-    moving_side = torch.fft.rfft2(torch.cat([moving, coverage, moving.pow(2).sum(2, keepdim=True)], 2), s=size)
+    reference_side = _padded_spectrum(torch.cat([reference, weights, reference.pow(2).sum(1, keepdim=True)], 1), size)
+    moving_side = _padded_spectrum(torch.cat([moving, coverage, moving.pow(2).sum(2, keepdim=True)], 2), size)
     reference_side = reference_side.conj().unsqueeze(1)  # (B, 1, D + 2, ·, ·)
     spectra = torch.stack(
         [
@@ -94,22 +95,47 @@ def shift_scores(
         ],
         dim=2,
     )  # (B, K, 4, ·, ·)
-    circular = torch.fft.irfft2(spectra, s=size)  # entry [s] for shift s mod size
-    product, reference_energy, moving_energy, overlap = _wrapped_window(circular, radius).unbind(2)
+    product, reference_energy, moving_energy, overlap = _shift_window(spectra, size, radius).unbind(2)
     normalised = product / (reference_energy * moving_energy).clamp_min(1e-12).sqrt()
     return normalised * (overlap.clamp_min(0) / (height * width)) ** OVERLAP_EXPONENT
 
 
-def _wrapped_window(circular: torch.Tensor, radius: int) -> torch.Tensor:
-    """``(..., n, m)`` circular correlations → ``(..., 2r+1, 2r+1)``, entry ``[i, j]`` for the shift
-    ``(i - r, j - r)``: the last ``r`` rows (columns) wrapped before the first ``r + 1``. Two slices
-    joined per axis copy only the window (an index gather costs several times more here)."""
-    rows = (
-        torch.cat([circular[..., -radius:, :], circular[..., : radius + 1, :]], dim=-2)
-        if radius
-        else circular[..., :1, :]
+def _padded_spectrum(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torch.fft.rfft2(maps, s=size)`` for real ``(..., h, w)`` maps zero-padded to ``size``: each of
+    the ``h`` rows is transformed, then the columns, so the padded rows cost no transform."""
+    return torch.fft.fft(torch.fft.rfft(maps, n=size[1], dim=-1), n=size[0], dim=-2)
+
+
+def _shift_window(spectra: torch.Tensor, size: tuple[int, int], radius: int) -> torch.Tensor:
+    """Spectra ``(..., n, m // 2 + 1)`` of circular correlations of period ``size = (n, m)`` →
+    ``(..., 2r+1, 2r+1)``, entry ``[i, j]`` for the shift ``(i - r, j - r)``.
+
+    ``irfft2`` in two passes: the columns' inverse, then only the window's rows inverted along the
+    last axis; each axis wraps its last ``r`` entries before its first ``r + 1`` (two slices joined,
+    which copy only the window: an index gather costs several times more here).
+    """
+    wrap = lambda maps, dim: torch.cat(  # noqa: E731
+        [maps.narrow(dim, maps.shape[dim] - radius, radius), maps.narrow(dim, 0, radius + 1)], dim=dim
     )
-    return torch.cat([rows[..., -radius:], rows[..., : radius + 1]], dim=-1) if radius else rows[..., :1]
+    rows = wrap(torch.fft.ifft(spectra, dim=-2), -2)
+    return wrap(torch.fft.irfft(rows, n=size[1], dim=-1), -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _candidate_grid(
+    rotations: tuple[float, ...],
+    scales: tuple[float, ...],
+    aspect: float,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every candidate's θ ``(K, 2, 3)`` (:func:`similarity_candidates`) and the positions it samples on
+    an ``h × w`` grid ``(K, h, w, 2)``: the same for every pair, so one search after another reuses
+    them. Never modified in place."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see gauss_newton)
+        candidates = similarity_candidates(torch.tensor(rotations), torch.tensor(scales), aspect).to(device, dtype)
+        return candidates, gauss_newton.sampling_grid(candidates, *size, candidates)
 
 
 def search_similarity(
@@ -144,18 +170,29 @@ def search_similarity(
     """
     batch, channels, height, width = reference.shape
     factor = moving.shape[-1] // width
-    candidates = similarity_candidates(rotations, scales, width / height).to(reference)  # (K, 2, 3)
+    moving_size = tuple(moving.shape[-2:])
+    candidates, grid = _candidate_grid(
+        tuple(rotations.tolist()),
+        tuple(scales.tolist()),
+        width / height,
+        moving_size,
+        reference.dtype,
+        reference.device,
+    )  # (K, 2, 3), (K, h·f, w·f, 2)
     num_candidates = candidates.shape[0]
     thetas = candidates.repeat(batch, 1, 1)  # (B·K, 2, 3)
     if start is not None:
         thetas = geometry.compose_theta(start.to(reference).repeat_interleave(num_candidates, dim=0), thetas)
+        grid = gauss_newton.sampling_grid(thetas, *moving_size, reference)
+    elif batch > 1:
+        grid = grid.repeat(batch, 1, 1, 1)
     # The map and its content plane warped together: the plane says where the candidate has content.
     content = torch.ones_like(moving[:, :1]) if moving_weights is None else moving_weights.to(moving.dtype)
     stacked = torch.cat([moving * content, content], dim=1).repeat_interleave(num_candidates, dim=0)
     # Warped at the moving map's own resolution, then averaged down to the reference's grid: every
     # candidate is then as smooth as the reference, which an upsampled (zoomed-in) candidate would
     # otherwise not be, and smoother maps correlate better.
-    warped = geometry.warp(stacked, thetas)
+    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if factor > 1:
         warped = F.avg_pool2d(warped, factor, ceil_mode=True)
     warped = warped.view(batch, num_candidates, channels + 1, height, width)
