@@ -367,6 +367,31 @@ def gauss_newton_step(
     return _step(linearised, with_content(moving, moving_weights), theta, robust, shear_free)
 
 
+def _normal_equations(
+    linearised: LinearisedReference,
+    grad_x: torch.Tensor,
+    grad_y: torch.Tensor,
+    residual: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gauss–Newton matrix ``(B, P, P)`` and drive ``(B, P)`` of ``min_p Σ w · |r − ḡ·J p|²`` (summed
+    over cells and channels), with ``ḡ = g / 2`` the mean of both maps' gradients: from their sums
+    ``g`` (``grad_x, grad_y`` ``(B, D, N)``), the residual ``r`` ``(B, D, N)``, each cell's weight
+    ``w`` ``(B, N)`` and the motion's Jacobian ``J`` (``linearised.jacobian``).
+
+    Per cell, summed over channels: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, six maps ``(B, 6, N)``;
+    their moments against the monomials, times ``linearised.combine``, give the whole system.
+    """
+    batch, num_params = grad_x.shape[0], linearised.num_params
+    gradients = torch.stack([grad_x, grad_y], dim=1).unsqueeze(2)  # (B, 2, 1, D, N)
+    factors = torch.stack([grad_x, grad_y, residual], dim=1).unsqueeze(1)  # (B, 1, 3, D, N)
+    products = (gradients * factors).sum(dim=3).view(batch, 6, -1) * weights.unsqueeze(1)
+    system = (products @ linearised.monomials).flatten(1) @ linearised.combine  # (B, P·P + P)
+    return system[:, : num_params * num_params].view(batch, num_params, num_params), system[
+        :, num_params * num_params :
+    ]
+
+
 @functools.lru_cache(maxsize=32)
 def _damping(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(size, size)`` × 2: ``H ∘ scale + floor`` adds :data:`DAMPING` times ``H``'s diagonal and a
@@ -382,7 +407,7 @@ def _step(
     """:func:`gauss_newton_step` from the moving map and its content plane (:func:`with_content`),
     which a level stacks once for all its steps."""
     reference = linearised.features
-    batch, _, height, width = reference.shape
+    height, width = reference.shape[-2:]
     num_params = linearised.num_params
     warped, weights = _warp_content(linearised, stacked, theta)
     residual = (warped - reference).flatten(2)  # (B, D, N)
@@ -401,13 +426,7 @@ def _step(
     grad_y = torch.add(
         linearised.grad_y, (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]).flatten(2), alpha=height / 4.0
     )
-    # Per cell, summed over channels and weighted: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, (B, 6, N).
-    gradients = torch.stack([grad_x, grad_y], dim=1).unsqueeze(2)  # (B, 2, 1, D, N)
-    factors = torch.stack([grad_x, grad_y, residual], dim=1).unsqueeze(1)  # (B, 1, 3, D, N)
-    products = (gradients * factors).sum(dim=3).view(batch, 6, -1) * weights.unsqueeze(1)
-    system = (products @ linearised.monomials).flatten(1) @ linearised.combine  # (B, P·P + P)
-    hessian = system[:, : num_params * num_params].view(batch, num_params, num_params)
-    gradient = system[:, num_params * num_params :]  # (B, P)
+    hessian, gradient = _normal_equations(linearised, grad_x, grad_y, residual, weights)
     if shear_free:
         basis = shear_free_basis(height, width, num_params, hessian.dtype, hessian.device)  # (P, 5)
         hessian, gradient = basis.T @ hessian @ basis, gradient @ basis

@@ -91,6 +91,26 @@ class TestSimilaritySearch:
         assert abs(math.log(float(linear.det().sqrt())) - math.log(scale)) <= math.log(1.12) / 2 + 0.02
         assert 0 < float(score) <= 1.0
 
+    def test_a_batch_finds_what_each_pair_finds_alone(self):
+        # The candidates' sampling grids are cached once per grid and repeated along the batch.
+        rotations = similarity_search.default_rotations(45.0, 10.0)
+        scales = similarity_search.default_scales(1.4, 1.12)
+        references, movings = [], []
+        for seed, (degrees, scale) in enumerate([(30.0, 1.0), (-20.0, 1.2)]):
+            field = smooth_field(64, 64, seed=seed)
+            references.append(similarity_search.standardise(F.avg_pool2d(field, 4)))
+            truth = similarity(degrees, scale, 0.05, 0.0)
+            movings.append(similarity_search.standardise(F.avg_pool2d(moved(field, truth), 4)))
+        search = lambda reference, moving: similarity_search.search_similarity(  # noqa: E731
+            reference, moving, rotations, scales, radius=5, top_k=3
+        )
+        batched, batched_scores = search(torch.cat(references), torch.cat(movings))
+        for index in range(2):
+            alone, alone_scores = search(references[index], movings[index])
+            torch.testing.assert_close(batched[index : index + 1], alone)
+            torch.testing.assert_close(batched_scores[index : index + 1], alone_scores)
+        assert not torch.allclose(batched[0], batched[1])  # two different answers, not one repeated
+
 
 class TestGaussNewton:
     @pytest.mark.parametrize("transform", ["affine", "homography"])
@@ -128,6 +148,24 @@ class TestGaussNewton:
         # Steps in the shear-free tangent compose to a rotation of a stretch up to a little shear.
         assert errors["free", 10] < 1.0 and errors["free", 0] < 0.5, errors
         assert errors["shear", 0] < 0.5 < 5.0 < errors["shear", 10], errors  # no step could fit the shear
+
+    @pytest.mark.parametrize("transform", ["affine", "homography"])
+    def test_normal_equations_match_a_cell_by_cell_sum(self, transform):
+        # The fused moments-times-`combine` form against the textbook sum of per-cell outer products.
+        generator = torch.Generator().manual_seed(4)
+        height, width, channels = 5, 7, 3
+        reference = torch.randn(2, channels, height, width, generator=generator, dtype=torch.float64)
+        linearised = gauss_newton.linearise_reference(reference, transform)
+        grad_x, grad_y, residual = torch.randn(3, 2, channels, height * width, generator=generator, dtype=torch.float64)
+        weights = torch.rand(2, height * width, generator=generator, dtype=torch.float64)
+        hessian, drive = gauss_newton._normal_equations(linearised, grad_x, grad_y, residual, weights)
+        jac_x, jac_y = linearised.jacobian.view(2, height * width, -1)  # (N, P) each
+        # Per cell and channel, the residual's derivative along each parameter, with the mean gradient.
+        rows = 0.5 * (grad_x.unsqueeze(-1) * jac_x + grad_y.unsqueeze(-1) * jac_y)  # (B, D, N, P)
+        expected_hessian = torch.einsum("bdnp,bdnq,bn->bpq", rows, rows, weights)
+        expected_drive = torch.einsum("bdnp,bdn,bn->bp", rows, residual, weights)
+        torch.testing.assert_close(hessian, expected_hessian)
+        torch.testing.assert_close(drive, expected_drive)
 
     def test_the_shear_free_basis_spans_rotation_scales_and_shift(self):
         basis = gauss_newton.shear_free_basis(12, 24, 8, torch.float64, torch.device("cpu"))
