@@ -134,17 +134,13 @@ def match_statistics(
 ) -> torch.Tensor:
     """``moving`` ``(B, D, h, w)`` with each channel's mean and spread over the ``weights`` ``(B, 1, h, w)``
     cells set to the reference's there: a change of brightness or contrast is not mistaken for motion."""
-    batch, channels = moving.shape[:2]
+    total = weights.sum(dim=(2, 3), keepdim=True).clamp_min(eps)
     with torch.no_grad():
-        # Both maps' weighted sums as matrix products, one pass each: (B, 2D, 1) means and variances.
-        cells = weights.flatten(1).unsqueeze(-1)  # (B, N, 1)
-        total = cells.sum(dim=1, keepdim=True).clamp_min(eps)
-        both = torch.cat([moving.detach(), reference.detach()], dim=1).flatten(2)  # (B, 2D, N)
-        mean = (both @ cells) / total
-        variance = ((both - mean).pow(2) @ cells) / total + eps
-        gain = (variance[:, channels:] / variance[:, :channels]).sqrt()  # reference spread / moving spread
-        offset = mean[:, channels:] - gain * mean[:, :channels]
-    return torch.addcmul(offset.unsqueeze(-1), moving, gain.unsqueeze(-1))
+        # Both maps' statistics in one pass: (2, B, D, 1, 1) means and spreads.
+        both = torch.stack([moving.detach(), reference.detach()])
+        mean = (both * weights).sum(dim=(3, 4), keepdim=True) / total
+        spread = ((((both - mean) ** 2) * weights).sum(dim=(3, 4), keepdim=True) / total + eps).sqrt()
+    return (moving - mean[0]) * (spread[1] / spread[0]) + mean[1]
 
 
 def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
