@@ -1,0 +1,104 @@
+"""The STN's own cost with latents given: this checkout against an earlier one, pair by pair in one process.
+
+    git worktree add /tmp/stn_before <commit>
+    taskset -c 0 python benchmarks/stn_speed_paired.py --baseline /tmp/stn_before --batch-sizes 1 8
+
+The machine's speed drifts by tens of percent between runs, more than most code changes move the
+STN, so two runs of `stn_speed.py` cannot compare code. Here both versions run in one process: the
+baseline's package (``--baseline``, a checkout of this repository) is copied under another name and
+imported beside this one, both STNs load the same weights (``--pipeline``, default: the embedded
+one), and each batch of the same encoded pairs goes through one version and then the other, the
+order alternating, `--repeats` times. Reported per batch size: each version's median time per pair,
+and the median of the per-batch ratios baseline / current (above 1: the current code is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stn_diffusers import data, metrics
+from stn_diffusers.cli import load_pipeline
+
+# The name the baseline's copy of the package is imported under.
+BASELINE_PACKAGE = "stn_diffusers_baseline"
+
+
+def import_baseline(checkout: Path, folder: Path):
+    """The package of another checkout, copied into ``folder`` as :data:`BASELINE_PACKAGE` and imported."""
+    source = checkout / "stn_diffusers"
+    if not (source / "__init__.py").is_file():
+        raise SystemExit(f"expected a checkout of this repository at {checkout} (with stn_diffusers/__init__.py)")
+    shutil.copytree(source, folder / BASELINE_PACKAGE, ignore=shutil.ignore_patterns("weights", "assets"))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(BASELINE_PACKAGE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of an earlier commit")
+    parser.add_argument("--pipeline", default=None, help="saved pipeline (default: the embedded one)")
+    parser.add_argument("--data", default="data/photos/heldout")
+    parser.add_argument("--num-pairs", type=int, default=24)
+    parser.add_argument("--warp", default="standard")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.pipeline, "cpu")
+    sources, paths = data.load_photo_folder(args.data)
+    pairs = data.seeded_pairs(sources, args.num_pairs, 512, args.warp, args.seed, names=[p.name for p in paths])
+    with torch.inference_mode():
+        moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
+        reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
+
+    with tempfile.TemporaryDirectory() as folder:
+        baseline = import_baseline(args.baseline, Path(folder))
+        stn = pipe.stn.eval()
+        before = baseline.SpatialTransformer.from_config(stn.config).eval()
+        before.load_state_dict(stn.state_dict())
+        versions = {"baseline": before, "current": stn}
+        rows = []
+        with torch.inference_mode():
+            for batch_size in args.batch_sizes:
+                for model in versions.values():  # one-off costs (the grids' cached bases) out of the timings
+                    model.predict_theta(moving[:batch_size], reference[:batch_size])
+                seconds = {name: [] for name in versions}
+                for repeat in range(args.repeats):
+                    for index, start in enumerate(range(0, len(pairs), batch_size)):
+                        order = list(versions.items())
+                        if (index + repeat) % 2:
+                            order.reverse()  # neither version always runs first
+                        for name, model in order:
+                            tick = time.perf_counter()
+                            model.predict_theta(
+                                moving[start : start + batch_size], reference[start : start + batch_size]
+                            )
+                            count = min(batch_size, len(pairs) - start)
+                            seconds[name].append((time.perf_counter() - tick) / count)
+                ratios = [b / c for b, c in zip(seconds["baseline"], seconds["current"])]
+                rows.append([
+                    str(batch_size),
+                    metrics.format_milliseconds(statistics.median(seconds["baseline"])),
+                    metrics.format_milliseconds(statistics.median(seconds["current"])),
+                    f"{statistics.median(ratios):.2f}×",
+                ])  # fmt: skip
+    print(
+        f"{len(pairs)} pairs, warp `{args.warp}`, {args.repeats} passes, {args.threads} thread(s), "
+        f"baseline {args.baseline}.\n"
+    )
+    print(metrics.markdown_table(["batch_size", "baseline / pair", "current / pair", "baseline / current"], rows))
+
+
+if __name__ == "__main__":
+    main()
