@@ -33,6 +33,17 @@ STAGES = {
 }
 
 
+def encoded_pairs(pipe, folder: str, num_pairs: int, warp: str, seed: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Seeded 512×512 pairs cut from the photos in ``folder``, and their moving and reference latents
+    ``(N, C, 64, 64)`` encoded by ``pipe``."""
+    sources, paths = data.load_photo_folder(folder)
+    pairs = data.seeded_pairs(sources, num_pairs, 512, warp, seed, names=[p.name for p in paths])
+    with torch.inference_mode():
+        moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
+        reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
+    return pairs, moving, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/photos/heldout")
@@ -47,11 +58,7 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     pipe = load_pipeline(args.pipeline, "cpu")
-    sources, paths = data.load_photo_folder(args.data)
-    pairs = data.seeded_pairs(sources, args.num_pairs, 512, args.warp, args.seed, names=[p.name for p in paths])
-    with torch.inference_mode():
-        moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
-        reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
+    pairs, moving, reference = encoded_pairs(pipe, args.data, args.num_pairs, args.warp, args.seed)
 
     stn_seconds, ecc_seconds, errors = [], [], []
     with torch.inference_mode():

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from stn_speed import encoded_pairs  # the same encoded pairs as benchmarks/stn_speed.py
 
-from stn_diffusers import data, metrics
+from stn_diffusers import metrics
 from stn_diffusers.cli import load_pipeline
 
 # The name the baseline's copy of the package is imported under.
@@ -56,11 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.pipeline, "cpu")
-    sources, paths = data.load_photo_folder(args.data)
-    pairs = data.seeded_pairs(sources, args.num_pairs, 512, args.warp, args.seed, names=[p.name for p in paths])
-    with torch.inference_mode():
-        moving = pipe.encode_images([pair.moving for pair in pairs], 512, 512, batch_size=8)
-        reference = pipe.encode_images([pair.reference for pair in pairs], 512, 512, batch_size=8)
+    pairs, moving, reference = encoded_pairs(pipe, args.data, args.num_pairs, args.warp, args.seed)
 
     with tempfile.TemporaryDirectory() as folder:
         baseline = import_baseline(args.baseline, Path(folder))
