@@ -165,30 +165,29 @@ def _motion_basis(
         monomials = torch.stack([x**i * y**j for i in range(degree + 1) for j in range(degree + 1 - i)], dim=-1)
         # Exact: each term is a polynomial of at most that degree (least squares only finds its coefficients).
         coefficients = lambda terms: torch.linalg.lstsq(monomials, terms).solution  # noqa: E731  (N, ·) → (K, ·)
-        square, drive = (monomials.shape[1], num_params * num_params), (monomials.shape[1], num_params)
-        zero_square, zero_drive = torch.zeros(square, dtype=x.dtype), torch.zeros(drive, dtype=x.dtype)
-        # The step's per-cell products, in order: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, with gx, gy the
-        # sums (not the means) of both maps' gradients: the matrix's terms carry 1/4, the drive's 1/2.
-        hessian_terms = [
+        zeros = lambda columns: x.new_zeros(monomials.shape[1], columns)  # noqa: E731  (K, ·)
+        # The step's six per-cell products, in order gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, with gx, gy
+        # the sums (not the means) of both maps' gradients: the matrix's terms carry 1/4, the drive's 1/2.
+        # gy·gx's share of the matrix is counted with gx·gy's.
+        matrix_terms = [
             outer(jac_x, jac_x),
             outer(jac_x, jac_y) + outer(jac_y, jac_x),
             None,
             None,
             outer(jac_y, jac_y),
+            None,
         ]
         drive_terms = [None, None, jac_x, None, None, jac_y]
-        rows = []
-        for index in range(6):
-            hessian = hessian_terms[index] if index < len(hessian_terms) else None
-            rows.append(
-                torch.cat(
-                    [
-                        zero_square if hessian is None else coefficients(hessian) / 4,
-                        zero_drive if drive_terms[index] is None else coefficients(drive_terms[index]) / 2,
-                    ],
-                    dim=1,
-                )
+        rows = [
+            torch.cat(
+                [
+                    zeros(num_params * num_params) if matrix is None else coefficients(matrix) / 4,
+                    zeros(num_params) if drive is None else coefficients(drive) / 2,
+                ],
+                dim=1,
             )
+            for matrix, drive in zip(matrix_terms, drive_terms)
+        ]
         combine = torch.cat(rows)  # (6·K, P·P + P)
         jacobian = torch.cat([jac_x, jac_y])
         return jacobian.to(dtype), monomials.to(dtype), combine.to(dtype)
