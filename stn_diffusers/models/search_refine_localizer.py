@@ -255,8 +255,7 @@ class SearchRefineLocalizer(Localizer):
         self.register_buffer(
             "search_scales", similarity_search.default_scales(search_scale, search_scale_step), persistent=False
         )
-        self._min_scale = 1.0 / float(search_scale)
-        self._max_scale = float(search_scale)
+        self.search_scale = float(search_scale)  # the searched scales span search_scale^±1
 
     # ------------------------------------------------------------------------------------ context
     def _level_transform(self, stride: int) -> str:
@@ -286,7 +285,7 @@ class SearchRefineLocalizer(Localizer):
     # --------------------------------------------------------------------------------------- step
     def _search_radius(self, height: int, width: int) -> int:
         # A shift of the warped grid moves the moving map by L·s: the smallest scale needs the most cells.
-        return math.ceil(self.search_translation * max(height, width) / self._min_scale) + 1
+        return math.ceil(self.search_translation * max(height, width) * self.search_scale) + 1
 
     def _refine(
         self,
@@ -426,8 +425,8 @@ class SearchRefineLocalizer(Localizer):
             return torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
         linear = geometry.theta_to_pixel_matrix(theta.double(), height, width)[:, :2, :2]  # pixel units
         scales = torch.linalg.svdvals(linear)  # (B, 2), largest first
-        scale_bound = self._max_scale * PLAUSIBLE_MARGIN
-        shift_bound = 2.0 * self.search_translation * self._max_scale * PLAUSIBLE_MARGIN
+        scale_bound = self.search_scale * PLAUSIBLE_MARGIN
+        shift_bound = 2.0 * self.search_translation * self.search_scale * PLAUSIBLE_MARGIN
         shift = theta[:, :, 2].abs().amax(dim=1)
         return (scales[:, 0] <= scale_bound) & (scales[:, 1] >= 1.0 / scale_bound) & (shift <= shift_bound)
 
