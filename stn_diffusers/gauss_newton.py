@@ -29,10 +29,6 @@ from . import geometry
 DAMPING = 1e-3
 # Cauchy weight 1 / (1 + r² / (c² · median r²)): residuals a few times the typical one count little.
 ROBUST_SCALE = 2.0
-# The cost that compares search candidates (alignment_cost) caps each cell's squared residual at this
-# multiple of the reference features' variance: a pasted object or an exposed border costs a bounded
-# amount per cell.
-RESIDUAL_CAP = 1.0
 # A cell samples the moving map's content when the bilinearly sampled moving weight reaches this:
 # every latent cell it reads is content, none is padding.
 CONTENT_LEVEL = 0.999
@@ -112,7 +108,6 @@ class LinearisedReference:
             monomials, ``(6, K)`` per pair, times ``combine``: far fewer products than summing the
             ``P × P`` matrices cell by cell (see :func:`_normal_equations`).
         weights: ``(B, h·w)`` in ``[0, 1]``, each cell's share (1 when no cell is ignored).
-        cap: ``(B, 1)`` the residual cap of :func:`alignment_cost` (see :data:`RESIDUAL_CAP`).
     """
 
     features: torch.Tensor
@@ -122,7 +117,6 @@ class LinearisedReference:
     monomials: torch.Tensor
     combine: torch.Tensor
     weights: torch.Tensor
-    cap: torch.Tensor
 
     @property
     def num_params(self) -> int:
@@ -204,9 +198,8 @@ def linearise_reference(
         weights = reference.new_ones(batch, height * width)
     else:
         weights = reference_weights.flatten(1).to(reference.dtype)
-    cap = RESIDUAL_CAP * reference.var(dim=(2, 3)).mean(dim=1, keepdim=True)  # (B, 1)
     grad_x, grad_y = _flat_gradients(reference)
-    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, combine, weights, cap)
+    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, combine, weights)
 
 
 @functools.lru_cache(maxsize=32)
@@ -274,21 +267,6 @@ def _warp_and_match(
     return match_statistics(moving, reference, weights.view(reference.shape[0], 1, *reference.shape[-2:])), weights
 
 
-def alignment_cost(
-    linearised: LinearisedReference,
-    moving: torch.Tensor,
-    theta: torch.Tensor,
-    moving_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(B,)`` robust cost of ``warp(moving, θ)`` over all the reference's cells, a cell it leaves
-    uncovered costing the cap: among candidates of one pair, more overlap that fits as well wins."""
-    warped, covered = _warp_and_match(linearised, moving, theta, moving_weights)
-    squared = torch.minimum((warped - linearised.features).flatten(2).pow(2).mean(dim=1), linearised.cap)
-    squared = torch.where(covered > 0, squared, linearised.cap.expand_as(squared))
-    share = linearised.weights
-    return (squared * share).sum(dim=1) / share.sum(dim=1).clamp_min(1e-12)
-
-
 def repeat_linearised(linearised: LinearisedReference, repeats: int) -> LinearisedReference:
     """Each pair's linearised reference repeated ``repeats`` times along the batch (``repeat_interleave``):
     several candidates of one pair refined as one batch."""
@@ -296,7 +274,7 @@ def repeat_linearised(linearised: LinearisedReference, repeats: int) -> Linearis
         return linearised
     per_pair = {
         name: getattr(linearised, name).repeat_interleave(repeats, dim=0)
-        for name in ("features", "grad_x", "grad_y", "weights", "cap")
+        for name in ("features", "grad_x", "grad_y", "weights")
     }
     shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "combine")}
     return LinearisedReference(**shared, **per_pair)
