@@ -239,7 +239,9 @@ def refine_theta_ecc(
         theta (`torch.Tensor` of shape `(B, 2, 3)`, or `(B, 3, 3)` for ``motion="homography"``): the
             initial estimate; identity when ``None``. An affine θ starts a homography refinement as
             the homography with last row ``[0, 0, 1]``.
-        levels: pyramid levels (1 = full resolution only); each halves the size.
+        levels: pyramid levels (1 = full resolution only); each halves the size. Where a start other
+            than the identity is not refined (ECC fails or its result is rejected), the finer
+            ``levels - 1`` are tried once more: a low-texture coarsest level can run off alone.
         iterations, epsilon: ECC's stopping criteria per level.
         max_side: pixels; larger images are downscaled to this longer side first (θ is normalised,
             so the result still applies at full resolution). ``None`` keeps the full size.
@@ -298,16 +300,26 @@ def refine_theta_ecc(
         kept = None if mask is None else cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
         limit = max_correction if max_correction is not None else MAX_CORRECTION_FRACTION * max(height, width)
         initial_score = correlation(ref_gray, mov_gray, init, kept)
-        try:
-            candidate = _ecc_one(ref_gray, mov_gray, init, levels, iterations, epsilon, motion, kept, mask_margin)
-        except cv2.error:
-            candidate = None
-        accepted = False
-        if candidate is not None and torch.isfinite(candidate).all():
-            moved = geometry.corner_error(candidate, init, height, width).item()
-            score = correlation(ref_gray, mov_gray, candidate, kept)
-            # A NaN initial score (no overlap at all) cannot veto a finite refined one.
-            accepted = moved <= limit and np.isfinite(score) and not (score < initial_score)
+        # A start that is not the identity is one an estimator moved to: where ECC's coarsest level
+        # runs off from it (a low-texture level), the finer levels alone are tried once more. From
+        # the identity, a divergence is mostly ECC moving an aligned pair toward a local change,
+        # which the finer levels would only repeat, at twice the time.
+        retry = int(levels) > 1 and not torch.equal(init[0, :2], geometry.identity_theta(1)[0])
+        for attempt_levels in (int(levels), int(levels) - 1)[: 2 if retry else 1]:
+            try:
+                candidate = _ecc_one(
+                    ref_gray, mov_gray, init, attempt_levels, iterations, epsilon, motion, kept, mask_margin
+                )
+            except cv2.error:
+                candidate = None
+            accepted = False
+            if candidate is not None and torch.isfinite(candidate).all():
+                moved = geometry.corner_error(candidate, init, height, width).item()
+                score = correlation(ref_gray, mov_gray, candidate, kept)
+                # A NaN initial score (no overlap at all) cannot veto a finite refined one.
+                accepted = moved <= limit and np.isfinite(score) and not (score < initial_score)
+            if accepted:
+                break
         refined.append(candidate if accepted else init)
         converged.append(accepted)
         scores.append(score if accepted else initial_score)

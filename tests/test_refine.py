@@ -93,6 +93,32 @@ class TestRefineThetaEcc:
         assert not bool(result.converged[0])
         torch.testing.assert_close(result.theta, initial)
 
+    @pytest.mark.parametrize("moved_start", [True, False])
+    def test_a_coarsest_level_that_runs_off_from_a_moved_start_is_retried_without_it(
+        self, photo_tensor, monkeypatch, moved_start
+    ):
+        from stn_diffusers import refine
+
+        pair = _pairs(photo_tensor, num_pairs=1)[0]
+        truth = pair.theta[None]
+        start = truth + torch.tensor([[[0.0, 0.0, 0.03], [0.0, 0.0, -0.02]]]) if moved_start else None
+        real, levels_tried = refine._ecc_one, []
+
+        def coarsest_runs_off(reference, moving, theta, levels, *args):
+            levels_tried.append(levels)
+            if levels == 3:
+                raise cv2.error("the coarsest level ran off")
+            return real(reference, moving, theta, levels, *args)
+
+        monkeypatch.setattr(refine, "_ecc_one", coarsest_runs_off)
+        result = refine_theta_ecc(pair.reference, pair.moving, start, levels=3)
+        if moved_start:
+            assert levels_tried == [3, 2] and bool(result.converged[0])
+            assert geometry.corner_error(result.theta, truth, 256, 256).item() < 0.5
+        else:  # from the identity, no second try: the identity is kept and flagged
+            assert levels_tried == [3] and not bool(result.converged[0])
+            torch.testing.assert_close(result.theta, geometry.identity_theta(1))
+
     def test_one_failure_does_not_stop_the_batch(self, photo_tensor):
         pairs = _pairs(photo_tensor, warp="small", num_pairs=2)
         movings = torch.stack([pairs[0].moving, torch.full_like(pairs[1].moving, 0.5)])
