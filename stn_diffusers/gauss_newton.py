@@ -24,6 +24,11 @@ import torch.nn.functional as F
 
 from . import geometry
 
+try:  # the optional C build of one affine step (setup.py); where it is missing, the PyTorch step serves
+    from . import _speedups
+except ImportError:  # pragma: no cover - depends on the install
+    _speedups = None
+
 # Levenberg–Marquardt damping, relative to the diagonal of the Gauss–Newton matrix: keeps a step
 # on a flat (textureless) map small instead of huge.
 DAMPING = 1e-3
@@ -415,6 +420,35 @@ def _step(
     return geometry.compose_theta(theta, torch.linalg.inv(step))
 
 
+def native_step_applies(linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor) -> bool:
+    """Whether the C step (``stn_diffusers._speedups``) can take this step: built, no gradient
+    wanted, float32 maps on the CPU and an affine step from an affine θ."""
+    return (
+        _speedups is not None
+        and not torch.is_grad_enabled()
+        and linearised.num_params == 6
+        and tuple(theta.shape[1:]) == (2, 3)
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (linearised.features, stacked, theta))
+    )
+
+
+def _native_step(
+    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor, robust: bool, shear_free: bool
+) -> torch.Tensor:
+    """:func:`_step` in C, the same arithmetic in one call (see ``stn_diffusers/_speedups.c``)."""
+    batch, channels, height, width = linearised.features.shape
+    buffers = [
+        t.contiguous()
+        for t in (linearised.features, linearised.grad_x, linearised.grad_y, linearised.weights, stacked, theta)
+    ]
+    out = torch.empty_like(buffers[-1])
+    _speedups.gauss_newton_step(
+        batch, channels, height, width, *(t.data_ptr() for t in buffers), out.data_ptr(),
+        robust, shear_free, DAMPING, CONTENT_LEVEL, ROBUST_SCALE,
+    )  # fmt: skip
+    return out
+
+
 def refine(
     linearised: LinearisedReference,
     moving: torch.Tensor,
@@ -424,6 +458,7 @@ def refine(
     tolerance: float = 0.0,
     moving_weights: torch.Tensor | None = None,
     shear_free_steps: int = 0,
+    native: bool = False,
 ) -> torch.Tensor:
     """Up to ``iterations`` Gauss–Newton steps from θ; returns the last iterate. The first
     ``shear_free_steps`` are held to the shear-free motions (see :func:`gauss_newton_step`).
@@ -431,11 +466,17 @@ def refine(
     With ``tolerance > 0``, stops early once no entry of any pair's θ moved by more than it in a step
     (normalised units: 1e-4 is 0.026 px of a 512-px image): converged pairs then cost nothing more.
     Training keeps a fixed count (``tolerance=0``), so every run takes the same steps.
+
+    With ``native``, each step runs in C (``stn_diffusers._speedups``) where
+    :func:`native_step_applies`: the same arithmetic up to float rounding, several times faster on
+    small maps. Inference asks for it; training does not, so trained weights do not depend on
+    whether the C build is present.
     """
     stacked = with_content(moving, moving_weights)  # once for every step of the level
+    step = _native_step if native and native_step_applies(linearised, stacked, theta) else _step
     for index in range(iterations):
         previous = theta
-        theta = _step(linearised, stacked, theta, robust, index < shear_free_steps)
+        theta = step(linearised, stacked, theta, robust, index < shear_free_steps)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

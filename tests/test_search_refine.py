@@ -350,13 +350,18 @@ def record_steps(monkeypatch, **config) -> tuple[SpatialTransformer, torch.Tenso
     model = SpatialTransformer(**{**TINY_SEARCH_REFINE, **config})
     reference = smooth_field(32, 32, seed=11)
     moving = moved(reference, similarity(12.0, 1.1, 0.05, 0.0))
-    steps, real_step = [], gauss_newton._step  # what refine's loop calls for each step
+    # What refine's loop calls for each step: the PyTorch step, or the C one at inference.
+    steps, real = [], {name: getattr(gauss_newton, name) for name in ("_step", "_native_step")}
 
-    def spy(linearised, stacked, theta, robust, shear_free):
-        steps.append((linearised.features.shape[-1], shear_free))
-        return real_step(linearised, stacked, theta, robust, shear_free)
+    def spy_of(name):
+        def spy(linearised, stacked, theta, robust, shear_free):
+            steps.append((linearised.features.shape[-1], shear_free))
+            return real[name](linearised, stacked, theta, robust, shear_free)
 
-    monkeypatch.setattr(gauss_newton, "_step", spy)
+        return spy
+
+    for name in real:
+        monkeypatch.setattr(gauss_newton, name, spy_of(name))
     monkeypatch.setattr(search_refine_localizer, "CONVERGED", 0.0)  # no early stop at inference
     return model, moving, reference, steps
 

@@ -309,6 +309,7 @@ class SearchRefineLocalizer(Localizer):
                 tolerance=self._tolerance(),
                 moving_weights=pool_content(moving_weights, stride),
                 shear_free_steps=shear_free_steps,
+                native=not self.training,
             )
         return theta
 
@@ -345,7 +346,7 @@ class SearchRefineLocalizer(Localizer):
         content = None if content is None else content.repeat_interleave(count, dim=0)
         refined = gauss_newton.refine(
             level, moving, starts.flatten(0, 1), iterations, robust=False, moving_weights=content,
-            shear_free_steps=self._shear_free_steps()[0],
+            shear_free_steps=self._shear_free_steps()[0], native=not self.training,
         )  # fmt: skip
         cost = gauss_newton.compare_with_identity(level, moving, refined, content)[0].view(batch, count)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))

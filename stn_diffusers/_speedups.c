@@ -1,0 +1,320 @@
+/*
+ * stn_diffusers._speedups: one affine Gauss-Newton step of stn_diffusers.gauss_newton in C.
+ *
+ * The same arithmetic as gauss_newton._step (the PyTorch path, which training and every other case
+ * use), for float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a
+ * step dispatching some sixty small operations; here one call does the whole step. The module is an
+ * optional build: where no C compiler is found at install, gauss_newton runs the PyTorch step alone.
+ *
+ * gauss_newton_step(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
+ *                   theta, out, robust, shear_free, damping, content_level, robust_scale)
+ *
+ * Pointers are the addresses of contiguous float32 buffers (torch.Tensor.data_ptr()):
+ *   reference, grad_x, grad_y  (B, D, N)   the linearised reference (N = height * width)
+ *   weights                    (B, N)      the reference's cell weights
+ *   stacked                    (B, D+1, N) the moving map and its content plane (gauss_newton.with_content)
+ *   theta, out                 (B, 2, 3)   the current and the refined theta
+ * Conventions (theta, cell centres, bilinear sampling with zero padding and align_corners=False,
+ * replicated borders for gradients, the lower median) follow the PyTorch step exactly.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The k-th smallest of values[0..count) (reordering them): the lower median for k = (count - 1) / 2,
+   as torch.nanmedian returns it. */
+static float kth_smallest(float *values, int count, int k) {
+    int low = 0, high = count - 1;
+    while (low < high) {
+        float pivot = values[(low + high) / 2];
+        int i = low, j = high;
+        while (i <= j) {
+            while (values[i] < pivot) i++;
+            while (values[j] > pivot) j--;
+            if (i <= j) {
+                float swap = values[i];
+                values[i] = values[j];
+                values[j] = swap;
+                i++;
+                j--;
+            }
+        }
+        if (k <= j)
+            high = j;
+        else if (k >= i)
+            low = i;
+        else
+            return values[k];
+    }
+    return values[k];
+}
+
+/* Solves a (size x size) system in place (partial pivoting); the answer replaces rhs. */
+static void solve(int size, double *matrix, double *rhs) {
+    for (int k = 0; k < size; k++) {
+        int pivot = k;
+        for (int i = k + 1; i < size; i++)
+            if (fabs(matrix[i * size + k]) > fabs(matrix[pivot * size + k])) pivot = i;
+        if (pivot != k) {
+            for (int j = 0; j < size; j++) {
+                double swap = matrix[k * size + j];
+                matrix[k * size + j] = matrix[pivot * size + j];
+                matrix[pivot * size + j] = swap;
+            }
+            double swap = rhs[k];
+            rhs[k] = rhs[pivot];
+            rhs[pivot] = swap;
+        }
+        for (int i = k + 1; i < size; i++) {
+            double factor = matrix[i * size + k] / matrix[k * size + k];
+            for (int j = k; j < size; j++) matrix[i * size + j] -= factor * matrix[k * size + j];
+            rhs[i] -= factor * rhs[k];
+        }
+    }
+    for (int k = size - 1; k >= 0; k--) {
+        double sum = rhs[k];
+        for (int j = k + 1; j < size; j++) sum -= matrix[k * size + j] * rhs[j];
+        rhs[k] = sum / matrix[k * size + k];
+    }
+}
+
+/* One pair's step; warped (D*N), weight (N), scratch (N) and scratch2 (5*N) are work buffers. */
+static void step_one(int channels, int height, int width, const float *reference, const float *grad_x,
+                     const float *grad_y, const float *reference_weights, const float *stacked, const float *theta,
+                     float *out, int robust, int shear_free, double damping, double content_level,
+                     double robust_scale, float *warped, float *weight, float *scratch, float *scratch2) {
+    const int cells = height * width;
+    /* 1. Warp the moving map and its content plane; a cell counts where the content is whole. A tap
+       outside the map reads cell 0 with weight 0 (zero padding), so the channel loop has no branch. */
+    for (int i = 0; i < height; i++) {
+        const float y = (float)((2.0 * i + 1) / height - 1);
+        for (int j = 0; j < width; j++) {
+            const float x = (float)((2.0 * j + 1) / width - 1);
+            const float sx = theta[0] * x + theta[1] * y + theta[2];
+            const float sy = theta[3] * x + theta[4] * y + theta[5];
+            const float ix = ((sx + 1) * width - 1) * 0.5f, iy = ((sy + 1) * height - 1) * 0.5f;
+            const float fx = floorf(ix), fy = floorf(iy);
+            const int x0 = (int)fx, y0 = (int)fy;
+            const float ax = ix - fx, ay = iy - fy;
+            const float tap[4] = {(1 - ax) * (1 - ay), ax * (1 - ay), (1 - ax) * ay, ax * ay};
+            const int tx[4] = {x0, x0 + 1, x0, x0 + 1}, ty[4] = {y0, y0, y0 + 1, y0 + 1};
+            int offset[4];
+            float share[4];
+            for (int t = 0; t < 4; t++) {
+                const int inside = tx[t] >= 0 && tx[t] < width && ty[t] >= 0 && ty[t] < height;
+                offset[t] = inside ? ty[t] * width + tx[t] : 0;
+                share[t] = inside ? tap[t] : 0.0f;
+            }
+            const int cell = i * width + j;
+            for (int c = 0; c < channels; c++) {
+                const float *plane = stacked + (size_t)c * cells;
+                warped[(size_t)c * cells + cell] = share[0] * plane[offset[0]] + share[1] * plane[offset[1]] +
+                                                   share[2] * plane[offset[2]] + share[3] * plane[offset[3]];
+            }
+            const float *plane = stacked + (size_t)channels * cells;
+            const float content = share[0] * plane[offset[0]] + share[1] * plane[offset[1]] +
+                                  share[2] * plane[offset[2]] + share[3] * plane[offset[3]];
+            weight[cell] = content >= content_level ? reference_weights[cell] : 0.0f;
+        }
+    }
+    /* 2. Each channel's mean and spread over the counted cells set to the reference's. */
+    double total = 0;
+    for (int k = 0; k < cells; k++) total += weight[k];
+    if (total < 1e-6) total = 1e-6;
+    for (int c = 0; c < channels; c++) {
+        float *moving = warped + (size_t)c * cells;
+        const float *fixed = reference + (size_t)c * cells;
+        double moving_sum = 0, fixed_sum = 0;
+        for (int k = 0; k < cells; k++) {
+            moving_sum += weight[k] * moving[k];
+            fixed_sum += weight[k] * fixed[k];
+        }
+        const double moving_mean = moving_sum / total, fixed_mean = fixed_sum / total;
+        double moving_var = 0, fixed_var = 0;
+        for (int k = 0; k < cells; k++) {
+            const double a = moving[k] - moving_mean, b = fixed[k] - fixed_mean;
+            moving_var += weight[k] * a * a;
+            fixed_var += weight[k] * b * b;
+        }
+        const double gain = sqrt(fixed_var / total + 1e-6) / sqrt(moving_var / total + 1e-6);
+        for (int k = 0; k < cells; k++) moving[k] = (float)((moving[k] - moving_mean) * gain + fixed_mean);
+    }
+    /* 3. Cauchy weights against the median squared residual of the counted cells. */
+    if (robust) {
+        int count = 0;
+        for (int k = 0; k < cells; k++) {
+            double sum = 0;
+            for (int c = 0; c < channels; c++) {
+                const double r = warped[(size_t)c * cells + k] - reference[(size_t)c * cells + k];
+                sum += r * r;
+            }
+            scratch[k] = (float)(sum / channels);
+        }
+        float *kept = (float *)malloc(sizeof(float) * (size_t)cells);
+        for (int k = 0; k < cells; k++)
+            if (weight[k] > 0) kept[count++] = scratch[k];
+        double typical = count ? kth_smallest(kept, count, (count - 1) / 2) : 1.0;
+        free(kept);
+        if (typical < 1e-8) typical = 1e-8;
+        const double scale = robust_scale * robust_scale * typical;
+        for (int k = 0; k < cells; k++) weight[k] = (float)(weight[k] / (1.0 + scratch[k] / scale));
+    }
+    /* 4. Per cell, summed over channels: both maps' gradient sums g, their products with each
+       other and with the residual r (products: gx gx, gx gy, gy gy, gx r, gy r), then weighted. */
+    float *products = scratch2;
+    memset(products, 0, sizeof(float) * 5 * (size_t)cells);
+    const float half_width = width / 4.0f, half_height = height / 4.0f;
+    for (int c = 0; c < channels; c++) {
+        const float *map = warped + (size_t)c * cells;
+        const float *fixed = reference + (size_t)c * cells;
+        const float *rx = grad_x + (size_t)c * cells, *ry = grad_y + (size_t)c * cells;
+        for (int i = 0; i < height; i++) {
+            const float *row = map + (size_t)i * width;
+            const float *above = map + (size_t)(i > 0 ? i - 1 : 0) * width;
+            const float *below = map + (size_t)(i < height - 1 ? i + 1 : height - 1) * width;
+            for (int j = 0; j < width; j++) {
+                const int k = i * width + j;
+                const float right = row[j < width - 1 ? j + 1 : width - 1], left = row[j > 0 ? j - 1 : 0];
+                const float gx = rx[k] + (right - left) * half_width;
+                const float gy = ry[k] + (below[j] - above[j]) * half_height;
+                const float r = row[j] - fixed[k];
+                products[k] += gx * gx;
+                products[cells + k] += gx * gy;
+                products[2 * (size_t)cells + k] += gy * gy;
+                products[3 * (size_t)cells + k] += gx * r;
+                products[4 * (size_t)cells + k] += gy * r;
+            }
+        }
+    }
+    /* Their moments against the cell coordinates, a row at a time: within a row y is fixed, so
+       sums against 1, x and x^2 give every monomial x^a y^b of degree 2 or less. */
+    double moments[3][6] = {{0}}, drive[2][3] = {{0}};
+    for (int i = 0; i < height; i++) {
+        const double y = (2.0 * i + 1) / height - 1;
+        double sums[5][3] = {{0}};
+        for (int j = 0; j < width; j++) {
+            const int k = i * width + j;
+            const float w = weight[k];
+            if (w == 0) continue;
+            const double x = (2.0 * j + 1) / width - 1;
+            for (int q = 0; q < 5; q++) {
+                const double v = (double)w * products[(size_t)q * cells + k];
+                sums[q][0] += v;
+                sums[q][1] += v * x;
+                sums[q][2] += v * x * x;
+            }
+        }
+        for (int q = 0; q < 3; q++) { /* monomials x^2, xy, x, y^2, y, 1 */
+            moments[q][0] += sums[q][2];
+            moments[q][1] += y * sums[q][1];
+            moments[q][2] += sums[q][1];
+            moments[q][3] += y * y * sums[q][0];
+            moments[q][4] += y * sums[q][0];
+            moments[q][5] += sums[q][0];
+        }
+        for (int q = 0; q < 2; q++) { /* [x, y, 1] */
+            drive[q][0] += sums[3 + q][1];
+            drive[q][1] += y * sums[3 + q][0];
+            drive[q][2] += sums[3 + q][0];
+        }
+    }
+    /* 5. The system for p (theta's step, row by row): the gradient sums' means carry 1/2 each. */
+    static const int product[3][3] = {{0, 1, 2}, {1, 3, 4}, {2, 4, 5}}; /* [x, y, 1] x [x, y, 1] -> moment */
+    double hessian[36], gradient[6], params[6];
+    for (int a = 0; a < 3; a++) {
+        for (int b = 0; b < 3; b++) {
+            const int q = product[a][b];
+            hessian[a * 6 + b] = moments[0][q] / 4;
+            hessian[a * 6 + b + 3] = moments[1][q] / 4;
+            hessian[(a + 3) * 6 + b] = moments[1][q] / 4;
+            hessian[(a + 3) * 6 + b + 3] = moments[2][q] / 4;
+        }
+        gradient[a] = drive[0][a] / 2;
+        gradient[a + 3] = drive[1][a] / 2;
+    }
+    if (shear_free) {
+        /* Rotation, a scale per axis and a shift (gauss_newton.shear_free_basis). */
+        const double aspect = (double)width / height;
+        double basis[6][5] = {{0}};
+        basis[0][0] = basis[4][1] = 1.0;
+        basis[1][2] = -1.0 / aspect;
+        basis[3][2] = aspect;
+        basis[2][3] = basis[5][4] = 1.0;
+        double reduced[25], rhs[5];
+        for (int a = 0; a < 5; a++) {
+            rhs[a] = 0;
+            for (int i = 0; i < 6; i++) rhs[a] += basis[i][a] * gradient[i];
+            for (int b = 0; b < 5; b++) {
+                double sum = 0;
+                for (int i = 0; i < 6; i++)
+                    for (int j = 0; j < 6; j++) sum += basis[i][a] * hessian[i * 6 + j] * basis[j][b];
+                reduced[a * 5 + b] = sum;
+            }
+        }
+        for (int a = 0; a < 5; a++) reduced[a * 5 + a] = reduced[a * 5 + a] * (1 + damping) + 1e-8;
+        solve(5, reduced, rhs);
+        for (int i = 0; i < 6; i++) {
+            params[i] = 0;
+            for (int a = 0; a < 5; a++) params[i] += basis[i][a] * rhs[a];
+        }
+    } else {
+        for (int a = 0; a < 6; a++) hessian[a * 6 + a] = hessian[a * 6 + a] * (1 + damping) + 1e-8;
+        memcpy(params, gradient, sizeof params);
+        solve(6, hessian, params);
+    }
+    /* 6. theta <- theta @ (I + P)^-1, the inverse of the affine step in closed form. */
+    const double a = 1 + params[0], b = params[1], c = params[2], d = params[3], e = 1 + params[4], f = params[5];
+    const double det = a * e - b * d;
+    const double inverse[6] = {e / det, -b / det, (b * f - c * e) / det, -d / det, a / det, (c * d - a * f) / det};
+    for (int row = 0; row < 2; row++) {
+        const double t0 = theta[row * 3], t1 = theta[row * 3 + 1], t2 = theta[row * 3 + 2];
+        out[row * 3 + 0] = (float)(t0 * inverse[0] + t1 * inverse[3]);
+        out[row * 3 + 1] = (float)(t0 * inverse[1] + t1 * inverse[4]);
+        out[row * 3 + 2] = (float)(t0 * inverse[2] + t1 * inverse[5] + t2);
+    }
+}
+
+static PyObject *gauss_newton_step(PyObject *self, PyObject *args) {
+    int batch, channels, height, width, robust, shear_free;
+    unsigned long long reference, grad_x, grad_y, weights, stacked, theta, out;
+    double damping, content_level, robust_scale;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKppddd", &batch, &channels, &height, &width, &reference, &grad_x,
+                          &grad_y, &weights, &stacked, &theta, &out, &robust, &shear_free, &damping,
+                          &content_level, &robust_scale))
+        return NULL;
+    if (batch < 1 || channels < 1 || height < 1 || width < 1) {
+        PyErr_SetString(PyExc_ValueError, "expected batch, channels, height and width >= 1");
+        return NULL;
+    }
+    const size_t cells = (size_t)height * width;
+    float *work = (float *)malloc(sizeof(float) * cells * (size_t)(channels + 7));
+    if (work == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    for (int n = 0; n < batch; n++) {
+        const size_t map = (size_t)n * channels * cells;
+        step_one(channels, height, width, (const float *)(uintptr_t)reference + map,
+                 (const float *)(uintptr_t)grad_x + map, (const float *)(uintptr_t)grad_y + map,
+                 (const float *)(uintptr_t)weights + (size_t)n * cells,
+                 (const float *)(uintptr_t)stacked + (size_t)n * (channels + 1) * cells,
+                 (const float *)(uintptr_t)theta + (size_t)n * 6, (float *)(uintptr_t)out + (size_t)n * 6, robust,
+                 shear_free, damping, content_level, robust_scale, work, work + (size_t)channels * cells,
+                 work + (size_t)(channels + 1) * cells, work + (size_t)(channels + 2) * cells);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"gauss_newton_step", gauss_newton_step, METH_VARARGS,
+     "One affine Gauss-Newton step on contiguous float32 buffers (see the module's source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups",
+                                    "The Gauss-Newton step of stn_diffusers.gauss_newton in C.", -1, methods};
+
+PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }
