@@ -1,19 +1,23 @@
 /*
- * stn_diffusers._speedups: one affine Gauss-Newton step of stn_diffusers.gauss_newton in C.
+ * stn_diffusers._speedups: one affine Gauss-Newton step and the identity comparison of
+ * stn_diffusers.gauss_newton in C.
  *
- * The same arithmetic as gauss_newton._step (the PyTorch path, which training and every other case
- * use), for float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a
+ * The same arithmetic as gauss_newton._step and gauss_newton.compare_with_identity (the PyTorch
+ * paths, which training and every other case use), for float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a
  * step dispatching some sixty small operations; here one call does the whole step. The module is an
  * optional build: where no C compiler is found at install, gauss_newton runs the PyTorch step alone.
  *
  * gauss_newton_step(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
  *                   theta, out, robust, shear_free, damping, content_level, robust_scale)
+ * compare_with_identity(batch, channels, height, width, reference, weights, stacked, theta,
+ *                       answer_cost, identity_cost, share, content_level)
  *
  * Pointers are the addresses of contiguous float32 buffers (torch.Tensor.data_ptr()):
  *   reference, grad_x, grad_y  (B, D, N)   the linearised reference (N = height * width)
  *   weights                    (B, N)      the reference's cell weights
  *   stacked                    (B, D+1, N) the moving map and its content plane (gauss_newton.with_content)
  *   theta, out                 (B, 2, 3)   the current and the refined theta
+ *   answer_cost, identity_cost, share  (B,)  compare_with_identity's three answers
  * Conventions (theta, cell centres, bilinear sampling with zero padding and align_corners=False,
  * replicated borders for gradients, the lower median) follow the PyTorch step exactly.
  */
@@ -81,14 +85,13 @@ static void solve(int size, double *matrix, double *rhs) {
     }
 }
 
-/* One pair's step; warped (D*N), weight (N), scratch (N) and scratch2 (5*N) are work buffers. */
-static void step_one(int channels, int height, int width, const float *reference, const float *grad_x,
-                     const float *grad_y, const float *reference_weights, const float *stacked, const float *theta,
-                     float *out, int robust, int shear_free, double damping, double content_level,
-                     double robust_scale, float *warped, float *weight, float *scratch, float *scratch2) {
+/* Samples the moving map and its content plane (stacked, (D+1) x N) at theta's positions into warped
+   (D x N): bilinear, zero padding, align_corners=False. A cell counts (weight = its reference weight)
+   where the sampled content is whole, else weight 0. A tap outside the map reads cell 0 with weight 0,
+   so the channel loop has no branch. */
+static void warp_counted(int channels, int height, int width, const float *stacked, const float *theta,
+                         const float *reference_weights, double content_level, float *warped, float *weight) {
     const int cells = height * width;
-    /* 1. Warp the moving map and its content plane; a cell counts where the content is whole. A tap
-       outside the map reads cell 0 with weight 0 (zero padding), so the channel loop has no branch. */
     for (int i = 0; i < height; i++) {
         const float y = (float)((2.0 * i + 1) / height - 1);
         for (int j = 0; j < width; j++) {
@@ -120,7 +123,10 @@ static void step_one(int channels, int height, int width, const float *reference
             weight[cell] = content >= content_level ? reference_weights[cell] : 0.0f;
         }
     }
-    /* 2. Each channel's mean and spread over the counted cells set to the reference's. */
+}
+
+/* Sets each channel's mean and spread of warped (D x N) over the weighted cells to the reference's. */
+static void match_statistics(int channels, int cells, float *warped, const float *reference, const float *weight) {
     double total = 0;
     for (int k = 0; k < cells; k++) total += weight[k];
     if (total < 1e-6) total = 1e-6;
@@ -142,22 +148,44 @@ static void step_one(int channels, int height, int width, const float *reference
         const double gain = sqrt(fixed_var / total + 1e-6) / sqrt(moving_var / total + 1e-6);
         for (int k = 0; k < cells; k++) moving[k] = (float)((moving[k] - moving_mean) * gain + fixed_mean);
     }
+}
+
+/* The mean over channels of the squared residual of each cell, (N). */
+static void squared_residuals(int channels, int cells, const float *warped, const float *reference, float *out) {
+    for (int k = 0; k < cells; k++) {
+        double sum = 0;
+        for (int c = 0; c < channels; c++) {
+            const double r = warped[(size_t)c * cells + k] - reference[(size_t)c * cells + k];
+            sum += r * r;
+        }
+        out[k] = (float)(sum / channels);
+    }
+}
+
+/* The lower median of values[k] over the cells where counted[k] > 0 (NaN where none is), as
+   torch.nanmedian gives it; kept (N) is a work buffer. */
+static double counted_median(int cells, const float *values, const float *counted, float *kept) {
+    int count = 0;
+    for (int k = 0; k < cells; k++)
+        if (counted[k] > 0) kept[count++] = values[k];
+    return count ? kth_smallest(kept, count, (count - 1) / 2) : NAN;
+}
+
+/* One pair's step; warped (D*N), weight (N), scratch (N) and scratch2 (5*N) are work buffers. */
+static void step_one(int channels, int height, int width, const float *reference, const float *grad_x,
+                     const float *grad_y, const float *reference_weights, const float *stacked, const float *theta,
+                     float *out, int robust, int shear_free, double damping, double content_level,
+                     double robust_scale, float *warped, float *weight, float *scratch, float *scratch2) {
+    const int cells = height * width;
+    /* 1. Warp the moving map and its content plane, and count the cells whose content is whole. */
+    warp_counted(channels, height, width, stacked, theta, reference_weights, content_level, warped, weight);
+    /* 2. Each channel's mean and spread over the counted cells set to the reference's. */
+    match_statistics(channels, cells, warped, reference, weight);
     /* 3. Cauchy weights against the median squared residual of the counted cells. */
     if (robust) {
-        int count = 0;
-        for (int k = 0; k < cells; k++) {
-            double sum = 0;
-            for (int c = 0; c < channels; c++) {
-                const double r = warped[(size_t)c * cells + k] - reference[(size_t)c * cells + k];
-                sum += r * r;
-            }
-            scratch[k] = (float)(sum / channels);
-        }
-        float *kept = (float *)malloc(sizeof(float) * (size_t)cells);
-        for (int k = 0; k < cells; k++)
-            if (weight[k] > 0) kept[count++] = scratch[k];
-        double typical = count ? kth_smallest(kept, count, (count - 1) / 2) : 1.0;
-        free(kept);
+        squared_residuals(channels, cells, warped, reference, scratch);
+        double typical = counted_median(cells, scratch, weight, scratch2);
+        if (!(typical == typical)) typical = 1.0; /* no counted cell: NaN, as nan_to_num(1.0) */
         if (typical < 1e-8) typical = 1e-8;
         const double scale = robust_scale * robust_scale * typical;
         for (int k = 0; k < cells; k++) weight[k] = (float)(weight[k] / (1.0 + scratch[k] / scale));
@@ -277,6 +305,64 @@ static void step_one(int channels, int height, int width, const float *reference
     }
 }
 
+/* gauss_newton.compare_with_identity for one pair: the median cell residual of the answer (cells it
+   leaves uncovered count the identity's residual) and of the identity, over the cells the identity
+   counts, and the share of the reference's weight both cover. Work: warped (D*N), two weights (N),
+   two residuals (N) and kept (N). */
+static void compare_one(int channels, int height, int width, const float *reference, const float *reference_weights,
+                        const float *stacked, const float *theta, double content_level, float *answer_cost,
+                        float *identity_cost, float *share, float *warped, float *answer_weight,
+                        float *identity_weight, float *answer_residual, float *identity_residual, float *kept) {
+    const int cells = height * width;
+    const float *content = stacked + (size_t)channels * cells;
+    /* The identity samples every cell at its centre: the map itself, counted but over its padding. */
+    for (int k = 0; k < cells; k++) identity_weight[k] = content[k] >= content_level ? reference_weights[k] : 0.0f;
+    memcpy(warped, stacked, sizeof(float) * (size_t)channels * cells);
+    match_statistics(channels, cells, warped, reference, identity_weight);
+    squared_residuals(channels, cells, warped, reference, identity_residual);
+    warp_counted(channels, height, width, stacked, theta, reference_weights, content_level, warped, answer_weight);
+    match_statistics(channels, cells, warped, reference, answer_weight);
+    squared_residuals(channels, cells, warped, reference, answer_residual);
+    double seen = 0, total = 0;
+    for (int k = 0; k < cells; k++) {
+        const int both = identity_weight[k] > 0 && answer_weight[k] > 0;
+        if (!both) answer_residual[k] = identity_residual[k];
+        seen += both ? reference_weights[k] : 0.0;
+        total += reference_weights[k];
+    }
+    *answer_cost = (float)counted_median(cells, answer_residual, identity_weight, kept);
+    *identity_cost = (float)counted_median(cells, identity_residual, identity_weight, kept);
+    *share = (float)(seen / (total > 1e-12 ? total : 1e-12));
+}
+
+static PyObject *compare_with_identity(PyObject *self, PyObject *args) {
+    int batch, channels, height, width;
+    unsigned long long reference, weights, stacked, theta, answer, identity, share;
+    double content_level;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKd", &batch, &channels, &height, &width, &reference, &weights, &stacked,
+                          &theta, &answer, &identity, &share, &content_level))
+        return NULL;
+    if (batch < 1 || channels < 1 || height < 1 || width < 1) {
+        PyErr_SetString(PyExc_ValueError, "expected batch, channels, height and width >= 1");
+        return NULL;
+    }
+    const size_t cells = (size_t)height * width;
+    float *work = (float *)malloc(sizeof(float) * cells * (size_t)(channels + 5));
+    if (work == NULL) return PyErr_NoMemory();
+    float *warped = work, *rest = work + (size_t)channels * cells;
+    Py_BEGIN_ALLOW_THREADS
+    for (int n = 0; n < batch; n++)
+        compare_one(channels, height, width, (const float *)(uintptr_t)reference + (size_t)n * channels * cells,
+                    (const float *)(uintptr_t)weights + (size_t)n * cells,
+                    (const float *)(uintptr_t)stacked + (size_t)n * (channels + 1) * cells,
+                    (const float *)(uintptr_t)theta + (size_t)n * 6, content_level, (float *)(uintptr_t)answer + n,
+                    (float *)(uintptr_t)identity + n, (float *)(uintptr_t)share + n, warped, rest, rest + cells,
+                    rest + 2 * cells, rest + 3 * cells, rest + 4 * cells);
+    Py_END_ALLOW_THREADS
+    free(work);
+    Py_RETURN_NONE;
+}
+
 static PyObject *gauss_newton_step(PyObject *self, PyObject *args) {
     int batch, channels, height, width, robust, shear_free;
     unsigned long long reference, grad_x, grad_y, weights, stacked, theta, out;
@@ -311,10 +397,12 @@ static PyObject *gauss_newton_step(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"gauss_newton_step", gauss_newton_step, METH_VARARGS,
      "One affine Gauss-Newton step on contiguous float32 buffers (see the module's source)."},
+    {"compare_with_identity", compare_with_identity, METH_VARARGS,
+     "Median cell residuals of an affine answer and of the identity, and their shared cover."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups",
-                                    "The Gauss-Newton step of stn_diffusers.gauss_newton in C.", -1, methods};
+                                    "The Gauss-Newton step and identity comparison of stn_diffusers.gauss_newton in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }

@@ -290,6 +290,7 @@ def compare_with_identity(
     moving: torch.Tensor,
     theta: torch.Tensor,
     moving_weights: torch.Tensor | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Robust costs ``(B,)`` of ``warp(moving, θ)`` and of the unwarped ``moving`` against the
     reference, and the share ``(B,)`` of the reference's weight that both cover.
@@ -300,7 +301,13 @@ def compare_with_identity(
     answer gains nothing by looking away from a region it cannot explain, and loses nothing for the
     corners a true rotation leaves uncovered. Cells the identity sees as the moving image's padding
     (``moving_weights``) take no part: neither candidate can explain them.
+
+    With ``native``, the comparison runs in C where :func:`native_step_applies` (see :func:`refine`).
     """
+    if native:
+        stacked = with_content(moving, moving_weights)
+        if native_step_applies(linearised, stacked, theta):
+            return _native_compare(linearised, stacked, theta)
     residuals, covered = {}, {}
     for name, candidate in (("answer", theta), ("identity", None)):
         warped, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
@@ -447,6 +454,20 @@ def _native_step(
         robust, shear_free, DAMPING, CONTENT_LEVEL, ROBUST_SCALE,
     )  # fmt: skip
     return out
+
+
+def _native_compare(
+    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`compare_with_identity` in C (see ``stn_diffusers/_speedups.c``)."""
+    batch, channels, height, width = linearised.features.shape
+    buffers = [t.contiguous() for t in (linearised.features, linearised.weights, stacked, theta)]
+    answer, identity, share = torch.empty(3, batch)
+    _speedups.compare_with_identity(
+        batch, channels, height, width, *(t.data_ptr() for t in buffers),
+        answer.data_ptr(), identity.data_ptr(), share.data_ptr(), CONTENT_LEVEL,
+    )  # fmt: skip
+    return answer, identity, share
 
 
 def refine(

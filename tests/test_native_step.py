@@ -42,6 +42,20 @@ def test_one_step_is_the_pytorch_step(robust, shear_free, height, width, batch, 
     torch.testing.assert_close(found, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("height, width, batch, padded", [(16, 16, 3, False), (12, 20, 2, True), (64, 48, 1, True)])
+def test_the_identity_comparison_is_the_pytorch_one(height, width, batch, padded):
+    linearised, stacked, start, truth = problem(height, width, batch, padded)
+    moving, content = stacked[:, :-1], stacked[:, -1:]
+    turned = similarity(35.0, 0.8, 0.2, 0.1, aspect=width / height).repeat(batch, 1, 1)  # leaves much uncovered
+    with torch.no_grad():
+        for theta in (start, truth, turned):
+            expected = gauss_newton.compare_with_identity(linearised, moving, theta, content)
+            found = gauss_newton.compare_with_identity(linearised, moving, theta, content, native=True)
+            for got, want in zip(found, expected):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        assert float(expected[2].max()) < 0.9  # the turned answer left cells uncovered
+
+
 def test_a_refinement_ends_where_the_pytorch_one_does():
     linearised, stacked, start, truth = problem(32, 32, 2, padded=True)
     moving, content = stacked[:, :-1], stacked[:, -1:]

@@ -348,7 +348,8 @@ class SearchRefineLocalizer(Localizer):
             level, moving, starts.flatten(0, 1), iterations, robust=False, moving_weights=content,
             shear_free_steps=self._shear_free_steps()[0], native=not self.training,
         )  # fmt: skip
-        cost = gauss_newton.compare_with_identity(level, moving, refined, content)[0].view(batch, count)
+        cost = gauss_newton.compare_with_identity(level, moving, refined, content, native=not self.training)[0]
+        cost = cost.view(batch, count)
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, float("inf")))
         best = cost.argmin(dim=1)
         return refined.view(batch, count, *refined.shape[1:])[torch.arange(batch), best]
@@ -409,7 +410,7 @@ class SearchRefineLocalizer(Localizer):
         finite = torch.isfinite(theta).flatten(1).all(dim=1)
         safe = torch.where(finite.view(-1, 1, 1), theta, _identity_like(theta))
         answer_cost, identity_cost, shared = gauss_newton.compare_with_identity(
-            context.levels[1], features, safe, moving_weights
+            context.levels[1], features, safe, moving_weights, native=not self.training
         )
         return finite, answer_cost, identity_cost, shared, self._plausible(safe, *features.shape[-2:])
 
