@@ -192,6 +192,25 @@ def theta_to_pixel_matrix(theta: torch.Tensor, height: int, width: int) -> torch
     return torch.linalg.inv(norm) @ to_homogeneous(theta) @ norm
 
 
+def pixel_linear_part(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, 2, 2)``: the linear part of :func:`theta_to_pixel_matrix` for an affine ``theta``
+    ``(B, 2, 3)`` and an ``H × W`` image, without building or inverting the 3×3 matrices. Normalising
+    scales x by ``2 / W`` and y by ``2 / H``, so the diagonal stays and the off-diagonal entries
+    scale by the aspect ratio."""
+    aspect = width / height
+    return theta[:, :, :2] * theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
+
+
+def singular_values_2x2(matrix: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` singular values of ``(B, 2, 2)`` matrices, largest first, in closed form (a LAPACK
+    SVD costs far more for a 2×2): ``s² = (F ± √(F² − 4 det²)) / 2`` with ``F`` the squared
+    Frobenius norm."""
+    frobenius = matrix.pow(2).sum(dim=(1, 2))
+    determinant = matrix[:, 0, 0] * matrix[:, 1, 1] - matrix[:, 0, 1] * matrix[:, 1, 0]
+    spread = (frobenius.pow(2) - 4 * determinant.pow(2)).clamp_min(0).sqrt()
+    return torch.stack([(frobenius + spread) / 2, ((frobenius - spread) / 2).clamp_min(0)], dim=1).sqrt()
+
+
 def pixel_matrix_to_theta(matrix: torch.Tensor, height: int, width: int, transform: str = "affine") -> torch.Tensor:
     """Inverse of :func:`theta_to_pixel_matrix`: a ``(B, 3, 3)`` or ``(B, 2, 3)`` pixel matrix → θ.
 

@@ -308,6 +308,21 @@ class TestHomography:
         image = torch.rand(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
         theta = random_homographies(1, seed=4).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda i, t: geometry.warp(i, t), (image, theta))
-        source = (torch.rand(1, 6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1)
+        source = torch.rand(1, 6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
         target = geometry.apply_theta(theta.detach(), source).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda t: geometry.fit_homography(source, t), (target,))
+
+
+class TestPixelLinearPart:
+    @pytest.mark.parametrize("height, width", [(64, 64), (48, 80), (300, 200)])
+    def test_is_the_linear_part_of_the_pixel_matrix(self, height, width):
+        theta = torch.tensor([[[1.3, 0.2, 0.1], [-0.4, 0.7, -0.2]], [[0.9, -0.05, 0.0], [0.1, 1.1, 0.3]]]).double()
+        expected = geometry.theta_to_pixel_matrix(theta, height, width)[:, :2, :2]
+        torch.testing.assert_close(geometry.pixel_linear_part(theta, height, width), expected)
+
+    def test_singular_values_in_closed_form_match_an_svd(self):
+        matrices = torch.tensor(
+            [[[1.3, 0.2], [-0.4, 0.7]], [[2.0, 0.0], [0.0, 0.5]], [[1.0, 1.0], [1.0, 1.0]], [[0.0, -1.0], [1.0, 0.0]]],
+            dtype=torch.float64,
+        )  # general, diagonal, singular, a rotation
+        torch.testing.assert_close(geometry.singular_values_2x2(matrices), torch.linalg.svdvals(matrices))

@@ -425,8 +425,8 @@ class SearchRefineLocalizer(Localizer):
         """
         if self.transform == "homography":
             return torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
-        linear = geometry.theta_to_pixel_matrix(theta.double(), height, width)[:, :2, :2]  # pixel units
-        scales = torch.linalg.svdvals(linear)  # (B, 2), largest first
+        linear = geometry.pixel_linear_part(theta.double(), height, width)  # pixel units
+        scales = geometry.singular_values_2x2(linear)  # (B, 2), largest first
         scale_bound = self.search_scale * PLAUSIBLE_MARGIN
         shift_bound = 2.0 * self.search_translation * self.search_scale * PLAUSIBLE_MARGIN
         shift = theta[:, :, 2].abs().amax(dim=1)
