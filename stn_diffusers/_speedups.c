@@ -7,8 +7,9 @@
  * step dispatching some sixty small operations; here one call does the whole step. The module is an
  * optional build: where no C compiler is found at install, gauss_newton runs the PyTorch step alone.
  *
- * gauss_newton_step(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
- *                   theta, out, robust, shear_free, damping, content_level, robust_scale)
+ * gauss_newton_refine(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
+ *                     theta, out, iterations, shear_free_steps, tolerance, robust, damping,
+ *                     content_level, robust_scale) -> steps taken
  * compare_with_identity(batch, channels, height, width, reference, weights, stacked, theta,
  *                       answer_cost, identity_cost, share, content_level)
  *
@@ -16,7 +17,7 @@
  *   reference, grad_x, grad_y  (B, D, N)   the linearised reference (N = height * width)
  *   weights                    (B, N)      the reference's cell weights
  *   stacked                    (B, D+1, N) the moving map and its content plane (gauss_newton.with_content)
- *   theta, out                 (B, 2, 3)   the current and the refined theta
+ *   theta, out                 (B, 2, 3)   the start and the refined theta
  *   answer_cost, identity_cost, share  (B,)  compare_with_identity's three answers
  * Conventions (theta, cell centres, bilinear sampling with zero padding and align_corners=False,
  * replicated borders for gradients, the lower median) follow the PyTorch step exactly.
@@ -363,40 +364,54 @@ static PyObject *compare_with_identity(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *gauss_newton_step(PyObject *self, PyObject *args) {
-    int batch, channels, height, width, robust, shear_free;
+static PyObject *gauss_newton_refine(PyObject *self, PyObject *args) {
+    int batch, channels, height, width, iterations, shear_free_steps, robust;
     unsigned long long reference, grad_x, grad_y, weights, stacked, theta, out;
-    double damping, content_level, robust_scale;
-    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKppddd", &batch, &channels, &height, &width, &reference, &grad_x,
-                          &grad_y, &weights, &stacked, &theta, &out, &robust, &shear_free, &damping,
-                          &content_level, &robust_scale))
+    double tolerance, damping, content_level, robust_scale;
+    if (!PyArg_ParseTuple(args, "iiiiKKKKKKKiidpddd", &batch, &channels, &height, &width, &reference, &grad_x,
+                          &grad_y, &weights, &stacked, &theta, &out, &iterations, &shear_free_steps, &tolerance,
+                          &robust, &damping, &content_level, &robust_scale))
         return NULL;
-    if (batch < 1 || channels < 1 || height < 1 || width < 1) {
-        PyErr_SetString(PyExc_ValueError, "expected batch, channels, height and width >= 1");
+    if (batch < 1 || channels < 1 || height < 1 || width < 1 || iterations < 0) {
+        PyErr_SetString(PyExc_ValueError, "expected batch, channels, height and width >= 1 and iterations >= 0");
         return NULL;
     }
     const size_t cells = (size_t)height * width;
-    float *work = (float *)malloc(sizeof(float) * cells * (size_t)(channels + 7));
+    float *work = (float *)malloc(sizeof(float) * (cells * (size_t)(channels + 7) + (size_t)batch * 6));
     if (work == NULL) return PyErr_NoMemory();
+    float *current = (float *)(uintptr_t)out, *next = work + cells * (size_t)(channels + 7);
+    memcpy(current, (const float *)(uintptr_t)theta, sizeof(float) * (size_t)batch * 6);
+    int taken = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (int n = 0; n < batch; n++) {
-        const size_t map = (size_t)n * channels * cells;
-        step_one(channels, height, width, (const float *)(uintptr_t)reference + map,
-                 (const float *)(uintptr_t)grad_x + map, (const float *)(uintptr_t)grad_y + map,
-                 (const float *)(uintptr_t)weights + (size_t)n * cells,
-                 (const float *)(uintptr_t)stacked + (size_t)n * (channels + 1) * cells,
-                 (const float *)(uintptr_t)theta + (size_t)n * 6, (float *)(uintptr_t)out + (size_t)n * 6, robust,
-                 shear_free, damping, content_level, robust_scale, work, work + (size_t)channels * cells,
-                 work + (size_t)(channels + 1) * cells, work + (size_t)(channels + 2) * cells);
+    for (; taken < iterations;) {
+        double moved = 0;
+        for (int n = 0; n < batch; n++) {
+            const size_t map = (size_t)n * channels * cells;
+            step_one(channels, height, width, (const float *)(uintptr_t)reference + map,
+                     (const float *)(uintptr_t)grad_x + map, (const float *)(uintptr_t)grad_y + map,
+                     (const float *)(uintptr_t)weights + (size_t)n * cells,
+                     (const float *)(uintptr_t)stacked + (size_t)n * (channels + 1) * cells, current + (size_t)n * 6,
+                     next + (size_t)n * 6, robust, taken < shear_free_steps, damping, content_level, robust_scale,
+                     work, work + (size_t)channels * cells, work + (size_t)(channels + 1) * cells,
+                     work + (size_t)(channels + 2) * cells);
+        }
+        for (int e = 0; e < batch * 6; e++) {
+            const double change = fabs((double)next[e] - current[e]);
+            if (change > moved || change != change) moved = change != change ? INFINITY : change;
+        }
+        memcpy(current, next, sizeof(float) * (size_t)batch * 6);
+        taken++;
+        /* A level stops once no entry of any pair's theta moved by more than the tolerance. */
+        if (tolerance > 0 && moved < tolerance) break;
     }
     Py_END_ALLOW_THREADS
     free(work);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(taken);
 }
 
 static PyMethodDef methods[] = {
-    {"gauss_newton_step", gauss_newton_step, METH_VARARGS,
-     "One affine Gauss-Newton step on contiguous float32 buffers (see the module's source)."},
+    {"gauss_newton_refine", gauss_newton_refine, METH_VARARGS,
+     "Up to `iterations` affine Gauss-Newton steps on contiguous float32 buffers; returns the steps taken."},
     {"compare_with_identity", compare_with_identity, METH_VARARGS,
      "Median cell residuals of an affine answer and of the identity, and their shared cover."},
     {NULL, NULL, 0, NULL},

@@ -439,19 +439,26 @@ def native_step_applies(linearised: LinearisedReference, stacked: torch.Tensor, 
     )
 
 
-def _native_step(
-    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor, robust: bool, shear_free: bool
+def _native_refine(
+    linearised: LinearisedReference,
+    stacked: torch.Tensor,
+    theta: torch.Tensor,
+    iterations: int,
+    robust: bool,
+    tolerance: float,
+    shear_free_steps: int,
 ) -> torch.Tensor:
-    """:func:`_step` in C, the same arithmetic in one call (see ``stn_diffusers/_speedups.c``)."""
+    """:func:`refine`'s loop in C, every step and the convergence test in one call (see
+    ``stn_diffusers/_speedups.c``)."""
     batch, channels, height, width = linearised.features.shape
     buffers = [
         t.contiguous()
         for t in (linearised.features, linearised.grad_x, linearised.grad_y, linearised.weights, stacked, theta)
     ]
     out = torch.empty_like(buffers[-1])
-    _speedups.gauss_newton_step(
+    _speedups.gauss_newton_refine(
         batch, channels, height, width, *(t.data_ptr() for t in buffers), out.data_ptr(),
-        robust, shear_free, DAMPING, CONTENT_LEVEL, ROBUST_SCALE,
+        iterations, shear_free_steps, tolerance, robust, DAMPING, CONTENT_LEVEL, ROBUST_SCALE,
     )  # fmt: skip
     return out
 
@@ -488,16 +495,17 @@ def refine(
     (normalised units: 1e-4 is 0.026 px of a 512-px image): converged pairs then cost nothing more.
     Training keeps a fixed count (``tolerance=0``), so every run takes the same steps.
 
-    With ``native``, each step runs in C (``stn_diffusers._speedups``) where
-    :func:`native_step_applies`: the same arithmetic up to float rounding, several times faster on
-    small maps. Inference asks for it; training does not, so trained weights do not depend on
+    With ``native``, the level runs in C (``stn_diffusers._speedups``) where
+    :func:`native_step_applies`: the same steps and stopping rule up to float rounding, several times
+    faster on small maps. Inference asks for it; training does not, so trained weights do not depend on
     whether the C build is present.
     """
     stacked = with_content(moving, moving_weights)  # once for every step of the level
-    step = _native_step if native and native_step_applies(linearised, stacked, theta) else _step
+    if native and native_step_applies(linearised, stacked, theta):
+        return _native_refine(linearised, stacked, theta, iterations, robust, tolerance, shear_free_steps)
     for index in range(iterations):
         previous = theta
-        theta = step(linearised, stacked, theta, robust, index < shear_free_steps)
+        theta = _step(linearised, stacked, theta, robust, index < shear_free_steps)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

@@ -37,7 +37,7 @@ def test_one_step_is_the_pytorch_step(robust, shear_free, height, width, batch, 
     with torch.no_grad():
         assert gauss_newton.native_step_applies(linearised, stacked, start)
         expected = gauss_newton._step(linearised, stacked, start, robust, shear_free)
-        found = gauss_newton._native_step(linearised, stacked, start, robust, shear_free)
+        found = gauss_newton._native_refine(linearised, stacked, start, 1, robust, 0.0, int(shear_free))
     assert not torch.equal(expected, start)  # the step moved θ: the comparison means something
     torch.testing.assert_close(found, expected, rtol=0, atol=1e-5)
 
@@ -56,18 +56,35 @@ def test_the_identity_comparison_is_the_pytorch_one(height, width, batch, padded
         assert float(expected[2].max()) < 0.9  # the turned answer left cells uncovered
 
 
-def test_a_refinement_ends_where_the_pytorch_one_does():
+@pytest.mark.parametrize("tolerance", [0.0, 3e-4])
+def test_a_refinement_ends_where_the_pytorch_one_does(tolerance, monkeypatch):
     linearised, stacked, start, truth = problem(32, 32, 2, padded=True)
     moving, content = stacked[:, :-1], stacked[:, -1:]
+    steps, real_step = [], gauss_newton._step
+
+    def counted(*args):
+        steps.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(gauss_newton, "_step", counted)
     with torch.no_grad():
         runs = {
             native: gauss_newton.refine(
-                linearised, moving, start, 8, robust=True, moving_weights=content, shear_free_steps=2, native=native
-            )
+                linearised,
+                moving,
+                start,
+                12,
+                robust=True,
+                tolerance=tolerance,
+                moving_weights=content,
+                shear_free_steps=2,
+                native=native,
+            )  # fmt: skip
             for native in (False, True)
         }
     torch.testing.assert_close(runs[True], runs[False], rtol=0, atol=1e-5)
     assert float(geometry.corner_error(runs[True], truth, 256, 256).max()) < 0.5  # and it aligned the pair
+    assert (len(steps) < 12) == (tolerance > 0)  # the PyTorch run stopped early only with a tolerance
 
 
 def test_the_pytorch_step_serves_wherever_the_c_step_does_not_apply():
