@@ -93,6 +93,7 @@ static void solve(int size, double *matrix, double *rhs) {
 static void warp_counted(int channels, int height, int width, const float *stacked, const float *theta,
                          const float *reference_weights, double content_level, float *warped, float *weight) {
     const int cells = height * width;
+    const float level = (float)content_level;
     for (int i = 0; i < height; i++) {
         const float y = (float)((2.0 * i + 1) / height - 1);
         for (int j = 0; j < width; j++) {
@@ -121,7 +122,7 @@ static void warp_counted(int channels, int height, int width, const float *stack
             const float *plane = stacked + (size_t)channels * cells;
             const float content = share[0] * plane[offset[0]] + share[1] * plane[offset[1]] +
                                   share[2] * plane[offset[2]] + share[3] * plane[offset[3]];
-            weight[cell] = content >= content_level ? reference_weights[cell] : 0.0f;
+            weight[cell] = content >= level ? reference_weights[cell] : 0.0f;
         }
     }
 }
@@ -132,22 +133,24 @@ static void match_statistics(int channels, int cells, float *warped, const float
     for (int k = 0; k < cells; k++) total += weight[k];
     if (total < 1e-6) total = 1e-6;
     for (int c = 0; c < channels; c++) {
-        float *moving = warped + (size_t)c * cells;
-        const float *fixed = reference + (size_t)c * cells;
-        double moving_sum = 0, fixed_sum = 0;
+        float *restrict moving = warped + (size_t)c * cells;
+        const float *restrict fixed = reference + (size_t)c * cells;
+        /* One pass of weighted sums and sums of squares, in double: the variances are their
+           differences, which double keeps exact enough for maps of order 1. */
+        double moving_sum = 0, fixed_sum = 0, moving_squares = 0, fixed_squares = 0;
         for (int k = 0; k < cells; k++) {
-            moving_sum += weight[k] * moving[k];
-            fixed_sum += weight[k] * fixed[k];
+            const double w = weight[k], m = moving[k], f = fixed[k];
+            moving_sum += w * m;
+            fixed_sum += w * f;
+            moving_squares += w * m * m;
+            fixed_squares += w * f * f;
         }
         const double moving_mean = moving_sum / total, fixed_mean = fixed_sum / total;
-        double moving_var = 0, fixed_var = 0;
-        for (int k = 0; k < cells; k++) {
-            const double a = moving[k] - moving_mean, b = fixed[k] - fixed_mean;
-            moving_var += weight[k] * a * a;
-            fixed_var += weight[k] * b * b;
-        }
-        const double gain = sqrt(fixed_var / total + 1e-6) / sqrt(moving_var / total + 1e-6);
-        for (int k = 0; k < cells; k++) moving[k] = (float)((moving[k] - moving_mean) * gain + fixed_mean);
+        const double moving_var = moving_squares / total - moving_mean * moving_mean;
+        const double fixed_var = fixed_squares / total - fixed_mean * fixed_mean;
+        const float gain = (float)(sqrt((fixed_var > 0 ? fixed_var : 0) + 1e-6) / sqrt((moving_var > 0 ? moving_var : 0) + 1e-6));
+        const float offset = (float)(fixed_mean - moving_mean * gain);
+        for (int k = 0; k < cells; k++) moving[k] = moving[k] * gain + offset;
     }
 }
 
@@ -172,7 +175,8 @@ static double counted_median(int cells, const float *values, const float *counte
     return count ? kth_smallest(kept, count, (count - 1) / 2) : NAN;
 }
 
-/* One pair's step; warped (D*N), weight (N), scratch (N) and scratch2 (5*N) are work buffers. */
+/* One pair's step; warped (D*N), weight (N), scratch (N, and at least 2 * width + 2) and scratch2
+   (5*N) are work buffers. */
 static void step_one(int channels, int height, int width, const float *reference, const float *grad_x,
                      const float *grad_y, const float *reference_weights, const float *stacked, const float *theta,
                      float *out, int robust, int shear_free, double damping, double content_level,
@@ -192,49 +196,66 @@ static void step_one(int channels, int height, int width, const float *reference
         for (int k = 0; k < cells; k++) weight[k] = (float)(weight[k] / (1.0 + scratch[k] / scale));
     }
     /* 4. Per cell, summed over channels: both maps' gradient sums g, their products with each
-       other and with the residual r (products: gx gx, gx gy, gy gy, gx r, gy r), then weighted. */
-    float *products = scratch2;
+       other and with the residual r (products: gx gx, gx gy, gy gy, gx r, gy r). Each row is read
+       through a copy with its ends repeated (the replicated border), so the inner loops have no
+       branch and vectorise. */
+    float *restrict products = scratch2;
+    float *restrict padded = scratch; /* width + 2 */
     memset(products, 0, sizeof(float) * 5 * (size_t)cells);
     const float half_width = width / 4.0f, half_height = height / 4.0f;
     for (int c = 0; c < channels; c++) {
         const float *map = warped + (size_t)c * cells;
-        const float *fixed = reference + (size_t)c * cells;
-        const float *rx = grad_x + (size_t)c * cells, *ry = grad_y + (size_t)c * cells;
         for (int i = 0; i < height; i++) {
-            const float *row = map + (size_t)i * width;
-            const float *above = map + (size_t)(i > 0 ? i - 1 : 0) * width;
-            const float *below = map + (size_t)(i < height - 1 ? i + 1 : height - 1) * width;
+            const size_t start = (size_t)i * width;
+            const float *restrict row = map + start;
+            const float *restrict above = map + (size_t)(i > 0 ? i - 1 : 0) * width;
+            const float *restrict below = map + (size_t)(i < height - 1 ? i + 1 : height - 1) * width;
+            const float *restrict fixed = reference + (size_t)c * cells + start;
+            const float *restrict rx = grad_x + (size_t)c * cells + start;
+            const float *restrict ry = grad_y + (size_t)c * cells + start;
+            float *restrict xx = products + start, *restrict xy = products + cells + start;
+            float *restrict yy = products + 2 * (size_t)cells + start, *restrict xr = products + 3 * (size_t)cells + start;
+            float *restrict yr = products + 4 * (size_t)cells + start;
+            memcpy(padded + 1, row, sizeof(float) * (size_t)width);
+            padded[0] = row[0];
+            padded[width + 1] = row[width - 1];
             for (int j = 0; j < width; j++) {
-                const int k = i * width + j;
-                const float right = row[j < width - 1 ? j + 1 : width - 1], left = row[j > 0 ? j - 1 : 0];
-                const float gx = rx[k] + (right - left) * half_width;
-                const float gy = ry[k] + (below[j] - above[j]) * half_height;
-                const float r = row[j] - fixed[k];
-                products[k] += gx * gx;
-                products[cells + k] += gx * gy;
-                products[2 * (size_t)cells + k] += gy * gy;
-                products[3 * (size_t)cells + k] += gx * r;
-                products[4 * (size_t)cells + k] += gy * r;
+                const float gx = rx[j] + (padded[j + 2] - padded[j]) * half_width;
+                const float gy = ry[j] + (below[j] - above[j]) * half_height;
+                const float r = row[j] - fixed[j];
+                xx[j] += gx * gx;
+                xy[j] += gx * gy;
+                yy[j] += gy * gy;
+                xr[j] += gx * r;
+                yr[j] += gy * r;
             }
         }
     }
-    /* Their moments against the cell coordinates, a row at a time: within a row y is fixed, so
-       sums against 1, x and x^2 give every monomial x^a y^b of degree 2 or less. */
+    /* Their weighted moments against the cell coordinates, a row at a time: within a row y is
+       fixed, so sums against 1, x and x^2 give every monomial x^a y^b of degree 2 or less. */
+    float *restrict xs = scratch; /* the cells' x, then x^2 */
+    float *restrict xs2 = scratch + width;
+    for (int j = 0; j < width; j++) {
+        xs[j] = (float)((2.0 * j + 1) / width - 1);
+        xs2[j] = xs[j] * xs[j];
+    }
     double moments[3][6] = {{0}}, drive[2][3] = {{0}};
     for (int i = 0; i < height; i++) {
         const double y = (2.0 * i + 1) / height - 1;
-        double sums[5][3] = {{0}};
-        for (int j = 0; j < width; j++) {
-            const int k = i * width + j;
-            const float w = weight[k];
-            if (w == 0) continue;
-            const double x = (2.0 * j + 1) / width - 1;
-            for (int q = 0; q < 5; q++) {
-                const double v = (double)w * products[(size_t)q * cells + k];
-                sums[q][0] += v;
-                sums[q][1] += v * x;
-                sums[q][2] += v * x * x;
+        const float *restrict w = weight + (size_t)i * width;
+        double sums[5][3];
+        for (int q = 0; q < 5; q++) {
+            const float *restrict product = products + (size_t)q * cells + (size_t)i * width;
+            float s0 = 0, s1 = 0, s2 = 0;
+            for (int j = 0; j < width; j++) {
+                const float v = w[j] * product[j];
+                s0 += v;
+                s1 += v * xs[j];
+                s2 += v * xs2[j];
             }
+            sums[q][0] = s0;
+            sums[q][1] = s1;
+            sums[q][2] = s2;
         }
         for (int q = 0; q < 3; q++) { /* monomials x^2, xy, x, y^2, y, 1 */
             moments[q][0] += sums[q][2];
@@ -377,9 +398,12 @@ static PyObject *gauss_newton_refine(PyObject *self, PyObject *args) {
         return NULL;
     }
     const size_t cells = (size_t)height * width;
-    float *work = (float *)malloc(sizeof(float) * (cells * (size_t)(channels + 7) + (size_t)batch * 6));
+    /* warped (D*N), weight (N), products (5*N), scratch (N, and at least a row's 2 * width + 2), next theta. */
+    const size_t scratch_size = cells > 2 * (size_t)width + 2 ? cells : 2 * (size_t)width + 2;
+    float *work = (float *)malloc(sizeof(float) * (cells * (size_t)(channels + 6) + scratch_size + (size_t)batch * 6));
     if (work == NULL) return PyErr_NoMemory();
-    float *current = (float *)(uintptr_t)out, *next = work + cells * (size_t)(channels + 7);
+    float *weight = work + (size_t)channels * cells, *products = weight + cells, *scratch = products + 5 * cells;
+    float *current = (float *)(uintptr_t)out, *next = scratch + scratch_size;
     memcpy(current, (const float *)(uintptr_t)theta, sizeof(float) * (size_t)batch * 6);
     int taken = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -392,8 +416,7 @@ static PyObject *gauss_newton_refine(PyObject *self, PyObject *args) {
                      (const float *)(uintptr_t)weights + (size_t)n * cells,
                      (const float *)(uintptr_t)stacked + (size_t)n * (channels + 1) * cells, current + (size_t)n * 6,
                      next + (size_t)n * 6, robust, taken < shear_free_steps, damping, content_level, robust_scale,
-                     work, work + (size_t)channels * cells, work + (size_t)(channels + 1) * cells,
-                     work + (size_t)(channels + 2) * cells);
+                     work, weight, scratch, products);
         }
         for (int e = 0; e < batch * 6; e++) {
             const double change = fabs((double)next[e] - current[e]);
