@@ -62,6 +62,7 @@ def shift_scores(
     coverage: torch.Tensor,
     radius: int,
     reference_weights: torch.Tensor | None = None,
+    coverage_spectrum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalised correlation of each reference with its moving maps at every integer shift within ``radius``.
 
@@ -77,27 +78,41 @@ def shift_scores(
     keeps a candidate that matches a sliver from winning.
 
     All four sums are correlations, computed together by FFT over maps zero-padded by at least
-    ``radius`` (so no shift wraps around): one forward transform per side, one inverse for all four.
+    ``radius`` (so no shift wraps around, :func:`fft_size`): one forward transform per side, one
+    inverse for all four. ``coverage_spectrum`` ``(K, 1, n, m // 2 + 1)``: the coverage's transform
+    when the caller has it (it depends on the candidates alone when every moving cell is content).
     """
     batch, channels, height, width = reference.shape
     weights = reference.new_ones(batch, 1, height, width) if reference_weights is None else reference_weights
     reference = reference * weights
-    size = (height + radius + (height + radius) % 2, width + radius + (width + radius) % 2)
+    size = fft_size(height, width, radius)
     reference_side = _padded_spectrum(torch.cat([reference, weights, reference.pow(2).sum(1, keepdim=True)], 1), size)
-    moving_side = _padded_spectrum(torch.cat([moving, coverage, moving.pow(2).sum(2, keepdim=True)], 2), size)
+    energy = moving.pow(2).sum(2, keepdim=True)
+    if coverage_spectrum is None:
+        moving_side = _padded_spectrum(torch.cat([moving, coverage, energy], 2), size)
+        coverage_side, energy_side = moving_side[:, :, channels], moving_side[:, :, channels + 1]
+    else:
+        moving_side = _padded_spectrum(torch.cat([moving, energy], 2), size)
+        coverage_side, energy_side = coverage_spectrum[:, 0], moving_side[:, :, channels]
     reference_side = reference_side.conj().unsqueeze(1)  # (B, 1, D + 2, ·, ·)
     spectra = torch.stack(
         [
             (moving_side[:, :, :channels] * reference_side[:, :, :channels]).sum(2),  # Σ ⟨r, m⟩
-            moving_side[:, :, channels] * reference_side[:, :, channels + 1],  # Σ |r|² over coverage
-            moving_side[:, :, channels + 1] * reference_side[:, :, channels],  # Σ |m|² over weights
-            moving_side[:, :, channels] * reference_side[:, :, channels],  # overlap
+            (coverage_side * reference_side[:, :, channels + 1]).expand_as(energy_side),  # Σ |r|² over coverage
+            energy_side * reference_side[:, :, channels],  # Σ |m|² over weights
+            (coverage_side * reference_side[:, :, channels]).expand_as(energy_side),  # overlap
         ],
         dim=2,
     )  # (B, K, 4, ·, ·)
     product, reference_energy, moving_energy, overlap = _shift_window(spectra, size, radius).unbind(2)
     normalised = product / (reference_energy * moving_energy).clamp_min(1e-12).sqrt()
     return normalised * (overlap.clamp_min(0) / (height * width)) ** OVERLAP_EXPONENT
+
+
+def fft_size(height: int, width: int, radius: int) -> tuple[int, int]:
+    """The even FFT size ``(n, m)`` at which an ``h × w`` correlation reaches every shift within
+    ``radius`` without wrapping around."""
+    return height + radius + (height + radius) % 2, width + radius + (width + radius) % 2
 
 
 def _padded_spectrum(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -138,6 +153,30 @@ def _candidate_grid(
         return candidates, gauss_newton.sampling_grid(candidates, *size, candidates)
 
 
+def _warp_down(maps: torch.Tensor, grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """``maps`` ``(N, C, h·f, w·f)`` sampled at ``grid`` and averaged down by ``factor``, ``(N, C, h, w)``."""
+    warped = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(warped, factor, ceil_mode=True) if factor > 1 else warped
+
+
+@functools.lru_cache(maxsize=32)
+def _candidate_coverage(
+    rotations: tuple[float, ...],
+    scales: tuple[float, ...],
+    aspect: float,
+    size: tuple[int, int],
+    factor: int,
+    spectrum_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate's coverage of a map whose every cell is content, ``(1, K, 1, h, w)`` (``size``
+    is the map's ``h·f × w·f``, averaged down by ``factor``), and its transform ``(K, 1, n, m // 2 + 1)``
+    at ``spectrum_size``; float32 on the CPU. Never modified in place."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see gauss_newton)
+        _, grid = _candidate_grid(rotations, scales, aspect, size, torch.float32, torch.device("cpu"))
+        coverage = _warp_down(torch.ones(grid.shape[0], 1, *size), grid, factor)  # (K, 1, h, w)
+        return coverage[None], _padded_spectrum(coverage, spectrum_size)
+
+
 def search_similarity(
     reference: torch.Tensor,
     moving: torch.Tensor,
@@ -171,14 +210,8 @@ def search_similarity(
     batch, channels, height, width = reference.shape
     factor = moving.shape[-1] // width
     moving_size = tuple(moving.shape[-2:])
-    candidates, grid = _candidate_grid(
-        tuple(rotations.tolist()),
-        tuple(scales.tolist()),
-        width / height,
-        moving_size,
-        reference.dtype,
-        reference.device,
-    )  # (K, 2, 3), (K, h·f, w·f, 2)
+    key = (tuple(rotations.tolist()), tuple(scales.tolist()), width / height, moving_size)
+    candidates, grid = _candidate_grid(*key, reference.dtype, reference.device)  # (K, 2, 3), (K, h·f, w·f, 2)
     num_candidates = candidates.shape[0]
     thetas = candidates.repeat(batch, 1, 1)  # (B·K, 2, 3)
     if start is not None:
@@ -186,17 +219,23 @@ def search_similarity(
         grid = gauss_newton.sampling_grid(thetas, *moving_size, reference)
     elif batch > 1:
         grid = grid.repeat(batch, 1, 1, 1)
-    # The map and its content plane warped together: the plane says where the candidate has content.
-    content = torch.ones_like(moving[:, :1]) if moving_weights is None else moving_weights.to(moving.dtype)
-    stacked = torch.cat([moving * content, content], dim=1).repeat_interleave(num_candidates, dim=0)
     # Warped at the moving map's own resolution, then averaged down to the reference's grid: every
     # candidate is then as smooth as the reference, which an upsampled (zoomed-in) candidate would
     # otherwise not be, and smoother maps correlate better.
-    warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if factor > 1:
-        warped = F.avg_pool2d(warped, factor, ceil_mode=True)
-    warped = warped.view(batch, num_candidates, channels + 1, height, width)
-    scores = shift_scores(reference, warped[:, :, :channels], warped[:, :, channels:], radius, reference_weights)
+    warp = lambda maps: _warp_down(maps, grid, factor).view(batch, num_candidates, -1, height, width)  # noqa: E731
+    if moving_weights is None and start is None:
+        # Every moving cell is content: each candidate's coverage, and its spectrum, are the same for
+        # every pair, kept once per grid.
+        coverage, coverage_spectrum = _candidate_coverage(*key, factor, fft_size(height, width, radius))
+        warped = warp(moving.repeat_interleave(num_candidates, dim=0))
+        coverage = coverage.to(reference).expand(batch, -1, -1, -1, -1)
+        spectrum = coverage_spectrum.to(warped.device)
+        scores = shift_scores(reference, warped, coverage, radius, reference_weights, spectrum)
+    else:
+        # The map and its content plane warped together: the plane says where the candidate has content.
+        content = torch.ones_like(moving[:, :1]) if moving_weights is None else moving_weights.to(moving.dtype)
+        warped = warp(torch.cat([moving * content, content], dim=1).repeat_interleave(num_candidates, dim=0))
+        scores = shift_scores(reference, warped[:, :, :channels], warped[:, :, channels:], radius, reference_weights)
     # The best shift of each candidate, then the best candidates: distinct rotations or scales.
     per_candidate, shifts = scores.flatten(2).max(dim=2)  # (B, K)
     best_score, candidate = per_candidate.topk(min(top_k, num_candidates), dim=1)  # (B, k)

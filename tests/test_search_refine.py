@@ -91,6 +91,20 @@ class TestSimilaritySearch:
         assert abs(math.log(float(linear.det().sqrt())) - math.log(scale)) <= math.log(1.12) / 2 + 0.02
         assert 0 < float(score) <= 1.0
 
+    def test_the_kept_coverage_of_a_map_without_padding_scores_as_its_warped_content_plane(self):
+        # Without moving weights, each candidate's coverage and its spectrum are kept once per grid.
+        reference = similarity_search.standardise(F.avg_pool2d(smooth_field(64, 48), 4))
+        moving = similarity_search.standardise(F.avg_pool2d(moved(smooth_field(64, 48), similarity(25.0, 1.1)), 4))
+        rotations = similarity_search.default_rotations(45.0, 10.0)
+        scales = similarity_search.default_scales(1.4, 1.12)
+        search = lambda weights: similarity_search.search_similarity(  # noqa: E731
+            reference, moving, rotations, scales, radius=5, top_k=3, moving_weights=weights
+        )
+        kept, kept_scores = search(None)
+        warped, warped_scores = search(torch.ones(1, 1, 16, 12))  # every cell content, the general path
+        torch.testing.assert_close(kept, warped)
+        torch.testing.assert_close(kept_scores, warped_scores)
+
     def test_a_batch_finds_what_each_pair_finds_alone(self):
         # The candidates' sampling grids are cached once per grid and repeated along the batch.
         rotations = similarity_search.default_rotations(45.0, 10.0)
