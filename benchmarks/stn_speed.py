@@ -1,13 +1,16 @@
 """The STN's own cost with latents given, per pair and per stage, beside pyramid ECC in the same run.
 
     taskset -c 0 python benchmarks/stn_speed.py --data data/photos/heldout --warp standard --repeats 5
+    taskset -c 0 python benchmarks/stn_speed.py --order passes     # each method over all pairs in turn
 
 `stn-diffusers evaluate` times each pair's estimate right after that pair's VAE encode, so the
 estimate starts with caches the encoder has just filled with its own activations. Here every pair
-is encoded first; then, pair by pair and `--repeats` times over all pairs, the pipeline's
-`predict_theta` (batch 1, one thread, inference mode) and OpenCV's 3-level pyramid ECC (the `ecc`
-method of `evaluate`, one thread) run one after the other, so a drift in the machine's speed
-weighs on both alike. Reported: the median and mean per pair, and the median of each stage of the
+is encoded first; then, `--repeats` times over all pairs, the pipeline's `predict_theta` (batch 1,
+one thread, inference mode) and OpenCV's 3-level pyramid ECC (the `ecc` method of `evaluate`, one
+thread) alternate, so a drift in the machine's speed weighs on both alike: pair by pair (the
+default; each method then starts every pair on caches the other has just filled) or pass by pass
+(`--order passes`: each method over all pairs in turn, its caches warm, as in a batch job).
+Reported: the median and mean per pair, and the median of each stage of the
 search-refine design (features, search, candidate selection, refinement, identity test) from a
 profile of one pass.
 """
@@ -52,6 +55,12 @@ def main() -> None:
     parser.add_argument("--warp", default="standard")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--order",
+        choices=("pairs", "passes"),
+        default="pairs",
+        help="alternate the two methods pair by pair (default) or pass by pass over all pairs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     import cv2
@@ -61,21 +70,36 @@ def main() -> None:
     pairs, moving, reference = encoded_pairs(pipe, args.data, args.num_pairs, args.warp, args.seed)
 
     stn_seconds, ecc_seconds, errors = [], [], []
+
+    def stn(i: int) -> None:
+        start = time.perf_counter()
+        theta = pipe.predict_theta(moving[i : i + 1], reference[i : i + 1])
+        stn_seconds.append(time.perf_counter() - start)
+        errors.append(float(geometry.corner_error(theta, pairs[i].theta[None], 512, 512)))
+
+    def ecc(i: int) -> None:
+        start = time.perf_counter()
+        try:
+            CLASSICAL_ESTIMATORS["ecc"](pairs[i].reference, pairs[i].moving)
+        except Exception:  # a failed ECC still cost its time  # noqa: BLE001
+            pass
+        ecc_seconds.append(time.perf_counter() - start)
+
     with torch.inference_mode():
         pipe.predict_theta(moving[:1], reference[:1])  # warm-up: the grid's motion basis is cached once
-        # Pair by pair, the STN then ECC: a drift in the machine's speed weighs on both alike.
         for _ in range(args.repeats):
-            for i, pair in enumerate(pairs):
-                start = time.perf_counter()
-                theta = pipe.predict_theta(moving[i : i + 1], reference[i : i + 1])
-                stn_seconds.append(time.perf_counter() - start)
-                errors.append(float(geometry.corner_error(theta, pair.theta[None], 512, 512)))
-                start = time.perf_counter()
-                try:
-                    CLASSICAL_ESTIMATORS["ecc"](pair.reference, pair.moving)
-                except Exception:  # a failed ECC still cost its time  # noqa: BLE001
-                    pass
-                ecc_seconds.append(time.perf_counter() - start)
+            if args.order == "pairs":
+                # Pair by pair, the STN then ECC: a drift in the machine's speed weighs on both alike,
+                # but each method starts every pair on caches the other has just filled.
+                for i in range(len(pairs)):
+                    stn(i)
+                    ecc(i)
+            else:
+                # Each method over every pair in turn, as a batch job runs it: its caches stay warm,
+                # and the passes alternate, so a drift still weighs on both.
+                for method in (stn, ecc):
+                    for i in range(len(pairs)):
+                        method(i)
 
     import cProfile
     import pstats
@@ -100,7 +124,8 @@ def main() -> None:
         ["ECC, 3-level pyramid", metrics.format_milliseconds(statistics.median(ecc_seconds)),
          metrics.format_milliseconds(statistics.mean(ecc_seconds))],
     ]  # fmt: skip
-    print(f"{len(pairs)} pairs, warp `{args.warp}`, {args.repeats} passes, one thread.\n")
+    order = "pair by pair" if args.order == "pairs" else "pass by pass"
+    print(f"{len(pairs)} pairs, warp `{args.warp}`, {args.repeats} passes, one thread, alternating {order}.\n")
     print(metrics.markdown_table(["method", "median / pair", "mean / pair"], rows))
     ratio = statistics.median(ecc_seconds) / statistics.median(stn_seconds)
     print(f"\nECC / STN, medians: {ratio:.1f}×; STN median corner error {statistics.median(errors):.2f} px")
