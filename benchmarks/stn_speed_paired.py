@@ -2,11 +2,13 @@
 
     git worktree add /tmp/stn_before <commit>
     taskset -c 0 python benchmarks/stn_speed_paired.py --baseline /tmp/stn_before --batch-sizes 1 8
+    taskset -c 0 python benchmarks/stn_speed_paired.py --without-c     # the C build against PyTorch alone
 
 The machine's speed drifts by tens of percent between runs, more than most code changes move the
 STN, so two runs of `stn_speed.py` cannot compare code. Here both versions run in one process: the
 baseline's package (``--baseline``, a checkout of this repository) is copied under another name and
-imported beside this one, both STNs load the same weights (``--pipeline``, default: the embedded
+imported beside this one, or (``--without-c``) the baseline is this checkout with its C build
+switched off call by call. Both STNs load the same weights (``--pipeline``, default: the embedded
 one), and each batch of the same encoded pairs goes through one version and then the other, the
 order alternating, `--repeats` times. Reported per batch size: each version's median time per pair,
 and the median of the per-batch ratios baseline / current (above 1: the current code is faster).
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from stn_speed import encoded_pairs  # the same encoded pairs as benchmarks/stn_speed.py
 
-from stn_diffusers import metrics
+from stn_diffusers import gauss_newton, metrics
 from stn_diffusers.cli import load_pipeline
 
 # The name the baseline's copy of the package is imported under.
@@ -43,9 +45,27 @@ def import_baseline(checkout: Path, folder: Path):
     return importlib.import_module(BASELINE_PACKAGE)
 
 
+class WithoutC:
+    """This checkout's STN with the C build (``stn_diffusers._speedups``) switched off for each call."""
+
+    def __init__(self, stn):
+        self.stn = stn
+
+    def predict_theta(self, *args):
+        saved, gauss_newton._speedups = gauss_newton._speedups, None
+        try:
+            return self.stn.predict_theta(*args)
+        finally:
+            gauss_newton._speedups = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of an earlier commit")
+    baseline_group = parser.add_mutually_exclusive_group(required=True)
+    baseline_group.add_argument("--baseline", type=Path, help="a checkout of an earlier commit")
+    baseline_group.add_argument(
+        "--without-c", action="store_true", help="the baseline is this checkout with its C build switched off"
+    )
     parser.add_argument("--pipeline", default=None, help="saved pipeline (default: the embedded one)")
     parser.add_argument("--data", default="data/photos/heldout")
     parser.add_argument("--num-pairs", type=int, default=24)
@@ -60,10 +80,15 @@ def main() -> None:
     pairs, moving, reference = encoded_pairs(pipe, args.data, args.num_pairs, args.warp, args.seed)
 
     with tempfile.TemporaryDirectory() as folder:
-        baseline = import_baseline(args.baseline, Path(folder))
         stn = pipe.stn.eval()
-        before = baseline.SpatialTransformer.from_config(stn.config).eval()
-        before.load_state_dict(stn.state_dict())
+        if args.without_c:
+            if gauss_newton._speedups is None:
+                raise SystemExit("expected the C build (stn_diffusers._speedups) in this checkout; pip install -e .")
+            before = WithoutC(stn)
+        else:
+            baseline = import_baseline(args.baseline, Path(folder))
+            before = baseline.SpatialTransformer.from_config(stn.config).eval()
+            before.load_state_dict(stn.state_dict())
         versions = {"baseline": before, "current": stn}
         rows = []
         with torch.inference_mode():
@@ -92,7 +117,7 @@ def main() -> None:
                 ])  # fmt: skip
     print(
         f"{len(pairs)} pairs, warp `{args.warp}`, {args.repeats} passes, {args.threads} thread(s), "
-        f"baseline {args.baseline}.\n"
+        f"baseline {'this checkout without its C build' if args.without_c else args.baseline}.\n"
     )
     print(metrics.markdown_table(["batch_size", "baseline / pair", "current / pair", "baseline / current"], rows))
 
