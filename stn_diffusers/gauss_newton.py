@@ -11,6 +11,10 @@ caller ignores (``reference_weights``) take no part. A step may be held to the s
 (rotation, a scale per axis and a shift: :func:`shear_free_basis`), which a coarse or smooth map
 constrains far better than a shear.
 
+At inference, :func:`refine` and :func:`compare_with_identity` can hand an affine float32 CPU
+problem to ``stn_diffusers._speedups``, the same arithmetic in C (an optional build, see
+``setup.py``); training and every other case run the PyTorch code here.
+
 θ follows the convention in :mod:`stn_diffusers.geometry`: ``warp(moving, θ) ≈ reference``.
 """
 
