@@ -1,11 +1,12 @@
 /*
- * stn_diffusers._speedups: one affine Gauss-Newton step and the identity comparison of
+ * stn_diffusers._speedups: an affine Gauss-Newton level and the identity comparison of
  * stn_diffusers.gauss_newton in C.
  *
- * The same arithmetic as gauss_newton._step and gauss_newton.compare_with_identity (the PyTorch
- * paths, which training and every other case use), for float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a
- * step dispatching some sixty small operations; here one call does the whole step. The module is an
- * optional build: where no C compiler is found at install, gauss_newton runs the PyTorch step alone.
+ * The same arithmetic as gauss_newton.refine (its loop of gauss_newton._step) and
+ * gauss_newton.compare_with_identity, the PyTorch paths that training and every other case use, for
+ * float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a step
+ * dispatching some sixty small operations; here one call runs a whole level. The module is an
+ * optional build: where no C compiler is found at install, gauss_newton runs PyTorch alone.
  *
  * gauss_newton_refine(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
  *                     theta, out, iterations, shear_free_steps, tolerance, robust, damping,
@@ -441,6 +442,6 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speedups",
-                                    "The Gauss-Newton step and identity comparison of stn_diffusers.gauss_newton in C.", -1, methods};
+                                    "The Gauss-Newton level and identity comparison of stn_diffusers.gauss_newton in C.", -1, methods};
 
 PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }
