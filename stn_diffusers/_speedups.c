@@ -89,12 +89,15 @@ static void solve(int size, double *matrix, double *rhs) {
 
 /* Samples the moving map and its content plane (stacked, (D+1) x N) at theta's positions into warped
    (D x N): bilinear, zero padding, align_corners=False. A cell counts (weight = its reference weight)
-   where the sampled content is whole, else weight 0. A tap outside the map reads cell 0 with weight 0,
+   where it is covered and the sampled content is whole, else weight 0. A tap outside the map reads cell 0 with weight 0,
    so the channel loop has no branch. */
 static void warp_counted(int channels, int height, int width, const float *stacked, const float *theta,
                          const float *reference_weights, double content_level, float *warped, float *weight) {
     const int cells = height * width;
     const float level = (float)content_level;
+    /* A cell is covered when every pixel bilinear sampling reads lies inside the map: its sample
+       within the outermost cell centres, with gauss_newton._coverage_limit's slack. */
+    const float limit_x = (float)(1.0 - 1.0 / width + 1e-6), limit_y = (float)(1.0 - 1.0 / height + 1e-6);
     for (int i = 0; i < height; i++) {
         const float y = (float)((2.0 * i + 1) / height - 1);
         for (int j = 0; j < width; j++) {
@@ -123,7 +126,8 @@ static void warp_counted(int channels, int height, int width, const float *stack
             const float *plane = stacked + (size_t)channels * cells;
             const float content = share[0] * plane[offset[0]] + share[1] * plane[offset[1]] +
                                   share[2] * plane[offset[2]] + share[3] * plane[offset[3]];
-            weight[cell] = content >= level ? reference_weights[cell] : 0.0f;
+            const int covered = fabsf(sx) <= limit_x && fabsf(sy) <= limit_y;
+            weight[cell] = covered && content >= level ? reference_weights[cell] : 0.0f;
         }
     }
 }

@@ -13,7 +13,8 @@ constrains far better than a shear.
 
 At inference, :func:`refine` and :func:`compare_with_identity` can hand an affine float32 CPU
 problem to ``stn_diffusers._speedups``, the same arithmetic in C (an optional build, see
-``setup.py``); training and every other case run the PyTorch code here.
+``setup.py``); training and every other case run the PyTorch code here, whose arithmetic is kept
+as it trained the shipped weights (a change of rounding here trains a different STN).
 
 θ follows the convention in :mod:`stn_diffusers.geometry`: ``warp(moving, θ) ≈ reference``.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from . import geometry
 
-try:  # the optional C build of one affine step (setup.py); where it is missing, the PyTorch step serves
+try:  # the optional C build of an affine level (setup.py); where it is missing, the PyTorch step serves
     from . import _speedups
 except ImportError:  # pragma: no cover - depends on the install
     _speedups = None
@@ -111,11 +112,10 @@ class LinearisedReference:
         grad_x, grad_y: ``(B, D, h·w)`` their spatial gradients per normalised unit.
         jacobian: ``(2·h·w, P)`` ∂(warped x)/∂p for every cell, then ∂(warped y)/∂p.
         monomials: ``(h·w, K)`` the cell coordinates' monomials ``xⁱ yʲ`` up to degree 2 (affine) or
-            4 (homography); ``combine``: ``(6·K, P·P + P)``. Per cell, the Gauss–Newton matrix's terms
-            (``Jxᵀ Jx``, ``Jxᵀ Jy + Jyᵀ Jx``, ``Jyᵀ Jy``) and the drive's (``Jx``, ``Jy``) are polynomials
-            in the coordinates, so the whole system is the per-cell products' moments against the
-            monomials, ``(6, K)`` per pair, times ``combine``: far fewer products than summing the
-            ``P × P`` matrices cell by cell (see :func:`_normal_equations`).
+            4 (homography); ``assemble``: ``(3·K, P·P)``. Per cell, ``Jxᵀ Jx``, ``Jxᵀ Jy + Jyᵀ Jx`` and
+            ``Jyᵀ Jy`` are polynomials in the coordinates, so the Gauss–Newton matrix is the structure
+            tensors' moments against the monomials, ``(3, K)`` per pair, times ``assemble``: far fewer
+            products than summing the ``P × P`` matrices cell by cell.
         weights: ``(B, h·w)`` in ``[0, 1]``, each cell's share (1 when no cell is ignored).
     """
 
@@ -124,7 +124,7 @@ class LinearisedReference:
     grad_y: torch.Tensor
     jacobian: torch.Tensor
     monomials: torch.Tensor
-    combine: torch.Tensor
+    assemble: torch.Tensor
     weights: torch.Tensor
 
     @property
@@ -155,45 +155,21 @@ def _flat_gradients(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _motion_basis(
     height: int, width: int, transform: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``jacobian``, ``monomials`` and ``combine`` of :class:`LinearisedReference`: they depend
+    """The ``jacobian``, ``monomials`` and ``assemble`` of :class:`LinearisedReference`: they depend
     on the grid alone, so one pair after another reuses them. Never modified in place."""
     # Normal tensors even when first asked for under inference mode: a cached inference tensor could
     # not take part in a later training step.
     with torch.inference_mode(False), torch.no_grad():
         jac_x, jac_y = motion_jacobian(height, width, transform, torch.empty(0, dtype=torch.float64, device=device))
-        num_params = jac_x.shape[-1]
         outer = lambda a, b: (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)  # noqa: E731  (N, P·P)
+        products = torch.stack([outer(jac_x, jac_x), outer(jac_x, jac_y) + outer(jac_y, jac_x), outer(jac_y, jac_y)])
         x, y = cell_grid(height, width, jac_x)
         degree = 4 if transform == "homography" else 2
         monomials = torch.stack([x**i * y**j for i in range(degree + 1) for j in range(degree + 1 - i)], dim=-1)
-        # Exact: each term is a polynomial of at most that degree (least squares only finds its coefficients).
-        coefficients = lambda terms: torch.linalg.lstsq(monomials, terms).solution  # noqa: E731  (N, ·) → (K, ·)
-        zeros = lambda columns: x.new_zeros(monomials.shape[1], columns)  # noqa: E731  (K, ·)
-        # The step's six per-cell products, in order gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, with gx, gy
-        # the sums (not the means) of both maps' gradients: the matrix's terms carry 1/4, the drive's 1/2.
-        # gy·gx's share of the matrix is counted with gx·gy's.
-        matrix_terms = [
-            outer(jac_x, jac_x),
-            outer(jac_x, jac_y) + outer(jac_y, jac_x),
-            None,
-            None,
-            outer(jac_y, jac_y),
-            None,
-        ]
-        drive_terms = [None, None, jac_x, None, None, jac_y]
-        rows = [
-            torch.cat(
-                [
-                    zeros(num_params * num_params) if matrix is None else coefficients(matrix) / 4,
-                    zeros(num_params) if drive is None else coefficients(drive) / 2,
-                ],
-                dim=1,
-            )
-            for matrix, drive in zip(matrix_terms, drive_terms)
-        ]
-        combine = torch.cat(rows)  # (6·K, P·P + P)
+        # Exact: each product is a polynomial of at most that degree (least squares only finds its coefficients).
+        assemble = torch.linalg.lstsq(monomials.expand(3, -1, -1), products).solution  # (3, K, P·P)
         jacobian = torch.cat([jac_x, jac_y])
-        return jacobian.to(dtype), monomials.to(dtype), combine.to(dtype)
+        return jacobian.to(dtype), monomials.to(dtype), assemble.flatten(0, 1).to(dtype)
 
 
 def linearise_reference(
@@ -202,13 +178,13 @@ def linearise_reference(
     """The reference ``(B, D, h, w)`` linearised for :func:`gauss_newton_step` (``transform``:
     ``"affine"`` or ``"homography"``); ``reference_weights`` ``(B, 1, h, w)`` in ``[0, 1]``."""
     batch, channels, height, width = reference.shape
-    jacobian, monomials, combine = _motion_basis(height, width, transform, reference.dtype, reference.device)
+    jacobian, monomials, assemble = _motion_basis(height, width, transform, reference.dtype, reference.device)
     if reference_weights is None:
         weights = reference.new_ones(batch, height * width)
     else:
         weights = reference_weights.flatten(1).to(reference.dtype)
     grad_x, grad_y = _flat_gradients(reference)
-    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, combine, weights)
+    return LinearisedReference(reference, grad_x, grad_y, jacobian, monomials, assemble, weights)
 
 
 @functools.lru_cache(maxsize=32)
@@ -218,6 +194,14 @@ def _cell_positions(height: int, width: int, dtype: torch.dtype, device: torch.d
     with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
         x, y = cell_grid(height, width, torch.empty(0, dtype=dtype, device=device))
         return torch.stack([x, y, torch.ones_like(x)], dim=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _coverage_limit(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2,)`` the largest ``|x|, |y|`` a sample may have and read no pixel outside an ``h × w`` map
+    (the outermost cell centres, with a little slack for rounding)."""
+    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
+        return torch.tensor([1.0 - 1.0 / width + 1e-6, 1.0 - 1.0 / height + 1e-6], dtype=dtype, device=device)
 
 
 def sampling_grid(theta: torch.Tensor, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -239,21 +223,6 @@ def with_content(moving: torch.Tensor, moving_weights: torch.Tensor | None = Non
     return torch.cat([moving, content], dim=1)
 
 
-def _warp_content(
-    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_warp_and_match` for a θ, from the moving map and its content plane (:func:`with_content`)."""
-    reference = linearised.features
-    batch, channels, height, width = reference.shape
-    grid = sampling_grid(theta, height, width, stacked)  # (B, h, w, 2)
-    sampled = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    with torch.no_grad():
-        # The weights decide which cells count, not how the answer moves: no gradient through them. A
-        # cell counts when every pixel bilinear sampling reads is content (inside the map, not padding).
-        weights = linearised.weights * (sampled[:, channels].flatten(1) >= CONTENT_LEVEL)
-    return match_statistics(sampled[:, :channels], reference, weights.view(batch, 1, height, width)), weights
-
-
 def _warp_and_match(
     linearised: LinearisedReference,
     moving: torch.Tensor,
@@ -266,14 +235,27 @@ def _warp_and_match(
     ``moving_weights`` ``(B, 1, h, w)`` in ``[0, 1]`` mark the moving map's own content: a cell that
     samples where they are below 1 (zero padding inside the moving image) is not covered either.
     """
-    if theta is not None:
-        return _warp_content(linearised, with_content(moving, moving_weights), theta)
-    # The identity samples every cell at its centre: the map itself, every cell covered but padding.
     reference = linearised.features
-    weights = linearised.weights
-    if moving_weights is not None:
-        weights = weights * (moving_weights.flatten(1) >= CONTENT_LEVEL)
-    return match_statistics(moving, reference, weights.view(reference.shape[0], 1, *reference.shape[-2:])), weights
+    batch, channels, height, width = reference.shape
+    if theta is None:
+        # The identity samples every cell at its centre: the map itself, every cell covered.
+        warped, covered, content = moving, None, moving_weights
+    else:
+        grid = sampling_grid(theta, height, width, moving)  # (B, h, w, 2)
+        warped = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        with torch.no_grad():
+            # A cell is covered when every pixel bilinear sampling reads lies inside the moving map.
+            limit = _coverage_limit(height, width, grid.dtype, grid.device)
+            covered = (grid.abs() <= limit).all(dim=-1).flatten(1).to(reference.dtype)  # (B, N)
+            content = None
+            if moving_weights is not None:
+                content = F.grid_sample(moving_weights.to(grid.dtype), grid, padding_mode="zeros", align_corners=False)
+    with torch.no_grad():
+        # The weights decide which cells count, not how the answer moves: no gradient through them.
+        weights = linearised.weights if covered is None else covered * linearised.weights
+        if content is not None:
+            weights = weights * (content.flatten(1) >= CONTENT_LEVEL).to(reference.dtype)
+    return match_statistics(warped, reference, weights.view(batch, 1, height, width)), weights
 
 
 def repeat_linearised(linearised: LinearisedReference, repeats: int) -> LinearisedReference:
@@ -285,7 +267,7 @@ def repeat_linearised(linearised: LinearisedReference, repeats: int) -> Linearis
         name: getattr(linearised, name).repeat_interleave(repeats, dim=0)
         for name in ("features", "grad_x", "grad_y", "weights")
     }
-    shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "combine")}
+    shared = {name: getattr(linearised, name) for name in ("jacobian", "monomials", "assemble")}
     return LinearisedReference(**shared, **per_pair)
 
 
@@ -353,82 +335,39 @@ def gauss_newton_step(
     this is the inner loop of the aligner. With ``shear_free``, the step is the least-squares one
     among the shear-free motions (the system projected on :func:`shear_free_basis`).
     """
-    return _step(linearised, with_content(moving, moving_weights), theta, robust, shear_free)
-
-
-def _normal_equations(
-    linearised: LinearisedReference,
-    grad_x: torch.Tensor,
-    grad_y: torch.Tensor,
-    residual: torch.Tensor,
-    weights: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gauss–Newton matrix ``(B, P, P)`` and drive ``(B, P)`` of ``min_p Σ w · |r − ḡ·J p|²`` (summed
-    over cells and channels), with ``ḡ = g / 2`` the mean of both maps' gradients: from their sums
-    ``g`` (``grad_x, grad_y`` ``(B, D, N)``), the residual ``r`` ``(B, D, N)``, each cell's weight
-    ``w`` ``(B, N)`` and the motion's Jacobian ``J`` (``linearised.jacobian``).
-
-    Per cell, summed over channels: gx·gx, gx·gy, gx·r, gy·gx, gy·gy, gy·r, six maps ``(B, 6, N)``;
-    their moments against the monomials, times ``linearised.combine``, give the whole system.
-    """
-    batch, num_params = grad_x.shape[0], linearised.num_params
-    gradients = torch.stack([grad_x, grad_y], dim=1).unsqueeze(2)  # (B, 2, 1, D, N)
-    factors = torch.stack([grad_x, grad_y, residual], dim=1).unsqueeze(1)  # (B, 1, 3, D, N)
-    products = (gradients * factors).sum(dim=3).view(batch, 6, -1) * weights.unsqueeze(1)
-    system = (products @ linearised.monomials).flatten(1) @ linearised.combine  # (B, P·P + P)
-    return system[:, : num_params * num_params].view(batch, num_params, num_params), system[
-        :, num_params * num_params :
-    ]
-
-
-@functools.lru_cache(maxsize=32)
-def _damping(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(size, size)`` × 2: ``H ∘ scale + floor`` adds :data:`DAMPING` times ``H``'s diagonal and a
-    tiny floor to it, in one operation. Never modified in place."""
-    with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see _motion_basis)
-        eye = torch.eye(size, dtype=dtype, device=device)
-        return 1.0 + DAMPING * eye, 1e-8 * eye
-
-
-def _step(
-    linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor, robust: bool, shear_free: bool
-) -> torch.Tensor:
-    """:func:`gauss_newton_step` from the moving map and its content plane (:func:`with_content`),
-    which a level stacks once for all its steps."""
     reference = linearised.features
-    height, width = reference.shape[-2:]
-    num_params = linearised.num_params
-    warped, weights = _warp_content(linearised, stacked, theta)
+    batch, num_params = reference.shape[0], linearised.num_params
+    warped, weights = _warp_and_match(linearised, moving, theta, moving_weights)
     residual = (warped - reference).flatten(2)  # (B, D, N)
     if robust:
         with torch.no_grad():
             squared = residual.pow(2).mean(dim=1)  # (B, N)
-            typical = squared.masked_fill(weights <= 0, float("nan")).nanmedian(dim=1, keepdim=True).values
-            typical = typical.nan_to_num(1.0).clamp_min(1e-8)
+            masked = torch.where(weights > 0, squared, torch.full_like(squared, float("nan")))
+            typical = masked.nanmedian(dim=1, keepdim=True).values.nan_to_num(1.0).clamp_min(1e-8)
             weights = weights / (1.0 + squared / (ROBUST_SCALE**2 * typical))
-    # The sums of the reference's and the warped map's gradients (`combine` halves them), each in one
-    # fused operation: few, larger operations are what keeps this inner loop fast.
-    padded = F.pad(warped, (1, 1, 1, 1), mode="replicate")
-    grad_x = torch.add(
-        linearised.grad_x, (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]).flatten(2), alpha=width / 4.0
-    )
-    grad_y = torch.add(
-        linearised.grad_y, (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]).flatten(2), alpha=height / 4.0
-    )
-    hessian, gradient = _normal_equations(linearised, grad_x, grad_y, residual, weights)
+    moving_x, moving_y = _flat_gradients(warped)
+    grad_x = 0.5 * (linearised.grad_x + moving_x)  # (B, D, N)
+    grad_y = 0.5 * (linearised.grad_y + moving_y)
+    # Per-cell structure tensor and drive, summed over channels and weighted: (B, 3N) and (B, 2N).
+    # (Separate x and y maps: a channel sum over a stacked (B, 2, D, N) map is a strided, slower reduction.)
+    tensor = torch.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], dim=1)
+    drive = torch.stack([(grad_x * residual).sum(1), (grad_y * residual).sum(1)], dim=1)
+    weights = weights.unsqueeze(1)  # (B, 1, N)
+    moments = (tensor * weights) @ linearised.monomials  # (B, 3, K)
+    hessian = (moments.flatten(1) @ linearised.assemble).view(batch, num_params, num_params)
+    gradient = (drive * weights).flatten(1) @ linearised.jacobian  # (B, P)
     if shear_free:
-        basis = shear_free_basis(height, width, num_params, hessian.dtype, hessian.device)  # (P, 5)
+        basis = shear_free_basis(*reference.shape[-2:], num_params, hessian.dtype, hessian.device)  # (P, 5)
         hessian, gradient = basis.T @ hessian @ basis, gradient @ basis
-    scale, floor = _damping(hessian.shape[-1], hessian.dtype, hessian.device)
-    params = torch.linalg.solve(torch.addcmul(floor, hessian, scale), gradient.unsqueeze(-1)).squeeze(-1)
+    damping = torch.diag_embed(DAMPING * torch.diagonal(hessian, dim1=-2, dim2=-1) + 1e-8)
+    params = torch.linalg.solve(hessian + damping, gradient.unsqueeze(-1)).squeeze(-1)  # (B, P) or (B, 5)
     if shear_free:
         params = params @ basis.T  # (B, P)
-    # θ ← θ ∘ W_p⁻¹, solved rather than inverted. With both affine, the (2, 3) θ times the (3, 3)
-    # inverse is already the product's top rows.
-    step = params_to_matrix(params)  # (B, 3, 3)
+    # θ ← θ ∘ W_p⁻¹. With both affine, the (2, 3) θ times the (3, 3) inverse is already the product's top rows.
+    step = torch.linalg.inv(params_to_matrix(params))  # (B, 3, 3)
     if num_params == 6 and not geometry.is_homography(theta):
-        return torch.linalg.solve(step, theta, left=False)
-    return geometry.compose_theta(theta, torch.linalg.inv(step))
+        return theta @ step
+    return geometry.compose_theta(theta, step)
 
 
 def native_step_applies(linearised: LinearisedReference, stacked: torch.Tensor, theta: torch.Tensor) -> bool:
@@ -504,12 +443,13 @@ def refine(
     faster on small maps. Inference asks for it; training does not, so trained weights do not depend on
     whether the C build is present.
     """
-    stacked = with_content(moving, moving_weights)  # once for every step of the level
-    if native and native_step_applies(linearised, stacked, theta):
-        return _native_refine(linearised, stacked, theta, iterations, robust, tolerance, shear_free_steps)
+    if native:
+        stacked = with_content(moving, moving_weights)
+        if native_step_applies(linearised, stacked, theta):
+            return _native_refine(linearised, stacked, theta, iterations, robust, tolerance, shear_free_steps)
     for index in range(iterations):
         previous = theta
-        theta = _step(linearised, stacked, theta, robust, index < shear_free_steps)
+        theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights, index < shear_free_steps)
         if tolerance > 0 and previous.shape == theta.shape:
             if float((theta - previous).detach().abs().max()) < tolerance:
                 break

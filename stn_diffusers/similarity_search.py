@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import gauss_newton, geometry
+from . import geometry
 
 # How much a larger overlap is preferred in the search score (see :func:`shift_scores`).
 OVERLAP_EXPONENT = 1.0
@@ -150,7 +150,9 @@ def _candidate_grid(
     them. Never modified in place."""
     with torch.inference_mode(False), torch.no_grad():  # reusable by a later training step (see gauss_newton)
         candidates = similarity_candidates(torch.tensor(rotations), torch.tensor(scales), aspect).to(device, dtype)
-        return candidates, gauss_newton.sampling_grid(candidates, *size, candidates)
+        # F.affine_grid, as geometry.warp samples: the same positions to the last bit, so training
+        # (which searches too) keeps the arithmetic that trained the shipped weights.
+        return candidates, F.affine_grid(candidates, [len(candidates), 1, *size], align_corners=False)
 
 
 def _warp_down(maps: torch.Tensor, grid: torch.Tensor, factor: int) -> torch.Tensor:
@@ -216,7 +218,7 @@ def search_similarity(
     thetas = candidates.repeat(batch, 1, 1)  # (B·K, 2, 3)
     if start is not None:
         thetas = geometry.compose_theta(start.to(reference).repeat_interleave(num_candidates, dim=0), thetas)
-        grid = gauss_newton.sampling_grid(thetas, *moving_size, reference)
+        grid = F.affine_grid(thetas, [len(thetas), 1, *moving_size], align_corners=False)
     elif batch > 1:
         grid = grid.repeat(batch, 1, 1, 1)
     # Warped at the moving map's own resolution, then averaged down to the reference's grid: every
