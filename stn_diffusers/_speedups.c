@@ -2,11 +2,12 @@
  * stn_diffusers._speedups: an affine Gauss-Newton level and the identity comparison of
  * stn_diffusers.gauss_newton in C.
  *
- * The same arithmetic as gauss_newton.refine (its loop of gauss_newton._step) and
- * gauss_newton.compare_with_identity, the PyTorch paths that training and every other case use, for
- * float32 maps on the CPU at inference. On 16x16 to 64x64 maps PyTorch spends most of a step
- * dispatching some sixty small operations; here one call runs a whole level. The module is an
- * optional build: where no C compiler is found at install, gauss_newton runs PyTorch alone.
+ * The same arithmetic, up to float rounding, as gauss_newton.refine (its loop of
+ * gauss_newton.gauss_newton_step) and gauss_newton.compare_with_identity, the PyTorch paths that
+ * training and every other case use, for float32 maps on the CPU at inference. On 16x16 to 64x64
+ * maps PyTorch spends most of a step dispatching some sixty small operations; here one call runs a
+ * whole level. The module is an optional build: where no C compiler is found at install,
+ * gauss_newton runs PyTorch alone.
  *
  * gauss_newton_refine(batch, channels, height, width, reference, grad_x, grad_y, weights, stacked,
  *                     theta, out, iterations, shear_free_steps, tolerance, robust, damping,
@@ -89,8 +90,8 @@ static void solve(int size, double *matrix, double *rhs) {
 
 /* Samples the moving map and its content plane (stacked, (D+1) x N) at theta's positions into warped
    (D x N): bilinear, zero padding, align_corners=False. A cell counts (weight = its reference weight)
-   where it is covered and the sampled content is whole, else weight 0. A tap outside the map reads cell 0 with weight 0,
-   so the channel loop has no branch. */
+   where it is covered and the sampled content is whole, else weight 0. A tap outside the map reads
+   cell 0 with weight 0, so the channel loop has no branch. */
 static void warp_counted(int channels, int height, int width, const float *stacked, const float *theta,
                          const float *reference_weights, double content_level, float *warped, float *weight) {
     const int cells = height * width;

@@ -290,10 +290,9 @@ def compare_with_identity(
 
     With ``native``, the comparison runs in C where :func:`native_step_applies` (see :func:`refine`).
     """
-    if native:
-        stacked = with_content(moving, moving_weights)
-        if native_step_applies(linearised, stacked, theta):
-            return _native_compare(linearised, stacked, theta)
+    stacked = _native_input(linearised, moving, moving_weights, theta) if native else None
+    if stacked is not None:
+        return _native_compare(linearised, stacked, theta)
     residuals, covered = {}, {}
     for name, candidate in (("answer", theta), ("identity", None)):
         warped, weights = _warp_and_match(linearised, moving, candidate, moving_weights)
@@ -382,6 +381,15 @@ def native_step_applies(linearised: LinearisedReference, stacked: torch.Tensor, 
     )
 
 
+def _native_input(
+    linearised: LinearisedReference, moving: torch.Tensor, moving_weights: torch.Tensor | None, theta: torch.Tensor
+) -> torch.Tensor | None:
+    """The moving map stacked with its content plane (:func:`with_content`) when the C build can take
+    the problem (:func:`native_step_applies`), else ``None``: the PyTorch code serves."""
+    stacked = with_content(moving, moving_weights)
+    return stacked if native_step_applies(linearised, stacked, theta) else None
+
+
 def _native_refine(
     linearised: LinearisedReference,
     stacked: torch.Tensor,
@@ -443,10 +451,9 @@ def refine(
     faster on small maps. Inference asks for it; training does not, so trained weights do not depend on
     whether the C build is present.
     """
-    if native:
-        stacked = with_content(moving, moving_weights)
-        if native_step_applies(linearised, stacked, theta):
-            return _native_refine(linearised, stacked, theta, iterations, robust, tolerance, shear_free_steps)
+    stacked = _native_input(linearised, moving, moving_weights, theta) if native else None
+    if stacked is not None:
+        return _native_refine(linearised, stacked, theta, iterations, robust, tolerance, shear_free_steps)
     for index in range(iterations):
         previous = theta
         theta = gauss_newton_step(linearised, moving, theta, robust, moving_weights, index < shear_free_steps)
